@@ -1,0 +1,923 @@
+//! Sliding-window rate-limit counters keyed by `str | bytes`, in two modes.
+//!
+//! **Counter mode** (the default; O(1) per hit, one small slot per key) is the sliding-window counter
+//! of HAProxy's `http_req_rate` and of Cloudflare's "How we built rate limiting capable of scaling to
+//! millions of domains" (<https://blog.cloudflare.com/counting-things-a-lot-of-different-things/>).
+//! Time is cut into fixed windows of length `W` aligned on multiples of `W`; a key keeps the count of
+//! the current window `C` and of the previous one `P`. At offset `e` into the current window the
+//! number of hits in the last `W` is estimated as `P·(W−e)/W + C` — the previous window's hits are
+//! assumed evenly spread — and a hit of cost `c` is allowed iff `estimate + c ≤ L` (`L` = limit).
+//! Everything is integer arithmetic on count × nanoseconds (`u128`), so the Python model in
+//! `tests/model_window.py` reproduces every decision, `remaining` and `retry_after` exactly.
+//!
+//! Error bound of counter mode:
+//! - *Uniform traffic*: if the previous window's hits were evenly spread, `P·(W−e)/W` is exactly how
+//!   many of them are still inside the last `W`, so the estimate is the true sliding count.
+//! - *Over-admission*: an interval of length `W` overlaps at most two fixed windows `k−1` and `k`.
+//!   It holds at most `P ≤ L` hits of window `k−1` (a window's own count never exceeds `L`), and the
+//!   hits admitted in window `k` up to offset `e` satisfy `C + P·(W−e)/W ≤ L`. So the interval holds
+//!   at most `P + C ≤ L + P·e/W ≤ L + L·(W−1 ns)/W < 2L` hits: **at most `2L − 1` in any interval of
+//!   length `W`**, and never more than `L` in one fixed window (so at most `L` per `W` on average
+//!   over long spans). The bound is tight: `L` hits in the last nanosecond of a window followed by
+//!   `L − 1` hits in the last nanoseconds of the next one are all admitted (a test builds this).
+//! - *Under-admission*: symmetrically, a burst at the start of the previous window keeps weighing on
+//!   the estimate after it has slid out, so the counter can deny while fewer than `L` hits are in
+//!   the last `W`; it never denies while `P + C + c ≤ L`.
+//!
+//! **Exact mode** keeps a log of `(timestamp, cost)` per key (hits at the same nanosecond merge into
+//! one entry) and allows a hit iff the costs logged in `(now − W, now]` plus its cost are `≤ L`, which
+//! gives: never more than `L` in *any* half-open interval `[a, a + W)`. Memory per key is one entry
+//! per distinct hit time in the last `W`, so up to `L` entries.
+//!
+//! A denied hit charges nothing. `retry_after` is the wait until the same hit would be allowed if no
+//! other hit came: exact in both modes (counter mode solves the interpolation for `e`); `None` when
+//! `cost > L` (it can never pass).
+//!
+//! Time: `now` is monotonic nanoseconds ([`crate::clock`]); each limiter keeps the latest `now` it
+//! has seen and treats an earlier one as that latest, so a clock going backwards changes nothing.
+//!
+//! Idle keys: key slots live in a slab linked in order of their last charge (as in
+//! [`crate::cache`]), so keys that can no longer affect a decision — counter mode: no charge in the
+//! current or previous window; exact mode: last entry older than `W` — are a suffix of that list.
+//! Each hit drops up to [`SWEEP_PER_HIT`] of them from the tail (no scan), so every new key pays for
+//! removing idle ones and the table never holds more than one key beyond the most keys that were
+//! ever live at once; [`SlidingWindow::len`] drops all idle keys before counting. Dropping an idle
+//! key changes no answer: its state is the same as an absent key's.
+
+use std::collections::VecDeque;
+use std::hash::BuildHasher;
+
+use hashbrown::HashTable;
+
+pub use crate::cache::KeyKind;
+use crate::error::{invalid, Result};
+
+/// How many idle keys a hit removes from the tail of the recency list, at most.
+pub const SWEEP_PER_HIT: usize = 8;
+
+const NIL: u32 = u32::MAX;
+
+/// What a hit (or a peek) decides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    /// Whole units still available after this hit (before it, when denied).
+    pub remaining: u64,
+    /// Nanoseconds until the same hit would be allowed: `Some(0)` when allowed, `None` if never
+    /// (`cost > limit`).
+    pub retry_after: Option<u64>,
+}
+
+/// The outcome of [`hit_all`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AllDecision {
+    pub allowed: bool,
+    /// Index (into the checks) of the first check that denies.
+    pub first_denied: Option<usize>,
+    /// Longest wait over the denying checks (`Some(0)` when allowed, `None` if one can never pass).
+    pub retry_after: Option<u64>,
+    /// Smallest `remaining` over all checks: after charging when allowed, as they stand when denied.
+    pub remaining: u64,
+}
+
+/// Per-key state of one mode. All methods take `now` already clamped to the limiter's clock.
+trait KeyState {
+    fn empty() -> Self;
+    /// Forget what has aged out by `now`; never changes what [`KeyState::decide`] answers.
+    fn advance(&mut self, now: u64, window: u64);
+    /// Whether a hit of `cost` at `now` fits (after [`KeyState::advance`] to `now`).
+    fn decide(&self, cost: u64, limit: u64, now: u64, window: u64) -> Decision;
+    fn charge(&mut self, cost: u64, now: u64);
+    /// Whether a key last charged at `last` can no longer influence a decision at `now`.
+    fn idle(last: u64, now: u64, window: u64) -> bool;
+}
+
+/// Counter mode: counts of the current and the previous fixed window.
+struct Counter {
+    /// Index of the current fixed window (`now / W`).
+    idx: u64,
+    prev: u64,
+    cur: u64,
+}
+
+impl KeyState for Counter {
+    fn empty() -> Self {
+        Counter {
+            idx: 0,
+            prev: 0,
+            cur: 0,
+        }
+    }
+
+    #[inline]
+    fn advance(&mut self, now: u64, window: u64) {
+        let idx = now / window;
+        if idx > self.idx {
+            self.prev = if idx == self.idx + 1 { self.cur } else { 0 };
+            self.cur = 0;
+            self.idx = idx;
+        }
+    }
+
+    #[inline]
+    fn decide(&self, cost: u64, limit: u64, now: u64, window: u64) -> Decision {
+        let w = window as u128;
+        let e = (now % window) as u128;
+        let (prev, cur) = (self.prev as u128, self.cur as u128);
+        let cap = limit as u128 * w;
+        // The estimate scaled by W: prev·(W−e) + cur·W. It stays <= cap (= L·W) after every charge
+        // and only falls with time, so these sums stay far below u128::MAX; saturating anyway.
+        let used = prev
+            .saturating_mul(w - e)
+            .saturating_add(cur.saturating_mul(w));
+        let need = used.saturating_add((cost as u128).saturating_mul(w));
+        if cost <= limit && need <= cap {
+            return Decision {
+                allowed: true,
+                remaining: to_u64((cap - need) / w),
+                retry_after: Some(0),
+            };
+        }
+        let remaining = to_u64(cap.saturating_sub(used) / w);
+        if cost > limit {
+            return Decision {
+                allowed: false,
+                remaining,
+                retry_after: None,
+            };
+        }
+        let cost = cost as u128;
+        let limit = limit as u128;
+        // Smallest offset at which prev·(W−e') <= slack·W, i.e. e' = W − ⌊slack·W / prev⌋.
+        let wait = if cur + cost <= limit {
+            // Still this window (or exactly its end, where prev' = cur and cur + cost fits).
+            // prev > 0 here, else the hit would have fitted.
+            let slack = limit - cur - cost;
+            let at = w - (slack * w / prev).min(w);
+            at.saturating_sub(e)
+        } else {
+            // Only the next window can take it: there prev' = cur (> 0 since cur > limit − cost).
+            let at = w - ((limit - cost) * w / cur).min(w);
+            (w - e) + at
+        };
+        Decision {
+            allowed: false,
+            remaining,
+            retry_after: Some(to_u64(wait)),
+        }
+    }
+
+    #[inline]
+    fn charge(&mut self, cost: u64, _now: u64) {
+        self.cur = self.cur.saturating_add(cost);
+    }
+
+    #[inline]
+    fn idle(last: u64, now: u64, window: u64) -> bool {
+        now / window >= (last / window).saturating_add(2)
+    }
+}
+
+/// Exact mode: the log of charges still inside the window, oldest first.
+struct Log {
+    entries: VecDeque<(u64, u64)>,
+    sum: u64,
+}
+
+impl KeyState for Log {
+    fn empty() -> Self {
+        Log {
+            entries: VecDeque::new(),
+            sum: 0,
+        }
+    }
+
+    #[inline]
+    fn advance(&mut self, now: u64, window: u64) {
+        // An entry at `t` counts for nows in [t, t + W).
+        while let Some(&(t, c)) = self.entries.front() {
+            if t.saturating_add(window) > now {
+                break;
+            }
+            self.entries.pop_front();
+            self.sum -= c;
+        }
+    }
+
+    #[inline]
+    fn decide(&self, cost: u64, limit: u64, now: u64, window: u64) -> Decision {
+        let remaining = limit.saturating_sub(self.sum);
+        if cost <= remaining {
+            return Decision {
+                allowed: true,
+                remaining: remaining - cost,
+                retry_after: Some(0),
+            };
+        }
+        if cost > limit {
+            return Decision {
+                allowed: false,
+                remaining,
+                retry_after: None,
+            };
+        }
+        // Wait until enough of the oldest entries have aged out to make room for `cost`.
+        let excess = cost - remaining;
+        let mut freed = 0u64;
+        let mut wait = 0;
+        for &(t, c) in &self.entries {
+            freed += c;
+            if freed >= excess {
+                wait = t.saturating_add(window).saturating_sub(now);
+                break;
+            }
+        }
+        Decision {
+            allowed: false,
+            remaining,
+            retry_after: Some(wait),
+        }
+    }
+
+    #[inline]
+    fn charge(&mut self, cost: u64, now: u64) {
+        match self.entries.back_mut() {
+            Some((t, c)) if *t == now => *c += cost,
+            _ => self.entries.push_back((now, cost)),
+        }
+        self.sum += cost;
+    }
+
+    #[inline]
+    fn idle(last: u64, now: u64, window: u64) -> bool {
+        last.saturating_add(window) <= now
+    }
+}
+
+#[inline]
+fn to_u64(x: u128) -> u64 {
+    u64::try_from(x).unwrap_or(u64::MAX)
+}
+
+struct Slot<S> {
+    /// `[kind, key bytes...]`; empty when the slot is free.
+    key: Box<[u8]>,
+    /// Towards the most recently charged key.
+    prev: u32,
+    /// Towards the least recently charged key; for a free slot, the next free slot.
+    next: u32,
+    /// `now` of the last charge.
+    last: u64,
+    state: S,
+}
+
+impl<S> Slot<S> {
+    #[inline]
+    fn matches(&self, kind: KeyKind, key: &[u8]) -> bool {
+        self.key.len() == key.len() + 1 && self.key[0] == kind as u8 && &self.key[1..] == key
+    }
+}
+
+/// Keys → state, in a slab linked most-recently-charged first.
+struct Table<S> {
+    limit: u64,
+    window: u64,
+    map: HashTable<u32>,
+    slots: Vec<Slot<S>>,
+    free: u32,
+    head: u32,
+    tail: u32,
+    len: usize,
+    hasher: foldhash::quality::RandomState,
+}
+
+impl<S: KeyState> Table<S> {
+    fn new(limit: u64, window: u64) -> Self {
+        Table {
+            limit,
+            window,
+            map: HashTable::new(),
+            slots: Vec::new(),
+            free: NIL,
+            head: NIL,
+            tail: NIL,
+            len: 0,
+            hasher: foldhash::quality::RandomState::default(),
+        }
+    }
+
+    #[inline]
+    fn hash(&self, kind: KeyKind, key: &[u8]) -> u64 {
+        let mut h = self.hasher.build_hasher();
+        std::hash::Hasher::write_u8(&mut h, kind as u8);
+        std::hash::Hasher::write(&mut h, key);
+        std::hash::Hasher::finish(&h)
+    }
+
+    #[inline]
+    fn find(&self, hash: u64, kind: KeyKind, key: &[u8]) -> Option<u32> {
+        let slots = &self.slots;
+        self.map
+            .find(hash, |&i| slots[i as usize].matches(kind, key))
+            .copied()
+    }
+
+    /// Decide for `key` at `now`; `charge` = charge it if allowed (a cost of 0 never creates a key).
+    #[inline]
+    fn hit(
+        &mut self,
+        kind: KeyKind,
+        key: &[u8],
+        cost: u64,
+        charge: bool,
+        now: u64,
+    ) -> Result<Decision> {
+        let (limit, window) = (self.limit, self.window);
+        if charge {
+            self.sweep(now, SWEEP_PER_HIT);
+        }
+        let hash = self.hash(kind, key);
+        let found = self.find(hash, kind, key);
+        let decision = match found {
+            Some(i) => {
+                let st = &mut self.slots[i as usize].state;
+                st.advance(now, window);
+                st.decide(cost, limit, now, window)
+            }
+            None => S::empty().decide(cost, limit, now, window),
+        };
+        if charge && decision.allowed && cost > 0 {
+            let i = match found {
+                Some(i) => i,
+                None => self.insert(hash, kind, key)?,
+            };
+            let slot = &mut self.slots[i as usize];
+            slot.state.advance(now, window); // a new key's state starts at time 0
+            slot.state.charge(cost, now);
+            slot.last = now;
+            self.move_to_front(i);
+        }
+        Ok(decision)
+    }
+
+    fn insert(&mut self, hash: u64, kind: KeyKind, key: &[u8]) -> Result<u32> {
+        if self.free == NIL && self.slots.len() >= NIL as usize {
+            return Err(invalid("too many keys (2^32 - 1) in one SlidingWindow"));
+        }
+        let mut tagged = Vec::with_capacity(key.len() + 1);
+        tagged.push(kind as u8);
+        tagged.extend_from_slice(key);
+        let slot = Slot {
+            key: tagged.into_boxed_slice(),
+            prev: NIL,
+            next: NIL,
+            last: 0,
+            state: S::empty(),
+        };
+        let i = if self.free != NIL {
+            let i = self.free;
+            self.free = self.slots[i as usize].next;
+            self.slots[i as usize] = slot;
+            i
+        } else {
+            self.slots.push(slot);
+            (self.slots.len() - 1) as u32
+        };
+        let (slots, hasher) = (&self.slots, &self.hasher);
+        self.map
+            .insert_unique(hash, i, |&j| rehash(hasher, &slots[j as usize].key));
+        self.link_front(i);
+        self.len += 1;
+        Ok(i)
+    }
+
+    /// Remove `key`; whether it still had a say at `now` (an idle key is removed too, but whether
+    /// a sweep got to it first is not observable).
+    fn reset(&mut self, kind: KeyKind, key: &[u8], now: u64) -> bool {
+        let hash = self.hash(kind, key);
+        match self.find(hash, kind, key) {
+            Some(i) => {
+                let live = !S::idle(self.slots[i as usize].last, now, self.window);
+                self.remove(hash, i);
+                live
+            }
+            None => false,
+        }
+    }
+
+    /// Drop up to `budget` idle keys from the tail; returns how many.
+    #[inline]
+    fn sweep(&mut self, now: u64, budget: usize) -> usize {
+        let window = self.window;
+        let mut n = 0;
+        while n < budget
+            && self.tail != NIL
+            && S::idle(self.slots[self.tail as usize].last, now, window)
+        {
+            let i = self.tail;
+            let hash = rehash(&self.hasher, &self.slots[i as usize].key);
+            self.remove(hash, i);
+            n += 1;
+        }
+        n
+    }
+
+    fn remove(&mut self, hash: u64, i: u32) {
+        if let Ok(entry) = self.map.find_entry(hash, |&j| j == i) {
+            entry.remove();
+        }
+        self.unlink(i);
+        let slot = &mut self.slots[i as usize];
+        slot.key = Box::default();
+        slot.state = S::empty();
+        slot.next = self.free;
+        self.free = i;
+        self.len -= 1;
+    }
+
+    #[inline]
+    fn move_to_front(&mut self, i: u32) {
+        if self.head != i {
+            self.unlink(i);
+            self.link_front(i);
+        }
+    }
+
+    #[inline]
+    fn unlink(&mut self, i: u32) {
+        let (prev, next) = {
+            let s = &self.slots[i as usize];
+            (s.prev, s.next)
+        };
+        if prev != NIL {
+            self.slots[prev as usize].next = next;
+        } else {
+            self.head = next;
+        }
+        if next != NIL {
+            self.slots[next as usize].prev = prev;
+        } else {
+            self.tail = prev;
+        }
+    }
+
+    #[inline]
+    fn link_front(&mut self, i: u32) {
+        let old = self.head;
+        {
+            let s = &mut self.slots[i as usize];
+            s.prev = NIL;
+            s.next = old;
+        }
+        if old != NIL {
+            self.slots[old as usize].prev = i;
+        } else {
+            self.tail = i;
+        }
+        self.head = i;
+    }
+}
+
+fn rehash(hasher: &foldhash::quality::RandomState, tagged_key: &[u8]) -> u64 {
+    let mut h = hasher.build_hasher();
+    std::hash::Hasher::write_u8(&mut h, tagged_key[0]);
+    std::hash::Hasher::write(&mut h, &tagged_key[1..]);
+    std::hash::Hasher::finish(&h)
+}
+
+enum Keys {
+    Counter(Table<Counter>),
+    Exact(Table<Log>),
+}
+
+/// Rate-limit counters: at most `limit` units per `window` nanoseconds per key (see the module doc
+/// for the two modes and their guarantees).
+pub struct SlidingWindow {
+    limit: u64,
+    window: u64,
+    /// Latest `now` seen; earlier ones are treated as this.
+    clock: u64,
+    keys: Keys,
+}
+
+impl SlidingWindow {
+    /// `limit` ≥ 1 units per `window` ≥ 1 ns; `exact` selects the log mode.
+    pub fn new(limit: u64, window: u64, exact: bool) -> Result<Self> {
+        if limit == 0 {
+            return Err(invalid("limit must be >= 1"));
+        }
+        if window == 0 {
+            return Err(invalid("window must be at least 1 ns"));
+        }
+        let keys = if exact {
+            Keys::Exact(Table::new(limit, window))
+        } else {
+            Keys::Counter(Table::new(limit, window))
+        };
+        Ok(SlidingWindow {
+            limit,
+            window,
+            clock: 0,
+            keys,
+        })
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// The window in nanoseconds.
+    pub fn window(&self) -> u64 {
+        self.window
+    }
+
+    pub fn is_exact(&self) -> bool {
+        matches!(self.keys, Keys::Exact(_))
+    }
+
+    #[inline]
+    fn observe(&mut self, now: u64) -> u64 {
+        self.clock = self.clock.max(now);
+        self.clock
+    }
+
+    /// Charge `cost` to `key` if that keeps it within the limit; a denied hit charges nothing.
+    #[inline]
+    pub fn hit(&mut self, kind: KeyKind, key: &[u8], cost: u64, now: u64) -> Result<Decision> {
+        self.run(kind, key, cost, now, true)
+    }
+
+    /// What [`SlidingWindow::hit`] would answer, charging nothing.
+    #[inline]
+    pub fn peek(&mut self, kind: KeyKind, key: &[u8], cost: u64, now: u64) -> Decision {
+        self.run(kind, key, cost, now, false)
+            .expect("a peek never inserts, so it cannot fail")
+    }
+
+    #[inline]
+    fn run(
+        &mut self,
+        kind: KeyKind,
+        key: &[u8],
+        cost: u64,
+        now: u64,
+        charge: bool,
+    ) -> Result<Decision> {
+        let now = self.observe(now);
+        match &mut self.keys {
+            Keys::Counter(t) => t.hit(kind, key, cost, charge, now),
+            Keys::Exact(t) => t.hit(kind, key, cost, charge, now),
+        }
+    }
+
+    /// Forget `key`; `true` if it was live (not idle) as of the latest `now` seen.
+    pub fn reset(&mut self, kind: KeyKind, key: &[u8]) -> bool {
+        let now = self.clock;
+        match &mut self.keys {
+            Keys::Counter(t) => t.reset(kind, key, now),
+            Keys::Exact(t) => t.reset(kind, key, now),
+        }
+    }
+
+    /// Number of keys that can still influence a decision: drops every idle key (as of the latest
+    /// `now` seen) first.
+    pub fn len(&mut self) -> usize {
+        let now = self.clock;
+        match &mut self.keys {
+            Keys::Counter(t) => {
+                t.sweep(now, usize::MAX);
+                t.len
+            }
+            Keys::Exact(t) => {
+                t.sweep(now, usize::MAX);
+                t.len
+            }
+        }
+    }
+
+    pub fn is_empty(&mut self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keys held right now, idle ones not swept yet included (what the memory is spent on).
+    pub fn tracked(&self) -> usize {
+        match &self.keys {
+            Keys::Counter(t) => t.len,
+            Keys::Exact(t) => t.len,
+        }
+    }
+}
+
+/// Check several `(limiter, key)` pairs at once and charge `cost` to every one of them only if all
+/// allow it. `limiters` are distinct; each check is `(index into limiters, kind, key)`. A pair that
+/// appears several times is charged that many times, so its later occurrences are checked with the
+/// cost of all its occurrences so far.
+pub fn hit_all(
+    limiters: &mut [&mut SlidingWindow],
+    checks: &[(usize, KeyKind, &[u8])],
+    cost: u64,
+    now: u64,
+) -> Result<AllDecision> {
+    if checks.is_empty() {
+        return Err(invalid("checks must not be empty"));
+    }
+    if checks.iter().any(|&(l, _, _)| l >= limiters.len()) {
+        return Err(invalid("check refers to a missing limiter"));
+    }
+    let mut allowed = true;
+    let mut first_denied = None;
+    let mut retry_after = Some(0u64);
+    let mut remaining = u64::MAX;
+    for (i, &(l, kind, key)) in checks.iter().enumerate() {
+        let occurrences = checks[..=i]
+            .iter()
+            .filter(|&&(l2, k2, key2)| l2 == l && k2 == kind && key2 == key)
+            .count() as u64;
+        let d = limiters[l].peek(kind, key, cost.saturating_mul(occurrences), now);
+        remaining = remaining.min(d.remaining);
+        if !d.allowed {
+            allowed = false;
+            first_denied.get_or_insert(i);
+            retry_after = match (retry_after, d.retry_after) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                _ => None,
+            };
+        }
+    }
+    if allowed {
+        for &(l, kind, key) in checks {
+            limiters[l].hit(kind, key, cost, now)?;
+        }
+    } else {
+        // Nothing was charged: report what every pair has left as it stands.
+        remaining = checks
+            .iter()
+            .map(|&(l, kind, key)| limiters[l].peek(kind, key, 0, now).remaining)
+            .min()
+            .unwrap_or(0);
+    }
+    Ok(AllDecision {
+        allowed,
+        first_denied,
+        retry_after,
+        remaining,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+    const K: KeyKind = KeyKind::Str;
+
+    fn counter(limit: u64, window: u64) -> SlidingWindow {
+        SlidingWindow::new(limit, window, false).unwrap()
+    }
+
+    fn exact(limit: u64, window: u64) -> SlidingWindow {
+        SlidingWindow::new(limit, window, true).unwrap()
+    }
+
+    #[test]
+    fn counter_allows_limit_then_denies_with_exact_retry() {
+        let mut w = counter(3, S);
+        for left in [2, 1, 0] {
+            let d = w.hit(K, b"a", 1, 0).unwrap();
+            assert_eq!(
+                d,
+                Decision {
+                    allowed: true,
+                    remaining: left,
+                    retry_after: Some(0)
+                }
+            );
+        }
+        let d = w.hit(K, b"a", 1, 0).unwrap();
+        assert!(!d.allowed);
+        assert_eq!(d.remaining, 0);
+        // cur = 3 fills the window: next window at S, where prev = 3 weighs 3·(S−e)/S; one more
+        // fits once that is <= 2, i.e. e >= S/3.
+        let wait = d.retry_after.unwrap();
+        assert_eq!(wait, S + (S - 2 * S / 3));
+        assert!(!w.hit(K, b"a", 1, wait - 1).unwrap().allowed);
+        assert!(w.hit(K, b"a", 1, wait).unwrap().allowed);
+        // other keys are independent; str and bytes keys are distinct
+        assert!(w.hit(K, b"b", 3, 0).unwrap().allowed);
+        assert!(w.hit(KeyKind::Bytes, b"a", 3, wait).unwrap().allowed);
+    }
+
+    #[test]
+    fn counter_interpolates_previous_window() {
+        let mut w = counter(10, 100);
+        assert!(w.hit(K, b"k", 10, 50).unwrap().allowed);
+        // at 150: e = 50, estimate = 10·50/100 = 5 → 5 more fit
+        let d = w.peek(K, b"k", 1, 150);
+        assert_eq!(d.remaining, 4);
+        assert!(w.hit(K, b"k", 5, 150).unwrap().allowed);
+        let d = w.hit(K, b"k", 1, 150).unwrap();
+        assert!(!d.allowed);
+        // needs 10·(100−e) <= (10−5−1)·100 → e >= 60
+        assert_eq!(d.retry_after, Some(10));
+        // two windows later everything is gone
+        assert_eq!(w.peek(K, b"k", 10, 300).remaining, 0);
+        assert!(w.peek(K, b"k", 10, 300).allowed);
+    }
+
+    #[test]
+    fn counter_worst_case_is_two_limits_minus_one() {
+        let (l, win) = (10, S);
+        let mut w = counter(l, win);
+        let mut admitted = 0;
+        for _ in 0..l {
+            admitted += w.hit(K, b"k", 1, win - 1).unwrap().allowed as u64;
+        }
+        for _ in 0..l {
+            admitted += w.hit(K, b"k", 1, 2 * win - 2).unwrap().allowed as u64;
+        }
+        // all of these lie in (win − 2, 2·win − 2]: an interval of length `win`
+        assert_eq!(admitted, 2 * l - 1);
+    }
+
+    #[test]
+    fn exact_never_exceeds_limit_in_any_interval() {
+        let (l, win) = (5u64, 1000u64);
+        let mut w = exact(l, win);
+        let mut log = Vec::new();
+        let mut now = 0u64;
+        let mut x = 12345u64;
+        for _ in 0..5000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            now += x % 120;
+            let cost = x % 3;
+            if w.hit(K, b"k", cost, now).unwrap().allowed {
+                log.push((now, cost));
+            }
+        }
+        for &(a, _) in &log {
+            let sum: u64 = log
+                .iter()
+                .filter(|&&(t, _)| t >= a && t < a + win)
+                .map(|&(_, c)| c)
+                .sum();
+            assert!(sum <= l, "{sum} in [{a}, {a}+{win})");
+        }
+    }
+
+    #[test]
+    fn exact_retry_after_is_when_oldest_entries_expire() {
+        let mut w = exact(3, 100);
+        w.hit(K, b"k", 1, 10).unwrap();
+        w.hit(K, b"k", 1, 20).unwrap();
+        w.hit(K, b"k", 1, 30).unwrap();
+        let d = w.hit(K, b"k", 2, 50).unwrap();
+        assert_eq!(
+            d,
+            Decision {
+                allowed: false,
+                remaining: 0,
+                retry_after: Some(70)
+            }
+        );
+        assert!(!w.hit(K, b"k", 2, 119).unwrap().allowed);
+        assert!(w.hit(K, b"k", 2, 120).unwrap().allowed);
+    }
+
+    #[test]
+    fn cost_above_limit_never_passes_and_cost_zero_is_a_peek() {
+        for mut w in [counter(3, S), exact(3, S)] {
+            let d = w.hit(K, b"k", 4, 0).unwrap();
+            assert_eq!(
+                d,
+                Decision {
+                    allowed: false,
+                    remaining: 3,
+                    retry_after: None
+                }
+            );
+            let d = w.hit(K, b"k", 0, 0).unwrap();
+            assert_eq!(
+                d,
+                Decision {
+                    allowed: true,
+                    remaining: 3,
+                    retry_after: Some(0)
+                }
+            );
+            assert_eq!(w.tracked(), 0, "neither a denial nor cost 0 creates a key");
+        }
+    }
+
+    #[test]
+    fn time_going_backwards_is_treated_as_latest() {
+        for mut w in [counter(2, 100), exact(2, 100)] {
+            assert!(w.hit(K, b"k", 2, 1_000).unwrap().allowed);
+            let d = w.hit(K, b"k", 1, 0).unwrap();
+            assert!(!d.allowed);
+            assert_eq!(d, w.hit(K, b"k", 1, 1_000).unwrap());
+        }
+    }
+
+    #[test]
+    fn idle_keys_are_swept_and_memory_stays_bounded() {
+        for mut w in [counter(5, S), exact(5, S)] {
+            // 1M distinct keys, 100k per window: at most 200k keys are live at once in counter mode
+            // (2 windows), 100k in exact mode (1 window); the table never holds more than one extra.
+            let mut peak_live = 0usize;
+            for n in 0..1_000_000u64 {
+                let now = n * (S / 100_000);
+                w.hit(K, &n.to_le_bytes(), 1, now).unwrap();
+                peak_live = peak_live.max(w.tracked());
+            }
+            let live_bound = if w.is_exact() { 100_000 } else { 200_000 };
+            assert!(peak_live <= live_bound + 1, "peak {peak_live}");
+            let later = 1_000_000 * (S / 100_000) + 3 * S;
+            w.hit(K, b"x", 1, later).unwrap();
+            assert_eq!(w.len(), 1);
+            assert_eq!(w.tracked(), 1);
+        }
+    }
+
+    #[test]
+    fn sweeping_an_idle_key_changes_no_answer() {
+        let mut w = counter(4, 100);
+        w.hit(K, b"a", 4, 0).unwrap();
+        w.hit(K, b"b", 1, 250).unwrap(); // sweeps a (idle: no charge in windows 1 and 2)
+        assert_eq!(w.tracked(), 1);
+        assert_eq!(w.hit(K, b"a", 4, 250).unwrap().remaining, 0);
+    }
+
+    #[test]
+    fn reset_forgets_a_key() {
+        let mut w = counter(1, S);
+        w.hit(K, b"a", 1, 0).unwrap();
+        assert!(!w.hit(K, b"a", 1, 0).unwrap().allowed);
+        assert!(w.reset(K, b"a"));
+        assert!(!w.reset(K, b"a"));
+        assert!(w.hit(K, b"a", 1, 0).unwrap().allowed);
+    }
+
+    #[test]
+    fn hit_all_charges_none_unless_all_allow() {
+        let mut g = counter(100, S);
+        let mut r = counter(2, S);
+        let mut u = exact(5, S);
+        let checks: [(usize, KeyKind, &[u8]); 3] = [(0, K, b"*"), (1, K, b"/x"), (2, K, b"alice")];
+        let mut ls = [&mut g, &mut r, &mut u];
+        let d = hit_all(&mut ls, &checks, 1, 0).unwrap();
+        assert_eq!(
+            d,
+            AllDecision {
+                allowed: true,
+                first_denied: None,
+                retry_after: Some(0),
+                remaining: 1
+            }
+        );
+        hit_all(&mut ls, &checks, 1, 0).unwrap();
+        let d = hit_all(&mut ls, &checks, 1, 0).unwrap();
+        assert!(!d.allowed);
+        assert_eq!(d.first_denied, Some(1));
+        assert_eq!(d.remaining, 0);
+        assert!(d.retry_after.unwrap() > 0);
+        assert_eq!(
+            g.peek(K, b"*", 0, 0).remaining,
+            98,
+            "the denied call charged nothing"
+        );
+        assert_eq!(u.peek(K, b"alice", 0, 0).remaining, 3);
+    }
+
+    #[test]
+    fn hit_all_counts_a_repeated_pair_once_per_occurrence() {
+        let mut a = exact(3, S);
+        let checks: [(usize, KeyKind, &[u8]); 2] = [(0, K, b"k"), (0, K, b"k")];
+        let d = hit_all(&mut [&mut a], &checks, 1, 0).unwrap();
+        assert_eq!((d.allowed, d.remaining), (true, 1));
+        let d = hit_all(&mut [&mut a], &checks, 1, 0).unwrap();
+        assert_eq!(
+            (d.allowed, d.first_denied, d.remaining),
+            (false, Some(1), 1)
+        );
+        assert_eq!(a.peek(K, b"k", 0, 0).remaining, 1);
+        assert!(hit_all(&mut [&mut a], &[], 1, 0).is_err());
+        assert!(hit_all(&mut [&mut a], &[(1, K, b"k")], 1, 0).is_err());
+    }
+
+    #[test]
+    fn extreme_values_do_not_panic() {
+        for exact_mode in [false, true] {
+            let mut w = SlidingWindow::new(u64::MAX >> 1, u64::MAX, exact_mode).unwrap();
+            let _ = w.hit(K, b"k", u64::MAX >> 1, u64::MAX).unwrap();
+            let _ = w.hit(K, b"k", u64::MAX, u64::MAX).unwrap();
+            let _ = w.hit(K, b"k", 1, 0).unwrap();
+            let mut w = SlidingWindow::new(u64::MAX, 1, exact_mode).unwrap();
+            let _ = w.hit(K, b"k", u64::MAX, u64::MAX - 1).unwrap();
+            let _ = w.hit(K, b"k", 1, u64::MAX).unwrap();
+        }
+        assert!(SlidingWindow::new(0, 1, false).is_err());
+        assert!(SlidingWindow::new(1, 0, true).is_err());
+    }
+}

@@ -1,0 +1,35 @@
+"""Cythonize ``cython_ext/`` into ``pyproxy._speedups``.
+
+Everything else (metadata, the Rust extension via setuptools-rust) lives in pyproject.toml; this file
+exists only because Cython extensions still need ``ext_modules``. ``PYPROXY_CYTHON_ANNOTATE=1`` writes
+the HTML annotation next to the sources (uvloop's ``make debug`` pattern).
+"""
+
+import os
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+annotate = os.environ.get("PYPROXY_CYTHON_ANNOTATE") == "1"
+
+extensions = [
+    Extension(
+        "pyproxy._speedups",
+        ["cython_ext/_speedups.pyx"],
+        extra_compile_args=["-O3"],
+    )
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        annotate=annotate,
+        compiler_directives={
+            "language_level": "3",
+            "boundscheck": False,
+            "wraparound": False,
+            "cdivision": True,
+            "embedsignature": True,
+        },
+    )
+)
