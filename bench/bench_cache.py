@@ -38,8 +38,8 @@ def _filled(n: int, keys: list[str]) -> dict[str, object]:
     ct_ttl = cachetools.TTLCache(2 * n, TTL)
     lru_dict = lru.LRU(2 * n)
     for k in keys:
-        # Distinct value objects, as a real cache holds.
-        v = bytes(VALUE)
+        # Distinct value objects, as a real cache holds (bytes(VALUE) would return VALUE itself).
+        v = bytes(bytearray(VALUE))
         ours.set(k, v)
         cb_ttl[k] = v
         cb_vttl.insert(k, v, TTL)

@@ -1,4 +1,4 @@
-# cython: language_level=3
+# cython: language_level=3, autotestdict=False
 """HTTP/1.1 head helpers, compiled: the data plane's twin of ``pyproxy.headers``' ``py_*`` functions.
 
 Same names, signatures, outputs and exceptions as the plain-Python reference in

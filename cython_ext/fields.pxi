@@ -144,13 +144,18 @@ cdef int _split_into(list out, object value, bint lower) except -1:
     cdef unsigned char* w
     while pos <= n:
         pos = _next_element(p, n, pos, &s, &e)
-        if e > s:
+        if e <= s:
+            continue
+        if lower:
+            # From NULL: always a fresh object. Copying in first could return CPython's shared
+            # 1-byte singleton, and lowering that in place would corrupt every b"X" in the process.
+            element = PyBytes_FromStringAndSize(NULL, e - s)
+            w = <unsigned char*>PyBytes_AS_STRING(element)
+            for k in range(e - s):
+                w[k] = _LOWER[p[s + k]]
+        else:
             element = PyBytes_FromStringAndSize(<const char*>p + s, e - s)
-            if lower:
-                w = <unsigned char*>PyBytes_AS_STRING(element)
-                for k in range(e - s):
-                    w[k] = _LOWER[w[k]]
-            out.append(element)
+        out.append(element)
     return 0
 
 

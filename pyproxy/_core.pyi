@@ -5,6 +5,16 @@ from typing import Final, final
 
 from typing_extensions import Buffer, Self
 
+__all__ = [
+    "__version__",
+    "PyproxyError",
+    "LruCache",
+    "ENTRY_OVERHEAD",
+    "HashRing",
+    "SlidingWindow",
+    "hit_all",
+]
+
 __version__: Final[str]
 
 class PyproxyError(Exception):
@@ -15,17 +25,18 @@ class PyproxyError(Exception):
 ENTRY_OVERHEAD: Final[int]
 """Bytes charged per entry on top of its key and value."""
 
+@final
 class LruCache:
     """LRU cache with per-entry TTL and a byte budget; keys ``str | bytes``, values bytes-like."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         max_bytes: int,
         *,
         max_entries: int | None = None,
         default_ttl: float | None = None,
         timer: Callable[[], float] | None = None,
-    ) -> None: ...
+    ) -> LruCache: ...
     def get(self, key: str | bytes, default: bytes | None = None) -> bytes | None: ...
     def set(self, key: str | bytes, value: Buffer, ttl: float | None = None) -> None: ...
     def delete(self, key: str | bytes) -> bool: ...
@@ -41,31 +52,32 @@ class LruCache:
     def keys(self) -> list[str | bytes]: ...
     def stats(self) -> dict[str, int]: ...
     @property
-    def bytes(self) -> int: ...
+    def nbytes(self) -> int: ...
     @property
     def max_bytes(self) -> int: ...
     @property
     def max_entries(self) -> int | None: ...
     @property
     def default_ttl(self) -> float | None: ...
-    def __contains__(self, key: object) -> bool: ...
-    def __getitem__(self, key: str | bytes) -> bytes: ...
-    def __setitem__(self, key: str | bytes, value: Buffer) -> None: ...
-    def __delitem__(self, key: str | bytes) -> None: ...
+    def __contains__(self, key: object, /) -> bool: ...
+    def __getitem__(self, key: str | bytes, /) -> bytes: ...
+    def __setitem__(self, key: str | bytes, value: Buffer, /) -> None: ...
+    def __delitem__(self, key: str | bytes, /) -> None: ...
     def __len__(self) -> int: ...
 
 # ---------------------------------------------------------------------------------------- HashRing
 
+@final
 class HashRing:
     """Consistent-hash ring of named nodes, with weights, virtual nodes and optional bounded loads."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         nodes: Iterable[str] | Iterable[tuple[str, float]] | Mapping[str, float] = (),
         *,
         vnodes: int = 1000,
         balance_factor: float | None = None,
-    ) -> None: ...
+    ) -> HashRing: ...
     def add(self, node: str, weight: float = 1.0) -> None: ...
     def remove(self, node: str) -> None: ...
     def get(self, key: str | bytes) -> str: ...
@@ -85,7 +97,7 @@ class HashRing:
     @property
     def points(self) -> int: ...
     def __len__(self) -> int: ...
-    def __contains__(self, node: object) -> bool: ...
+    def __contains__(self, node: object, /) -> bool: ...
 
 # ----------------------------------------------------------------------------------- SlidingWindow
 
@@ -93,8 +105,8 @@ class HashRing:
 class SlidingWindow:
     """Rate-limit counters keyed by ``str | bytes``: at most ``limit`` units per ``window`` seconds.
 
-    ``exact=False``: O(1) sliding-window counter (at most ``2*limit - 1`` in any ``window``-long
-    interval in the worst case, exact for uniform traffic); ``exact=True``: per-key log, never more
+    ``exact=False``: O(1) sliding-window counter (at most ``2*limit`` in a ``window``-long interval
+    in the worst case, within one hit of exact for uniform traffic); ``exact=True``: per-key log, never more
     than ``limit`` in any interval ``[t, t + window)``. ``hit``/``peek`` return
     ``(allowed, remaining, retry_after_seconds)``; ``retry_after`` is ``math.inf`` if ``cost > limit``.
     """

@@ -1,10 +1,29 @@
 """pyproxy's exceptions: one hierarchy, tagged by category (as redis-py's ``redis.exceptions``).
 
 ``PyproxyError`` is declared once, in the compiled core, so the Rust and Python sides raise the same
-class. Invalid arguments to the core structures raise the built-in ``TypeError`` / ``ValueError`` /
-``LookupError`` that Python programmers expect, with messages naming the argument.
+class; every exception of pyproxy's own derives from it. Invalid arguments to the core structures
+raise the built-in ``TypeError`` / ``ValueError`` / ``LookupError`` that Python programmers expect,
+with messages naming the argument.
 """
+
+from __future__ import annotations
 
 from pyproxy._core import PyproxyError
 
-__all__ = ["PyproxyError"]
+__all__ = ["HeaderError", "ProtocolError", "PyproxyError"]
+
+
+class ProtocolError(PyproxyError):
+    """Category: a peer broke the HTTP protocol (the proxy answers 4xx to a client, 502 upstream)."""
+
+
+class HeaderError(ProtocolError, ValueError):
+    """A head that a strict HTTP/1.1 proxy must refuse (answer 400): the message names the problem.
+
+    ``name`` is the offending header's name when the problem is in one header, else ``None``.
+    Also a ``ValueError``, since it is raised for bad input to the header helpers.
+    """
+
+    def __init__(self, message: str, name: bytes | None = None) -> None:
+        super().__init__(message)
+        self.name = name

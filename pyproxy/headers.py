@@ -10,6 +10,9 @@ Two implementations with one behaviour (same outputs, same exceptions and messag
 * the ``py_*`` functions below — the plain-Python reference, used when the extension is missing or
   ``PYPROXY_NO_SPEEDUPS=1`` is set, and held against the Cython module by ``tests/test_headers.py``.
 
+(One difference, on misuse only: given items that are not 2-tuples, the Cython rewrites unpack
+them all before validating, so an unpacking error may win over an earlier header's HeaderError.)
+
 The public names (``rewrite_request_head`` ...) are bound to whichever is in use;
 :data:`IMPLEMENTATION` says which (``"cython"`` or ``"python"``).
 
@@ -55,8 +58,8 @@ Rules (RFC 9110 §5.5, §5.6, §7.6; RFC 9112 §3, §5):
   ``extra`` pairs, ``Connection: upgrade`` when tunnelling, and the framing header.
   The request id: the caller's ``request_id`` if given (replacing any sent), else the first
   non-empty one the client sent, else a new one from :func:`new_request_id` (32 lowercase hex digits
-  from 16 random bytes — nginx's ``$request_id`` format). Envoy regenerates ids of external
-  requests by default; pass ``request_id=new_request_id()`` for that behaviour.
+  from 16 random bytes — nginx's ``$request_id`` format). Envoy at the edge regenerates
+  external requests' ids by default; pass ``request_id=new_request_id()`` for that behaviour.
 * **Response rewrite** (:func:`rewrite_response_head`): the same hop-by-hop removal, ``Via``
   combined and appended, the request-id header replaced by ours when given, ``Server`` dropped on
   request, reason phrase from :func:`reason_phrase` when absent.
@@ -67,9 +70,12 @@ Rules (RFC 9110 §5.5, §5.6, §7.6; RFC 9112 §3, §5):
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable
 from http import HTTPStatus
 from typing import Final
+
+from pyproxy.errors import HeaderError
 
 __all__ = [
     "IMPLEMENTATION",
@@ -91,17 +97,6 @@ __all__ = [
 ]
 
 Headers = Iterable[tuple[bytes, bytes]]
-
-
-class HeaderError(ValueError):
-    """A head that a strict HTTP/1.1 proxy must refuse (answer 400): the message names the problem.
-
-    ``name`` is the offending header's name when the problem is in one header, else ``None``.
-    """
-
-    def __init__(self, message: str, name: bytes | None = None) -> None:
-        super().__init__(message)
-        self.name = name
 
 
 # --- error constructors, shared by both implementations (the Cython module calls these) ---------
@@ -209,12 +204,16 @@ def py_validate_value(value: bytes, name: bytes = b"") -> None:
         raise _bad_value(name, value, _first_outside(value, _VALUE_OK))
 
 
+def _not_bytes(name: object, value: object) -> TypeError:
+    return TypeError(
+        "header names and values must be bytes, not "
+        f"{type(name).__name__} and {type(value).__name__}"
+    )
+
+
 def _check_field(name: object, value: object) -> None:
     if not isinstance(name, bytes) or not isinstance(value, bytes):
-        raise TypeError(
-            "header names and values must be bytes, not "
-            f"{type(name).__name__} and {type(value).__name__}"
-        )
+        raise _not_bytes(name, value)
     if not name or name.translate(None, _TCHAR):
         raise _bad_name(name, _first_outside(name, _TCHAR) if name else 0)
     if value.translate(None, _VALUE_OK):
@@ -366,13 +365,17 @@ _ID_BYTES: Final = 16
 _POOL_BYTES: Final = 4096  # one getrandom() call per 256 ids
 _pool = b""
 _pool_pos = 0
+# Threads could otherwise read the same slice between bytecodes (the Cython twin runs its
+# check-take-advance without releasing the GIL, so it needs no lock).
+_pool_lock = threading.Lock()
 
 
 def _reset_pool() -> None:
     # A forked worker must not hand out the ids its parent already buffered.
-    global _pool, _pool_pos
+    global _pool, _pool_pos, _pool_lock
     _pool = b""
     _pool_pos = 0
+    _pool_lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_reset_pool)
@@ -381,12 +384,14 @@ os.register_at_fork(after_in_child=_reset_pool)
 def py_new_request_id() -> bytes:
     """A fresh request id: 32 lowercase hex digits of 16 random bytes (``os.urandom``, batched)."""
     global _pool, _pool_pos
-    if _pool_pos + _ID_BYTES > len(_pool):
-        _pool = os.urandom(_POOL_BYTES)
-        _pool_pos = 0
-    rid = _pool[_pool_pos:_pool_pos + _ID_BYTES].hex().encode("ascii")
-    _pool_pos += _ID_BYTES
-    return rid
+    with _pool_lock:
+        if _pool_pos + _ID_BYTES > len(_pool):
+            _pool = os.urandom(_POOL_BYTES)
+            _pool_pos = 0
+        pos = _pool_pos
+        _pool_pos = pos + _ID_BYTES
+        chunk = _pool[pos:pos + _ID_BYTES]
+    return chunk.hex().encode("ascii")
 
 
 # --- serialization and rewrite ------------------------------------------------------------------
@@ -594,8 +599,8 @@ def py_rewrite_request_head(
         if host is None:
             raise _missing_host()
         parts += (b"Host: ", host, _CRLF)
-    for name, value, lower in kept:
-        if lower is None or lower not in tokens:
+    for name, value, key in kept:
+        if key is None or key not in tokens:
             parts += (name, _SEP, value, _CRLF)
     forwarded_for.append(client)
     parts += (b"X-Forwarded-For: ", b", ".join(forwarded_for), _CRLF)
@@ -677,8 +682,8 @@ def py_rewrite_response_head(
     extra_pairs = _check_extra(extra)
 
     parts = [status_line]
-    for name, value, lower in kept:
-        if lower is None or lower not in tokens:
+    for name, value, key in kept:
+        if key is None or key not in tokens:
             parts += (name, _SEP, value, _CRLF)
     if via is not None:
         vias.append(via)

@@ -69,20 +69,21 @@ class ModelWindow:
     def _counter_decide(self, prev: int, cur: int, cost: int, now: int) -> tuple[bool, int, int | None]:
         w, limit = self.window, self.limit
         e = now % w
-        cap = limit * w
-        used = prev * (w - e) + cur * w
-        need = used + cost * w
-        if cost <= limit and need <= cap:
-            return True, (cap - need) // w, 0
-        remaining = max(cap - used, 0) // w
+        used = prev * (w - e) // w + cur
+        if used + cost <= limit:
+            return True, limit - used - cost, 0
+        remaining = max(limit - used, 0)
         if cost > limit:
             return False, remaining, None
+
+        def first_fit(p: int, s: int) -> int:
+            # first offset e' with floor(p·(w−e')/w) <= s
+            return max(w + 1 - -(-(s + 1) * w // p), 0)
+
         if cur + cost <= limit:
-            at = w - min((limit - cur - cost) * w // prev, w)
-            wait = max(at - e, 0)
+            wait = max(first_fit(prev, limit - cur - cost) - e, 0)
         else:
-            at = w - min((limit - cost) * w // cur, w)
-            wait = (w - e) + at
+            wait = (w - e) + first_fit(cur, limit - cost)
         return False, remaining, wait
 
     # Exact mode ------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ def test_get_set_and_stats() -> None:
     s = c.stats()
     assert s["hits"] == 3 and s["misses"] == 2
     assert s["entries"] == 2
-    assert s["bytes"] == charge("a", b"1") + charge("b", b"22") == c.bytes
+    assert s["bytes"] == charge("a", b"1") + charge("b", b"22") == c.nbytes
 
 
 def test_str_and_bytes_keys_are_distinct() -> None:
@@ -53,7 +53,7 @@ def test_non_ascii_keys() -> None:
     c.set("ключ-🔑", b"v")
     assert c.get("ключ-🔑") == b"v"
     assert c.keys() == ["ключ-🔑"]
-    assert c.bytes == len("ключ-🔑".encode()) + 1 + ENTRY_OVERHEAD
+    assert c.nbytes == len("ключ-🔑".encode()) + 1 + ENTRY_OVERHEAD
 
 
 def test_memoryview_value_is_copied() -> None:
@@ -73,7 +73,7 @@ def test_lru_eviction_order_and_budget() -> None:
     c.set("d", b"x" * 10)
     assert c.keys() == ["d", "a", "c"]
     assert c.stats()["evictions"] == 1
-    assert c.bytes <= c.max_bytes
+    assert c.nbytes <= c.max_bytes
 
 
 def test_value_larger_than_budget_is_value_error_and_changes_nothing() -> None:
@@ -131,7 +131,7 @@ def test_purge_expired_is_bounded() -> None:
     clock.now += 5
     assert c.purge_expired(limit=30) == 30
     assert c.purge_expired() == 70
-    assert len(c) == 0 and c.bytes == 0
+    assert len(c) == 0 and c.nbytes == 0
 
 
 def test_expired_entry_frees_budget_before_live_entries_are_evicted() -> None:
@@ -153,7 +153,7 @@ def test_replacing_keeps_budget_and_does_not_evict_itself() -> None:
         c.set(k, b"x" * 10)
     c.set("a", b"y" * 40)
     assert c.get("a") == b"y" * 40
-    assert c.bytes <= c.max_bytes
+    assert c.nbytes <= c.max_bytes
 
 
 def test_get_many_set_many_delete_clear() -> None:
@@ -167,7 +167,7 @@ def test_get_many_set_many_delete_clear() -> None:
     with pytest.raises(KeyError):
         c["a"]
     c.clear()
-    assert len(c) == 0 and c.bytes == 0 and c.keys() == []
+    assert len(c) == 0 and c.nbytes == 0 and c.keys() == []
 
 
 def test_set_many_is_all_or_nothing_on_bad_items() -> None:
@@ -229,7 +229,7 @@ def test_threads_hammering_one_cache_keep_invariants() -> None:
                     assert v is None or (len(v) == 0 or v == v[:1] * len(v))
                 else:
                     c.delete(k) if i % 50 == 0 else (k in c)
-                assert c.bytes <= c.max_bytes
+                assert c.nbytes <= c.max_bytes
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
@@ -318,8 +318,8 @@ class CacheMachine(RuleBasedStateMachine):
         now = self.clock.now
         live = [k for k in self.cache.keys() if k in self.cache]
         assert live == self.model.live_keys_mru(now)
-        assert self.cache.bytes <= self.cache.max_bytes
-        assert self.cache.bytes >= self.model.bytes_live(now)
+        assert self.cache.nbytes <= self.cache.max_bytes
+        assert self.cache.nbytes >= self.model.bytes_live(now)
         assert len(self.cache) == len(self.cache.keys())
 
 

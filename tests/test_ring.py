@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import pytest
 from hypothesis import given, settings
@@ -192,7 +192,7 @@ def test_balance_ten_equal_nodes_default_vnodes() -> None:
     ring = HashRing(NAMES10)
     c = counts(ring)
     ratio = max(c.values()) / (len(KEYS) / 10)
-    # Deterministic (the hash is fixed): 1.043 for these names and keys.
+    # Deterministic (the hash is fixed): 1.059 for these names and keys.
     assert ratio <= 1.10, ratio
     assert set(c) == set(NAMES10)
 
@@ -471,8 +471,9 @@ def test_threads_acquire_release_add_remove() -> None:
                         held[n] -= 1
                         try:
                             ring.release(n)
-                        except KeyError:
-                            assert n in extra  # removed meanwhile: its load went with it
+                        except (KeyError, ValueError):
+                            # Removed meanwhile (its load went with it), maybe re-added at 0.
+                            assert n in extra
                 for load in ring.loads().values():
                     assert load >= 0
                 assert ring.get(key) in base + extra
@@ -517,20 +518,20 @@ def test_threads_acquire_release_add_remove() -> None:
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: HashRing("abc"),
-        lambda: HashRing(b"abc"),
-        lambda: HashRing(42),
-        lambda: HashRing([1, 2]),
-        lambda: HashRing([b"a"]),
-        lambda: HashRing([("a", "heavy")]),
-        lambda: HashRing({1: 1.0}),
-        lambda: HashRing(vnodes=1.5),
-        lambda: HashRing(balance_factor="1.5"),
+        lambda: HashRing("abc"),  # a str is an Iterable[str]; refused at run time
+        lambda: HashRing(b"abc"),  # type: ignore[arg-type]
+        lambda: HashRing(42),  # type: ignore[arg-type]
+        lambda: HashRing([1, 2]),  # type: ignore[arg-type]
+        lambda: HashRing([b"a"]),  # type: ignore[arg-type]
+        lambda: HashRing([("a", "heavy")]),  # type: ignore[arg-type]
+        lambda: HashRing({1: 1.0}),  # type: ignore[arg-type]
+        lambda: HashRing(vnodes=1.5),  # type: ignore[arg-type]
+        lambda: HashRing(balance_factor="1.5"),  # type: ignore[arg-type]
     ],
 )
-def test_constructor_wrong_types(make: object) -> None:
+def test_constructor_wrong_types(make: Callable[[], object]) -> None:
     with pytest.raises(TypeError):
-        make()  # type: ignore[operator]
+        make()
 
 
 @pytest.mark.parametrize(
@@ -589,7 +590,12 @@ def test_method_bad_input() -> None:
 def test_empty_ring() -> None:
     ring = HashRing()
     assert len(ring) == 0 and ring.nodes == {} and ring.loads() == {} and ring.points == 0
-    for call in [lambda: ring.get("k"), lambda: ring.get_n("k", 1), lambda: ring.acquire("k")]:
+    calls: list[Callable[[], object]] = [
+        lambda: ring.get("k"),
+        lambda: ring.get_n("k", 1),
+        lambda: ring.acquire("k"),
+    ]
+    for call in calls:
         with pytest.raises(LookupError):
             call()
     ring.add("a")

@@ -3,6 +3,7 @@
 use std::hint::black_box;
 
 use _core::cache::{KeyKind, LruCache, Ttl};
+use _core::ring::{self, HashRing};
 use criterion::{criterion_group, criterion_main, Criterion};
 
 fn cache(c: &mut Criterion) {
@@ -33,5 +34,81 @@ fn cache(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, cache);
+fn ring(c: &mut Criterion) {
+    let keys: Vec<Vec<u8>> = (0..10_000).map(|i| format!("/api/v1/items/{i:08}").into_bytes()).collect();
+    c.bench_function("ring/hash64_22b", |b| {
+        let mut i = 0usize;
+        b.iter(|| {
+            i = (i + 1) % keys.len();
+            black_box(ring::hash64(&keys[i]))
+        })
+    });
+    for (nodes, vnodes) in [(10u32, ring::DEFAULT_VNODES), (1000, 160), (1000, ring::DEFAULT_VNODES)] {
+        let r: HashRing = HashRing::with_nodes(
+            vnodes,
+            None,
+            (0..nodes).map(|i| (format!("10.0.{}.{}:8080", i / 256, i % 256), 1.0, ())),
+        )
+        .unwrap();
+        let mut i = 0usize;
+        c.bench_function(&format!("ring/get_{nodes}n_{vnodes}v"), |b| {
+            b.iter(|| {
+                i = (i + 1) % keys.len();
+                black_box(r.get(&keys[i]).unwrap())
+            })
+        });
+    }
+    let mut r: HashRing = HashRing::with_nodes(
+        160,
+        None,
+        (0..1000).map(|i| (format!("10.0.{}.{}:8080", i / 256, i % 256), 1.0, ())),
+    )
+    .unwrap();
+    c.bench_function("ring/add_remove_1000n_160v", |b| {
+        b.iter(|| {
+            r.add("new-node:8080", 1.0, ()).unwrap();
+            black_box(r.remove("new-node:8080"))
+        })
+    });
+}
+
+fn window(c: &mut Criterion) {
+    use _core::window::{self, SlidingWindow};
+    const S: u64 = 1_000_000_000;
+    let keys: Vec<Vec<u8>> = (0..10_000).map(|i| format!("user-{i:08}").into_bytes()).collect();
+    for exact in [false, true] {
+        let mode = if exact { "exact" } else { "counter" };
+        let mut w = SlidingWindow::new(1_000_000, 60 * S, exact).unwrap();
+        let (mut i, mut now) = (0usize, S);
+        c.bench_function(&format!("window/{mode}_hit_10k_keys"), |b| {
+            b.iter(|| {
+                i = (i + 7919) % keys.len();
+                now += 1_000;
+                black_box(w.hit(KeyKind::Str, &keys[i], 1, now).unwrap().allowed)
+            })
+        });
+        let mut w = SlidingWindow::new(100, S, exact).unwrap();
+        c.bench_function(&format!("window/{mode}_hit_hot_key_denying"), |b| {
+            b.iter(|| {
+                now += 1_000;
+                black_box(w.hit(KeyKind::Str, b"hot", 1, now).unwrap().allowed)
+            })
+        });
+    }
+    let mut g = SlidingWindow::new(1 << 40, S, false).unwrap();
+    let mut r = SlidingWindow::new(1 << 40, S, false).unwrap();
+    let mut u = SlidingWindow::new(1 << 40, S, false).unwrap();
+    let (mut i, mut now) = (0usize, S);
+    c.bench_function("window/hit_all_3_levels_10k_keys", |b| {
+        b.iter(|| {
+            i = (i + 7919) % keys.len();
+            now += 1_000;
+            let checks: [(usize, KeyKind, &[u8]); 3] =
+                [(0, KeyKind::Str, b"*"), (1, KeyKind::Str, b"/v1/chat"), (2, KeyKind::Str, &keys[i])];
+            black_box(window::hit_all(&mut [Some(&mut g), Some(&mut r), Some(&mut u)], &checks, 1, now).unwrap().allowed)
+        })
+    });
+}
+
+criterion_group!(benches, cache, ring, window);
 criterion_main!(benches);

@@ -4,18 +4,16 @@
 //! `hashbrown::HashTable<u32>` maps a key's hash to its slot. Key and value share one heap
 //! allocation (`[tag, key..., value...]`), so an entry costs one `malloc` and ~40 bytes of slot.
 //!
-//! Expiry: an entry with a deadline also sits in a min-heap of `(deadline, slot)`. Expired entries are
-//! never returned (`get` checks the deadline) and are reclaimed from the top of the heap, a bounded
-//! number per write ([`EXPIRE_PER_WRITE`]) plus however many a write needs to fit — no full scan ever.
-//! The heap is lazy: an update pushes a new item and leaves the old one, which is recognised as stale
-//! (its deadline differs from the slot's) when it surfaces; the heap is compacted when stale items
-//! outnumber live ones, so its size stays O(entries).
+//! Expiry: an entry with a deadline also sits in an indexed min-heap of `(deadline, slot)` (each slot
+//! knows its heap position, so eviction, deletion and TTL updates remove or move its item in
+//! O(log n) and the heap never holds stale items). Expired entries are never returned (`get` checks
+//! the deadline) and are reclaimed from the top of the heap, a bounded number per write
+//! ([`EXPIRE_PER_WRITE`]) plus however many a write needs to fit — no full scan ever. (A lazy heap
+//! that left stale items and compacted them spent over half of a set-with-eviction in compaction.)
 //!
 //! Byte accounting: each entry is charged `key length + value length + ENTRY_OVERHEAD`, and
 //! `bytes() <= max_bytes()` holds after every operation.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 use std::hash::BuildHasher;
 
 use hashbrown::HashTable;
@@ -24,6 +22,7 @@ use crate::error::{invalid, Result};
 
 /// Bytes charged per entry on top of its key and value: the slot (40), the key+value allocation's
 /// malloc header and rounding (~16), the hash-table bucket (~8) and the expiry-heap item (16).
+/// Measured at 1M entries: 76.5 bytes (`bench/bench_cache.py::test_memory_overhead`).
 /// `bench/bench_cache.py::test_memory_overhead` measures the real figure at 1M entries.
 pub const ENTRY_OVERHEAD: u64 = 80;
 
@@ -52,6 +51,8 @@ struct Slot {
     next: u32,
     /// Monotonic nanoseconds after which the entry is gone; `NO_DEADLINE` for none.
     deadline: u64,
+    /// Index of this entry's item in the expiry heap; `NIL` when it has no deadline.
+    heap_pos: u32,
 }
 
 impl Slot {
@@ -107,7 +108,8 @@ pub struct LruCache {
     head: u32,
     /// Least recently used: the next eviction.
     tail: u32,
-    expiry: BinaryHeap<Reverse<(u64, u32)>>,
+    /// Min-heap of `(deadline, slot)`, indexed by `Slot::heap_pos`.
+    expiry: Vec<(u64, u32)>,
     hasher: foldhash::fast::RandomState,
     max_bytes: u64,
     max_entries: usize,
@@ -134,7 +136,7 @@ impl LruCache {
             free_head: NIL,
             head: NIL,
             tail: NIL,
-            expiry: BinaryHeap::new(),
+            expiry: Vec::new(),
             hasher: foldhash::fast::RandomState::default(),
             max_bytes,
             max_entries,
@@ -258,12 +260,9 @@ impl LruCache {
             slot.deadline = deadline;
             self.stats.bytes += charge;
             self.touch(i);
-            if deadline != NO_DEADLINE {
-                self.expiry.push(Reverse((deadline, i)));
-            }
+            self.heap_update(i);
             // Make room without evicting the entry just written.
             self.make_room(0, 0, now, Some(i));
-            self.compact_expiry_if_stale();
             return Ok(());
         }
         self.make_room(charge, 1, now, None);
@@ -273,6 +272,7 @@ impl LruCache {
             prev: NIL,
             next: NIL,
             deadline,
+            heap_pos: NIL,
         });
         let slots = &self.slots;
         let hasher = &self.hasher;
@@ -280,10 +280,7 @@ impl LruCache {
         self.link_front(i);
         self.stats.bytes += charge;
         self.stats.entries += 1;
-        if deadline != NO_DEADLINE {
-            self.expiry.push(Reverse((deadline, i)));
-        }
-        self.compact_expiry_if_stale();
+        self.heap_update(i);
         Ok(())
     }
 
@@ -371,35 +368,95 @@ impl LruCache {
         }
     }
 
-    /// Pop the heap until one expired live entry is reclaimed (stale items are discarded on the way).
+    /// Reclaim the entry at the top of the heap if its deadline has passed.
     fn expire_one(&mut self, now: u64) -> bool {
-        while let Some(&Reverse((deadline, i))) = self.expiry.peek() {
-            if deadline > now {
-                return false;
+        match self.expiry.first() {
+            Some(&(deadline, i)) if deadline <= now => {
+                let hash = rehash(&self.hasher, self.slots[i as usize].key());
+                self.remove_slot(hash, i);
+                self.stats.expirations += 1;
+                true
             }
-            self.expiry.pop();
-            let slot = &self.slots[i as usize];
-            // Stale if the slot is free or its deadline moved since this item was pushed. `keep` (the
-            // entry being written) always has a deadline after `now`, so it is never reclaimed here.
-            if slot.data.is_empty() || slot.deadline != deadline {
-                continue;
-            }
-            let hash = rehash(&self.hasher, slot.key());
-            self.remove_slot(hash, i);
-            self.stats.expirations += 1;
-            return true;
+            _ => false,
         }
-        false
     }
 
-    fn compact_expiry_if_stale(&mut self) {
-        if self.expiry.len() > 2 * self.len() + 64 {
-            let slots = &self.slots;
-            self.expiry.retain(|&Reverse((d, i))| {
-                let s = &slots[i as usize];
-                !s.data.is_empty() && s.deadline == d
-            });
+    /// Put slot `i`'s heap item in line with its deadline: insert, move or remove it.
+    fn heap_update(&mut self, i: u32) {
+        let (deadline, pos) = {
+            let s = &self.slots[i as usize];
+            (s.deadline, s.heap_pos)
+        };
+        match (deadline != NO_DEADLINE, pos != NIL) {
+            (true, false) => {
+                self.expiry.push((deadline, i));
+                let at = self.expiry.len() - 1;
+                self.slots[i as usize].heap_pos = at as u32;
+                self.sift_up(at);
+            }
+            (true, true) => {
+                self.expiry[pos as usize].0 = deadline;
+                let at = self.sift_up(pos as usize);
+                self.sift_down(at);
+            }
+            (false, true) => self.heap_remove(i),
+            (false, false) => {}
         }
+    }
+
+    fn heap_remove(&mut self, i: u32) {
+        let pos = self.slots[i as usize].heap_pos as usize;
+        self.slots[i as usize].heap_pos = NIL;
+        let last = self.expiry.len() - 1;
+        if pos != last {
+            self.expiry.swap(pos, last);
+            self.expiry.pop();
+            self.slots[self.expiry[pos].1 as usize].heap_pos = pos as u32;
+            let at = self.sift_up(pos);
+            self.sift_down(at);
+        } else {
+            self.expiry.pop();
+        }
+    }
+
+    /// Move the item at `at` towards the root while it is earlier than its parent; returns where it
+    /// ended.
+    fn sift_up(&mut self, mut at: usize) -> usize {
+        while at > 0 {
+            let parent = (at - 1) / 2;
+            if self.expiry[parent].0 <= self.expiry[at].0 {
+                break;
+            }
+            self.heap_swap(at, parent);
+            at = parent;
+        }
+        at
+    }
+
+    fn sift_down(&mut self, mut at: usize) {
+        let n = self.expiry.len();
+        loop {
+            let (l, r) = (2 * at + 1, 2 * at + 2);
+            let mut min = at;
+            if l < n && self.expiry[l].0 < self.expiry[min].0 {
+                min = l;
+            }
+            if r < n && self.expiry[r].0 < self.expiry[min].0 {
+                min = r;
+            }
+            if min == at {
+                return;
+            }
+            self.heap_swap(at, min);
+            at = min;
+        }
+    }
+
+    #[inline]
+    fn heap_swap(&mut self, a: usize, b: usize) {
+        self.expiry.swap(a, b);
+        self.slots[self.expiry[a].1 as usize].heap_pos = a as u32;
+        self.slots[self.expiry[b].1 as usize].heap_pos = b as u32;
     }
 
     fn remove_slot(&mut self, hash: u64, i: u32) {
@@ -407,6 +464,9 @@ impl LruCache {
             entry.remove();
         }
         self.unlink(i);
+        if self.slots[i as usize].heap_pos != NIL {
+            self.heap_remove(i);
+        }
         let slot = &mut self.slots[i as usize];
         self.stats.bytes -= slot.charge();
         self.stats.entries -= 1;
@@ -594,13 +654,41 @@ mod tests {
         assert_eq!(c.stats().expirations, 2);
     }
 
-    #[test]
-    fn heap_stays_bounded_under_rewrites() {
-        let mut c = LruCache::new(1 << 20, None, Some(S)).unwrap();
-        for n in 0..100_000u64 {
-            c.set(KeyKind::Str, b"k", b"v", Ttl::Default, n).unwrap();
+    /// The heap holds exactly one item per entry with a deadline, each knowing its position, and
+    /// satisfies the heap order.
+    fn check_heap(c: &LruCache) {
+        let with_deadline = c.slots.iter().filter(|s| !s.data.is_empty() && s.deadline != NO_DEADLINE).count();
+        assert_eq!(c.expiry.len(), with_deadline);
+        for (pos, &(d, i)) in c.expiry.iter().enumerate() {
+            assert_eq!(c.slots[i as usize].heap_pos as usize, pos);
+            assert_eq!(c.slots[i as usize].deadline, d);
+            if pos > 0 {
+                assert!(c.expiry[(pos - 1) / 2].0 <= d);
+            }
         }
-        assert!(c.expiry.len() <= 2 * c.len() + 64);
+    }
+
+    #[test]
+    fn heap_stays_exact_under_rewrites_evictions_and_deletes() {
+        let mut c = LruCache::new(LruCache::charge_for(3, 1) * 50, None, Some(S)).unwrap();
+        for n in 0..20_000u64 {
+            let key = format!("{:03}", (n * 7919) % 120);
+            let ttl = match n % 4 {
+                0 => Ttl::Never,
+                1 => Ttl::Nanos(S * (n % 13 + 1)),
+                _ => Ttl::Default,
+            };
+            c.set(KeyKind::Str, key.as_bytes(), b"v", ttl, n * 1000).unwrap();
+            if n % 5 == 0 {
+                c.delete(KeyKind::Str, format!("{:03}", n % 120).as_bytes(), n * 1000);
+            }
+            if n % 1000 == 0 {
+                check_heap(&c);
+            }
+        }
+        check_heap(&c);
+        c.purge_expired(u64::MAX, usize::MAX);
+        check_heap(&c);
     }
 
     #[test]

@@ -5,24 +5,29 @@
 //! millions of domains" (<https://blog.cloudflare.com/counting-things-a-lot-of-different-things/>).
 //! Time is cut into fixed windows of length `W` aligned on multiples of `W`; a key keeps the count of
 //! the current window `C` and of the previous one `P`. At offset `e` into the current window the
-//! number of hits in the last `W` is estimated as `P·(W−e)/W + C` — the previous window's hits are
-//! assumed evenly spread — and a hit of cost `c` is allowed iff `estimate + c ≤ L` (`L` = limit).
-//! Everything is integer arithmetic on count × nanoseconds (`u128`), so the Python model in
+//! number of hits in the last `W` is estimated as `⌊P·(W−e)/W⌋ + C` — the previous window's hits are
+//! assumed evenly spread, and the share of them still inside the last `W` is rounded down to whole
+//! hits — and a hit of cost `c` is allowed iff `estimate + c ≤ L` (`L` = limit). Rounding down is
+//! what lets a key under sustained overload get exactly `L` per window: with the unrounded estimate
+//! the last unit never fits before the window ends (`L − 1` per window, and `limit=1` would pass one
+//! hit every other window). Everything is integer arithmetic (`u128`), so the Python model in
 //! `tests/model_window.py` reproduces every decision, `remaining` and `retry_after` exactly.
 //!
 //! Error bound of counter mode:
-//! - *Uniform traffic*: if the previous window's hits were evenly spread, `P·(W−e)/W` is exactly how
-//!   many of them are still inside the last `W`, so the estimate is the true sliding count.
+//! - *Uniform traffic*: if the previous window's hits were evenly spread, `P·(W−e)/W` is how many of
+//!   them are still inside the last `W`, up to where the grid of hits falls: the estimate is
+//!   within one hit of the true sliding count.
 //! - *Over-admission*: an interval of length `W` overlaps at most two fixed windows `k−1` and `k`.
-//!   It holds at most `P ≤ L` hits of window `k−1` (a window's own count never exceeds `L`), and the
-//!   hits admitted in window `k` up to offset `e` satisfy `C + P·(W−e)/W ≤ L`. So the interval holds
-//!   at most `P + C ≤ L + P·e/W ≤ L + L·(W−1 ns)/W < 2L` hits: **at most `2L − 1` in any interval of
-//!   length `W`**, and never more than `L` in one fixed window (so at most `L` per `W` on average
-//!   over long spans). The bound is tight: `L` hits in the last nanosecond of a window followed by
-//!   `L − 1` hits in the last nanoseconds of the next one are all admitted (a test builds this).
-//! - *Under-admission*: symmetrically, a burst at the start of the previous window keeps weighing on
-//!   the estimate after it has slid out, so the counter can deny while fewer than `L` hits are in
-//!   the last `W`; it never denies while `P + C + c ≤ L`.
+//!   It holds at most `P ≤ L` hits of window `k−1` (a window's own count never exceeds `L`: `C + c ≤
+//!   L` for every charge), and the hits admitted in window `k` up to offset `e` satisfy
+//!   `C ≤ L − ⌊P·(W−e)/W⌋`. So it holds at most `P + C ≤ L + ⌈P·e/W⌉ ≤ 2L` hits: **at most `2L` in
+//!   any interval of length `W`** (at most `L + ⌈P·e/W⌉` in `(t − W, t]` at offset `e`), and never
+//!   more than `L` in one fixed window, so at most `L` per `W` over long spans. The `2L` needs `L`
+//!   hits in the last nanoseconds of one window and `L` more in the last nanoseconds of the next
+//!   (a test builds it).
+//! - *Under-admission*: a burst at the start of the previous window keeps weighing on the estimate
+//!   after it has slid out, so the counter can deny while fewer than `L` hits are in the last `W`; it
+//!   never denies while `P + C + c ≤ L`.
 //!
 //! **Exact mode** keeps a log of `(timestamp, cost)` per key (hits at the same nanosecond merge into
 //! one entry) and allows a hit iff the costs logged in `(now − W, now]` plus its cost are `≤ L`, which
@@ -46,6 +51,7 @@
 
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
+use std::ops::DerefMut;
 
 use hashbrown::HashTable;
 
@@ -80,16 +86,27 @@ pub struct AllDecision {
     pub remaining: u64,
 }
 
-/// Per-key state of one mode. All methods take `now` already clamped to the limiter's clock.
+/// A limiter's `now`, already clamped to its clock, with its fixed window worked out once per
+/// window rather than divided out on every hit.
+#[derive(Clone, Copy, Debug)]
+struct Now {
+    ns: u64,
+    /// `ns / W`
+    idx: u64,
+    /// `ns % W`
+    e: u64,
+}
+
+/// Per-key state of one mode.
 trait KeyState {
     fn empty() -> Self;
     /// Forget what has aged out by `now`; never changes what [`KeyState::decide`] answers.
-    fn advance(&mut self, now: u64, window: u64);
+    fn advance(&mut self, now: Now, window: u64);
     /// Whether a hit of `cost` at `now` fits (after [`KeyState::advance`] to `now`).
-    fn decide(&self, cost: u64, limit: u64, now: u64, window: u64) -> Decision;
-    fn charge(&mut self, cost: u64, now: u64);
-    /// Whether a key last charged at `last` can no longer influence a decision at `now`.
-    fn idle(last: u64, now: u64, window: u64) -> bool;
+    fn decide(&self, cost: u64, limit: u64, now: Now, window: u64) -> Decision;
+    fn charge(&mut self, cost: u64, now: Now);
+    /// For a key charged at `now`: the time from which it can no longer influence a decision.
+    fn idle_from(now: Now, window: u64) -> u64;
 }
 
 /// Counter mode: counts of the current and the previous fixed window.
@@ -110,8 +127,8 @@ impl KeyState for Counter {
     }
 
     #[inline]
-    fn advance(&mut self, now: u64, window: u64) {
-        let idx = now / window;
+    fn advance(&mut self, now: Now, _window: u64) {
+        let idx = now.idx;
         if idx > self.idx {
             self.prev = if idx == self.idx + 1 { self.cur } else { 0 };
             self.cur = 0;
@@ -120,25 +137,27 @@ impl KeyState for Counter {
     }
 
     #[inline]
-    fn decide(&self, cost: u64, limit: u64, now: u64, window: u64) -> Decision {
+    fn decide(&self, cost: u64, limit: u64, now: Now, window: u64) -> Decision {
+        let e64 = now.e;
+        // ⌊P·(W−e)/W⌋, in u64 when P·W fits (the usual case: divisions by u128 are slow).
+        let weighted = match self.prev.checked_mul(window - e64) {
+            Some(0) => 0,
+            Some(x) => x / window,
+            None => (self.prev as u128 * (window - e64) as u128 / window as u128) as u64,
+        };
         let w = window as u128;
-        let e = (now % window) as u128;
+        let e = e64 as u128;
         let (prev, cur) = (self.prev as u128, self.cur as u128);
-        let cap = limit as u128 * w;
-        // The estimate scaled by W: prev·(W−e) + cur·W. It stays <= cap (= L·W) after every charge
-        // and only falls with time, so these sums stay far below u128::MAX; saturating anyway.
-        let used = prev
-            .saturating_mul(w - e)
-            .saturating_add(cur.saturating_mul(w));
-        let need = used.saturating_add((cost as u128).saturating_mul(w));
-        if cost <= limit && need <= cap {
+        let (cost, limit) = (cost as u128, limit as u128);
+        let used = weighted as u128 + cur;
+        if used + cost <= limit {
             return Decision {
                 allowed: true,
-                remaining: to_u64((cap - need) / w),
+                remaining: to_u64(limit - used - cost),
                 retry_after: Some(0),
             };
         }
-        let remaining = to_u64(cap.saturating_sub(used) / w);
+        let remaining = to_u64(limit.saturating_sub(used));
         if cost > limit {
             return Decision {
                 allowed: false,
@@ -146,19 +165,19 @@ impl KeyState for Counter {
                 retry_after: None,
             };
         }
-        let cost = cost as u128;
-        let limit = limit as u128;
-        // Smallest offset at which prev·(W−e') <= slack·W, i.e. e' = W − ⌊slack·W / prev⌋.
+        // First offset e' at which ⌊p·(W−e')/W⌋ <= s, i.e. p·(W−e') < (s+1)·W:
+        // e' = W + 1 − ⌈(s+1)·W / p⌉ (clamped at 0).
+        let first_fit = |p: u128, s: u128| -> u128 {
+            let q = (s + 1).saturating_mul(w).div_ceil(p);
+            (w + 1).saturating_sub(q)
+        };
         let wait = if cur + cost <= limit {
-            // Still this window (or exactly its end, where prev' = cur and cur + cost fits).
-            // prev > 0 here, else the hit would have fitted.
-            let slack = limit - cur - cost;
-            let at = w - (slack * w / prev).min(w);
-            at.saturating_sub(e)
+            // Later in this window (at worst at its end, where P' = C and C + cost fits).
+            // P > 0 here, else the hit would have fitted.
+            first_fit(prev, limit - cur - cost).saturating_sub(e)
         } else {
-            // Only the next window can take it: there prev' = cur (> 0 since cur > limit − cost).
-            let at = w - ((limit - cost) * w / cur).min(w);
-            (w - e) + at
+            // Only the next window can take it; there P' = C, which is > 0 since C > L − cost.
+            (w - e) + first_fit(cur, limit - cost)
         };
         Decision {
             allowed: false,
@@ -168,13 +187,14 @@ impl KeyState for Counter {
     }
 
     #[inline]
-    fn charge(&mut self, cost: u64, _now: u64) {
+    fn charge(&mut self, cost: u64, _now: Now) {
         self.cur = self.cur.saturating_add(cost);
     }
 
     #[inline]
-    fn idle(last: u64, now: u64, window: u64) -> bool {
-        now / window >= (last / window).saturating_add(2)
+    fn idle_from(now: Now, window: u64) -> u64 {
+        // the start of the second fixed window after this one
+        now.idx.saturating_add(2).saturating_mul(window)
     }
 }
 
@@ -193,7 +213,8 @@ impl KeyState for Log {
     }
 
     #[inline]
-    fn advance(&mut self, now: u64, window: u64) {
+    fn advance(&mut self, now: Now, window: u64) {
+        let now = now.ns;
         // An entry at `t` counts for nows in [t, t + W).
         while let Some(&(t, c)) = self.entries.front() {
             if t.saturating_add(window) > now {
@@ -205,7 +226,8 @@ impl KeyState for Log {
     }
 
     #[inline]
-    fn decide(&self, cost: u64, limit: u64, now: u64, window: u64) -> Decision {
+    fn decide(&self, cost: u64, limit: u64, now: Now, window: u64) -> Decision {
+        let now = now.ns;
         let remaining = limit.saturating_sub(self.sum);
         if cost <= remaining {
             return Decision {
@@ -240,7 +262,8 @@ impl KeyState for Log {
     }
 
     #[inline]
-    fn charge(&mut self, cost: u64, now: u64) {
+    fn charge(&mut self, cost: u64, now: Now) {
+        let now = now.ns;
         match self.entries.back_mut() {
             Some((t, c)) if *t == now => *c += cost,
             _ => self.entries.push_back((now, cost)),
@@ -249,8 +272,8 @@ impl KeyState for Log {
     }
 
     #[inline]
-    fn idle(last: u64, now: u64, window: u64) -> bool {
-        last.saturating_add(window) <= now
+    fn idle_from(now: Now, window: u64) -> u64 {
+        now.ns.saturating_add(window)
     }
 }
 
@@ -266,8 +289,9 @@ struct Slot<S> {
     prev: u32,
     /// Towards the least recently charged key; for a free slot, the next free slot.
     next: u32,
-    /// `now` of the last charge.
-    last: u64,
+    /// From this time on the key is idle ([`KeyState::idle_from`] of its last charge); kept so the
+    /// per-hit sweep compares instead of dividing.
+    idle_from: u64,
     state: S,
 }
 
@@ -276,6 +300,13 @@ impl<S> Slot<S> {
     fn matches(&self, kind: KeyKind, key: &[u8]) -> bool {
         self.key.len() == key.len() + 1 && self.key[0] == kind as u8 && &self.key[1..] == key
     }
+}
+
+/// Where a key is in a [`Table`]: its hash and slot (`NIL` if absent).
+#[derive(Clone, Copy)]
+struct Probe {
+    hash: u64,
+    slot: u32,
 }
 
 /// Keys → state, in a slab linked most-recently-charged first.
@@ -330,34 +361,70 @@ impl<S: KeyState> Table<S> {
         key: &[u8],
         cost: u64,
         charge: bool,
-        now: u64,
+        now: Now,
     ) -> Result<Decision> {
-        let (limit, window) = (self.limit, self.window);
         if charge {
-            self.sweep(now, SWEEP_PER_HIT);
+            self.sweep(now.ns, SWEEP_PER_HIT);
         }
-        let hash = self.hash(kind, key);
-        let found = self.find(hash, kind, key);
-        let decision = match found {
-            Some(i) => {
-                let st = &mut self.slots[i as usize].state;
-                st.advance(now, window);
-                st.decide(cost, limit, now, window)
-            }
-            None => S::empty().decide(cost, limit, now, window),
-        };
-        if charge && decision.allowed && cost > 0 {
-            let i = match found {
-                Some(i) => i,
-                None => self.insert(hash, kind, key)?,
-            };
-            let slot = &mut self.slots[i as usize];
-            slot.state.advance(now, window); // a new key's state starts at time 0
-            slot.state.charge(cost, now);
-            slot.last = now;
-            self.move_to_front(i);
+        let probe = self.probe(kind, key);
+        let decision = self.decide(probe, cost, now);
+        if charge && decision.allowed {
+            self.charge(probe, kind, key, cost, now)?;
         }
         Ok(decision)
+    }
+
+    #[inline]
+    fn probe(&self, kind: KeyKind, key: &[u8]) -> Probe {
+        let hash = self.hash(kind, key);
+        Probe {
+            hash,
+            slot: self.find(hash, kind, key).unwrap_or(NIL),
+        }
+    }
+
+    /// Whether `cost` fits for the probed key at `now`.
+    #[inline]
+    fn decide(&mut self, probe: Probe, cost: u64, now: Now) -> Decision {
+        let (limit, window) = (self.limit, self.window);
+        if probe.slot == NIL {
+            return S::empty().decide(cost, limit, now, window);
+        }
+        let st = &mut self.slots[probe.slot as usize].state;
+        st.advance(now, window);
+        st.decide(cost, limit, now, window)
+    }
+
+    /// Charge `cost` (already decided to fit) to the probed key. Only inserts may happen between a
+    /// probe and its charge (never a removal), so a found slot is still the key's; an absent key
+    /// is looked up again, as an earlier charge in the same `hit_all` may have created it.
+    #[inline]
+    fn charge(
+        &mut self,
+        probe: Probe,
+        kind: KeyKind,
+        key: &[u8],
+        cost: u64,
+        now: Now,
+    ) -> Result<()> {
+        if cost == 0 {
+            return Ok(());
+        }
+        let window = self.window;
+        let i = if probe.slot != NIL {
+            probe.slot
+        } else {
+            match self.find(probe.hash, kind, key) {
+                Some(i) => i,
+                None => self.insert(probe.hash, kind, key)?,
+            }
+        };
+        let slot = &mut self.slots[i as usize];
+        slot.state.advance(now, window); // a new key's state starts at time 0
+        slot.state.charge(cost, now);
+        slot.idle_from = S::idle_from(now, window);
+        self.move_to_front(i);
+        Ok(())
     }
 
     fn insert(&mut self, hash: u64, kind: KeyKind, key: &[u8]) -> Result<u32> {
@@ -371,7 +438,7 @@ impl<S: KeyState> Table<S> {
             key: tagged.into_boxed_slice(),
             prev: NIL,
             next: NIL,
-            last: 0,
+            idle_from: 0,
             state: S::empty(),
         };
         let i = if self.free != NIL {
@@ -397,7 +464,7 @@ impl<S: KeyState> Table<S> {
         let hash = self.hash(kind, key);
         match self.find(hash, kind, key) {
             Some(i) => {
-                let live = !S::idle(self.slots[i as usize].last, now, self.window);
+                let live = self.slots[i as usize].idle_from > now;
                 self.remove(hash, i);
                 live
             }
@@ -408,12 +475,8 @@ impl<S: KeyState> Table<S> {
     /// Drop up to `budget` idle keys from the tail; returns how many.
     #[inline]
     fn sweep(&mut self, now: u64, budget: usize) -> usize {
-        let window = self.window;
         let mut n = 0;
-        while n < budget
-            && self.tail != NIL
-            && S::idle(self.slots[self.tail as usize].last, now, window)
-        {
+        while n < budget && self.tail != NIL && self.slots[self.tail as usize].idle_from <= now {
             let i = self.tail;
             let hash = rehash(&self.hasher, &self.slots[i as usize].key);
             self.remove(hash, i);
@@ -497,6 +560,9 @@ pub struct SlidingWindow {
     window: u64,
     /// Latest `now` seen; earlier ones are treated as this.
     clock: u64,
+    /// The fixed window `clock` is in: `[start, start + W)`, index `idx`.
+    win_start: u64,
+    win_idx: u64,
     keys: Keys,
 }
 
@@ -518,6 +584,8 @@ impl SlidingWindow {
             limit,
             window,
             clock: 0,
+            win_start: 0,
+            win_idx: 0,
             keys,
         })
     }
@@ -536,9 +604,19 @@ impl SlidingWindow {
     }
 
     #[inline]
-    fn observe(&mut self, now: u64) -> u64 {
-        self.clock = self.clock.max(now);
-        self.clock
+    fn observe(&mut self, now: u64) -> Now {
+        if now > self.clock {
+            self.clock = now;
+            if now - self.win_start >= self.window {
+                self.win_idx = now / self.window;
+                self.win_start = self.win_idx * self.window;
+            }
+        }
+        Now {
+            ns: self.clock,
+            idx: self.win_idx,
+            e: self.clock - self.win_start,
+        }
     }
 
     /// Charge `cost` to `key` if that keeps it within the limit; a denied hit charges nothing.
@@ -570,6 +648,45 @@ impl SlidingWindow {
         }
     }
 
+    #[inline]
+    fn probe(&self, kind: KeyKind, key: &[u8]) -> Probe {
+        match &self.keys {
+            Keys::Counter(t) => t.probe(kind, key),
+            Keys::Exact(t) => t.probe(kind, key),
+        }
+    }
+
+    #[inline]
+    fn decide(&mut self, probe: Probe, cost: u64, now: Now) -> Decision {
+        match &mut self.keys {
+            Keys::Counter(t) => t.decide(probe, cost, now),
+            Keys::Exact(t) => t.decide(probe, cost, now),
+        }
+    }
+
+    #[inline]
+    fn charge(
+        &mut self,
+        probe: Probe,
+        kind: KeyKind,
+        key: &[u8],
+        cost: u64,
+        now: Now,
+    ) -> Result<()> {
+        match &mut self.keys {
+            Keys::Counter(t) => t.charge(probe, kind, key, cost, now),
+            Keys::Exact(t) => t.charge(probe, kind, key, cost, now),
+        }
+    }
+
+    #[inline]
+    fn sweep(&mut self, now: u64, budget: usize) {
+        match &mut self.keys {
+            Keys::Counter(t) => t.sweep(now, budget),
+            Keys::Exact(t) => t.sweep(now, budget),
+        };
+    }
+
     /// Forget `key`; `true` if it was live (not idle) as of the latest `now` seen.
     pub fn reset(&mut self, kind: KeyKind, key: &[u8]) -> bool {
         let now = self.clock;
@@ -582,17 +699,8 @@ impl SlidingWindow {
     /// Number of keys that can still influence a decision: drops every idle key (as of the latest
     /// `now` seen) first.
     pub fn len(&mut self) -> usize {
-        let now = self.clock;
-        match &mut self.keys {
-            Keys::Counter(t) => {
-                t.sweep(now, usize::MAX);
-                t.len
-            }
-            Keys::Exact(t) => {
-                t.sweep(now, usize::MAX);
-                t.len
-            }
-        }
+        self.sweep(self.clock, usize::MAX);
+        self.tracked()
     }
 
     pub fn is_empty(&mut self) -> bool {
@@ -609,11 +717,11 @@ impl SlidingWindow {
 }
 
 /// Check several `(limiter, key)` pairs at once and charge `cost` to every one of them only if all
-/// allow it. `limiters` are distinct; each check is `(index into limiters, kind, key)`. A pair that
-/// appears several times is charged that many times, so its later occurrences are checked with the
-/// cost of all its occurrences so far.
-pub fn hit_all(
-    limiters: &mut [&mut SlidingWindow],
+/// allow it. `limiters` are distinct (e.g. lock guards; `None` entries are refused); each check is
+/// `(index into limiters, kind, key)`. A pair that appears several times is charged that many times, so its later occurrences
+/// are checked with the cost of all its occurrences so far.
+pub fn hit_all<G: DerefMut<Target = SlidingWindow>>(
+    limiters: &mut [Option<G>],
     checks: &[(usize, KeyKind, &[u8])],
     cost: u64,
     now: u64,
@@ -621,9 +729,18 @@ pub fn hit_all(
     if checks.is_empty() {
         return Err(invalid("checks must not be empty"));
     }
-    if checks.iter().any(|&(l, _, _)| l >= limiters.len()) {
-        return Err(invalid("check refers to a missing limiter"));
+    for &(l, _, _) in checks {
+        at(limiters, l)?;
     }
+    // Sweep first: from here to the end only inserts happen, so the probes below stay valid.
+    for l in limiters.iter_mut().flatten() {
+        let t = l.observe(now);
+        l.sweep(t.ns, SWEEP_PER_HIT);
+    }
+    // Probes of the first few checks are kept for the charging pass (no allocation); later ones,
+    // rare, are looked up again.
+    const KEPT: usize = 8;
+    let mut probes = [Probe { hash: 0, slot: NIL }; KEPT];
     let mut allowed = true;
     let mut first_denied = None;
     let mut retry_after = Some(0u64);
@@ -633,7 +750,13 @@ pub fn hit_all(
             .iter()
             .filter(|&&(l2, k2, key2)| l2 == l && k2 == kind && key2 == key)
             .count() as u64;
-        let d = limiters[l].peek(kind, key, cost.saturating_mul(occurrences), now);
+        let lim = at(limiters, l)?;
+        let t = lim.observe(now);
+        let probe = lim.probe(kind, key);
+        if i < KEPT {
+            probes[i] = probe;
+        }
+        let d = lim.decide(probe, cost.saturating_mul(occurrences), t);
         remaining = remaining.min(d.remaining);
         if !d.allowed {
             allowed = false;
@@ -644,17 +767,29 @@ pub fn hit_all(
             };
         }
     }
+    let probe_of = |lim: &SlidingWindow, i: usize, kind: KeyKind, key: &[u8]| {
+        if i < KEPT {
+            probes[i]
+        } else {
+            lim.probe(kind, key)
+        }
+    };
     if allowed {
-        for &(l, kind, key) in checks {
-            limiters[l].hit(kind, key, cost, now)?;
+        for (i, &(l, kind, key)) in checks.iter().enumerate() {
+            let lim = at(limiters, l)?;
+            let t = lim.observe(now);
+            let probe = probe_of(lim, i, kind, key);
+            lim.charge(probe, kind, key, cost, t)?;
         }
     } else {
         // Nothing was charged: report what every pair has left as it stands.
-        remaining = checks
-            .iter()
-            .map(|&(l, kind, key)| limiters[l].peek(kind, key, 0, now).remaining)
-            .min()
-            .unwrap_or(0);
+        remaining = u64::MAX;
+        for (i, &(l, kind, key)) in checks.iter().enumerate() {
+            let lim = at(limiters, l)?;
+            let t = lim.observe(now);
+            let probe = probe_of(lim, i, kind, key);
+            remaining = remaining.min(lim.decide(probe, 0, t).remaining);
+        }
     }
     Ok(AllDecision {
         allowed,
@@ -662,6 +797,17 @@ pub fn hit_all(
         retry_after,
         remaining,
     })
+}
+
+#[inline]
+fn at<G: DerefMut<Target = SlidingWindow>>(
+    limiters: &mut [Option<G>],
+    l: usize,
+) -> Result<&mut SlidingWindow> {
+    limiters
+        .get_mut(l)
+        .and_then(|g| g.as_deref_mut())
+        .ok_or_else(|| invalid("check refers to a missing limiter"))
 }
 
 #[cfg(test)]
@@ -696,10 +842,10 @@ mod tests {
         let d = w.hit(K, b"a", 1, 0).unwrap();
         assert!(!d.allowed);
         assert_eq!(d.remaining, 0);
-        // cur = 3 fills the window: next window at S, where prev = 3 weighs 3·(S−e)/S; one more
-        // fits once that is <= 2, i.e. e >= S/3.
+        // cur = 3 fills the window: in the next one prev = 3 weighs ⌊3·(S−e)/S⌋, which is 2 from
+        // e = 1 ns on.
         let wait = d.retry_after.unwrap();
-        assert_eq!(wait, S + (S - 2 * S / 3));
+        assert_eq!(wait, S + 1);
         assert!(!w.hit(K, b"a", 1, wait - 1).unwrap().allowed);
         assert!(w.hit(K, b"a", 1, wait).unwrap().allowed);
         // other keys are independent; str and bytes keys are distinct
@@ -717,15 +863,16 @@ mod tests {
         assert!(w.hit(K, b"k", 5, 150).unwrap().allowed);
         let d = w.hit(K, b"k", 1, 150).unwrap();
         assert!(!d.allowed);
-        // needs 10·(100−e) <= (10−5−1)·100 → e >= 60
-        assert_eq!(d.retry_after, Some(10));
+        // needs ⌊10·(100−e)/100⌋ <= 10−5−1, i.e. e >= 51
+        assert_eq!(d.retry_after, Some(1));
+        assert!(w.hit(K, b"k", 1, 151).unwrap().allowed);
         // two windows later everything is gone
         assert_eq!(w.peek(K, b"k", 10, 300).remaining, 0);
         assert!(w.peek(K, b"k", 10, 300).allowed);
     }
 
     #[test]
-    fn counter_worst_case_is_two_limits_minus_one() {
+    fn counter_worst_case_is_two_limits() {
         let (l, win) = (10, S);
         let mut w = counter(l, win);
         let mut admitted = 0;
@@ -735,8 +882,8 @@ mod tests {
         for _ in 0..l {
             admitted += w.hit(K, b"k", 1, 2 * win - 2).unwrap().allowed as u64;
         }
-        // all of these lie in (win − 2, 2·win − 2]: an interval of length `win`
-        assert_eq!(admitted, 2 * l - 1);
+        // all of these lie in [win − 1, 2·win − 2]: within one window length
+        assert_eq!(admitted, 2 * l);
     }
 
     #[test]
@@ -865,7 +1012,7 @@ mod tests {
         let mut r = counter(2, S);
         let mut u = exact(5, S);
         let checks: [(usize, KeyKind, &[u8]); 3] = [(0, K, b"*"), (1, K, b"/x"), (2, K, b"alice")];
-        let mut ls = [&mut g, &mut r, &mut u];
+        let mut ls = [Some(&mut g), Some(&mut r), Some(&mut u)];
         let d = hit_all(&mut ls, &checks, 1, 0).unwrap();
         assert_eq!(
             d,
@@ -894,16 +1041,17 @@ mod tests {
     fn hit_all_counts_a_repeated_pair_once_per_occurrence() {
         let mut a = exact(3, S);
         let checks: [(usize, KeyKind, &[u8]); 2] = [(0, K, b"k"), (0, K, b"k")];
-        let d = hit_all(&mut [&mut a], &checks, 1, 0).unwrap();
+        let d = hit_all(&mut [Some(&mut a)], &checks, 1, 0).unwrap();
         assert_eq!((d.allowed, d.remaining), (true, 1));
-        let d = hit_all(&mut [&mut a], &checks, 1, 0).unwrap();
+        let d = hit_all(&mut [Some(&mut a)], &checks, 1, 0).unwrap();
         assert_eq!(
             (d.allowed, d.first_denied, d.remaining),
             (false, Some(1), 1)
         );
         assert_eq!(a.peek(K, b"k", 0, 0).remaining, 1);
-        assert!(hit_all(&mut [&mut a], &[], 1, 0).is_err());
-        assert!(hit_all(&mut [&mut a], &[(1, K, b"k")], 1, 0).is_err());
+        assert!(hit_all(&mut [Some(&mut a)], &[], 1, 0).is_err());
+        assert!(hit_all(&mut [Some(&mut a)], &[(1, K, b"k")], 1, 0).is_err());
+        assert!(hit_all::<&mut SlidingWindow>(&mut [None], &[(0, K, b"k")], 1, 0).is_err());
     }
 
     #[test]

@@ -260,7 +260,7 @@ impl LruCache {
 
     /// Bytes charged for all entries: keys + values + ``ENTRY_OVERHEAD`` each.
     #[getter]
-    fn bytes(&self, py: Python<'_>) -> PyResult<u64> {
+    fn nbytes(&self, py: Python<'_>) -> PyResult<u64> {
         self.inner.with(py, |c| c.bytes())
     }
 

@@ -6,7 +6,7 @@ use pyo3::prelude::*;
 use crate::error::Error;
 
 pyo3::create_exception!(
-    _core,
+    pyproxy._core,
     PyproxyError,
     PyException,
     "Base class of every exception pyproxy raises of its own."

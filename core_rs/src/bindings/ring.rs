@@ -59,11 +59,15 @@ fn unknown(node: &Bound<'_, PyAny>) -> PyErr {
 /// `n` for `get_n`: an int >= 0; larger than any ring is "all nodes".
 fn count_arg(name: &str, value: &Bound<'_, PyAny>) -> PyResult<usize> {
     match value.extract::<i64>() {
-        Ok(v) if v < 0 => Err(PyValueError::new_err(format!("{name} must be >= 0, got {v}"))),
+        Ok(v) if v < 0 => Err(PyValueError::new_err(format!(
+            "{name} must be >= 0, got {v}"
+        ))),
         Ok(v) => Ok(usize::try_from(v).unwrap_or(usize::MAX)),
         Err(e) => match value.cast::<PyInt>() {
             // An int beyond i64: its sign decides.
-            Ok(i) if i.lt(0)? => Err(PyValueError::new_err(format!("{name} must be >= 0, got {i}"))),
+            Ok(i) if i.lt(0)? => Err(PyValueError::new_err(format!(
+                "{name} must be >= 0, got {i}"
+            ))),
             Ok(_) => Ok(usize::MAX),
             Err(_) => Err(e),
         },
@@ -101,9 +105,13 @@ fn node_items<'py>(nodes: &Bound<'py, PyAny>) -> PyResult<Vec<(Bound<'py, PyStri
         }
         return Ok(out);
     }
-    let iter = nodes
-        .try_iter()
-        .map_err(|_| wrong_type("nodes", "an iterable of names, of (name, weight) pairs, or a mapping", nodes))?;
+    let iter = nodes.try_iter().map_err(|_| {
+        wrong_type(
+            "nodes",
+            "an iterable of names, of (name, weight) pairs, or a mapping",
+            nodes,
+        )
+    })?;
     for item in iter {
         let item = item?;
         if item.is_instance_of::<PyString>() {
@@ -112,7 +120,11 @@ fn node_items<'py>(nodes: &Bound<'py, PyAny>) -> PyResult<Vec<(Bound<'py, PyStri
             let (k, v): (Bound<'py, PyAny>, f64) = t.extract()?;
             out.push((node_name(&k)?, v));
         } else {
-            return Err(wrong_type("each node", "a str name or a (name, weight) tuple", &item));
+            return Err(wrong_type(
+                "each node",
+                "a str name or a (name, weight) tuple",
+                &item,
+            ));
         }
     }
     Ok(out)
@@ -149,7 +161,9 @@ impl HashRing {
         }
         // On error the names are dropped detached; PyO3's reference pool defers those decrefs.
         let ring = py.detach(|| Ring::with_nodes(vnodes, balance_factor, owned))?;
-        Ok(HashRing { inner: RwLock::new(ring) })
+        Ok(HashRing {
+            inner: RwLock::new(ring),
+        })
     }
 
     /// Add ``node`` with ``weight`` (a float > 0; ``round(weight * vnodes)`` points, at least 1).
@@ -206,7 +220,11 @@ impl HashRing {
     /// Pick a node for ``key`` and count one unit of in-flight load on it. With a
     /// ``balance_factor``, nodes at capacity are skipped clockwise; without, this is ``get`` plus
     /// counting. Pair every call with ``release(node)``. ``LookupError`` if empty.
-    fn acquire<'py>(&self, py: Python<'py>, key: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyString>> {
+    fn acquire<'py>(
+        &self,
+        py: Python<'py>,
+        key: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyString>> {
         let (_, k) = key_parts(key)?;
         let mut ring = self.inner.write();
         let slot = ring.acquire(k)?;
@@ -295,7 +313,8 @@ impl HashRing {
             ring.len(),
             ring.point_count(),
             ring.vnodes(),
-            ring.balance_factor().map_or("None".to_string(), |f| f.to_string())
+            ring.balance_factor()
+                .map_or("None".to_string(), |f| f.to_string())
         )
     }
 }

@@ -19,12 +19,13 @@ use crate::window::{self, Decision, KeyKind};
 /// key.
 ///
 /// ``exact=False`` (default): the O(1) sliding-window counter (HAProxy ``http_req_rate``,
-/// Cloudflare): fixed windows aligned on multiples of ``window``, the previous window's count
-/// weighted by how much of it still overlaps the last ``window`` seconds. Exact when traffic is
-/// uniform; in the worst case it admits at most ``2*limit - 1`` in some interval of length
-/// ``window`` (``limit`` hits at the very end of one fixed window, ``limit - 1`` at the very end of
-/// the next), never more than ``limit`` in one fixed window; it can also deny early after a burst
-/// at the start of the previous window.
+/// Cloudflare): fixed windows aligned on multiples of ``window``; the previous window's count,
+/// weighted by how much of it still overlaps the last ``window`` seconds and rounded down to whole
+/// hits, plus the current window's count must leave room for ``cost``. Within one hit of exact for
+/// uniform traffic; never more than ``limit`` in one fixed window; in the worst case ``2*limit`` in
+/// an interval of length ``window`` (``limit`` hits at the very end of one fixed window and
+/// ``limit`` at the very end of the next); it can also deny early after a burst at the start of the
+/// previous window, but never while the two fixed windows together have room.
 ///
 /// ``exact=True``: a per-key log of ``(time, cost)``; never more than ``limit`` in any interval
 /// ``[t, t + window)``; memory up to one entry per distinct hit time per key.
@@ -165,44 +166,111 @@ impl SlidingWindow {
 /// listed twice is charged twice. ``checks`` must not be empty (``ValueError``).
 #[pyfunction]
 #[pyo3(signature = (checks, cost=1, now=None))]
-fn hit_all(
-    checks: &Bound<'_, PyAny>,
+fn hit_all<'py>(
+    checks: &Bound<'py, PyAny>,
     cost: i64,
     now: Option<f64>,
 ) -> PyResult<(bool, i64, f64, u64)> {
     let cost = cost_arg(cost)?;
     let now = now_ns(now)?;
     // Collect the pairs first: iterating an arbitrary sequence may run Python code, which must not
-    // happen while limiters are locked.
-    let items: Vec<Bound<'_, PyAny>> = match checks.cast::<PyList>() {
-        Ok(list) => list.iter().collect(),
-        Err(_) => match checks.cast::<PyTuple>() {
-            Ok(tuple) => tuple.iter().collect(),
-            Err(_) => checks.try_iter()?.collect::<PyResult<_>>()?,
-        },
+    // happen while limiters are locked. Up to INLINE checks (the usual global/route/user) live on
+    // the stack: four small heap buffers per call would cost as much as the checks themselves.
+    let mut inline: [Option<Pair<'py>>; INLINE] = [const { None }; INLINE];
+    let mut heap: Vec<Option<Pair<'py>>> = Vec::new();
+    let mut n = 0;
+    let mut push = |p: Pair<'py>| {
+        if n < INLINE {
+            inline[n] = Some(p);
+        } else {
+            if n == INLINE {
+                heap.extend(inline.iter_mut().map(Option::take));
+            }
+            heap.push(Some(p));
+        }
+        n += 1;
     };
-    let mut pairs: Vec<(Bound<'_, SlidingWindow>, Bound<'_, PyAny>)> =
-        Vec::with_capacity(items.len());
-    for item in &items {
-        pairs.push(pair(item)?);
+    if let Ok(list) = checks.cast::<PyList>() {
+        for item in list.iter() {
+            push(pair(&item)?);
+        }
+    } else if let Ok(tuple) = checks.cast::<PyTuple>() {
+        for item in tuple.iter() {
+            push(pair(&item)?);
+        }
+    } else {
+        for item in checks.try_iter()? {
+            push(pair(&item?)?);
+        }
     }
-    let mut keys: Vec<(usize, KeyKind, &[u8])> = Vec::with_capacity(pairs.len());
-    // Distinct limiters in address order; each check refers to one by index.
-    let mut order: Vec<&Bound<'_, SlidingWindow>> = pairs.iter().map(|(l, _)| l).collect();
-    order.sort_unstable_by_key(|l| l.as_ptr() as usize);
-    order.dedup_by_key(|l| l.as_ptr() as usize);
-    for (limiter, key) in &pairs {
+    let pairs: &[Option<Pair<'py>>] = if n <= INLINE { &inline[..n] } else { &heap };
+    run_checks(pairs, cost, now)
+}
+
+const INLINE: usize = 4;
+
+type Pair<'py> = (Bound<'py, SlidingWindow>, Bound<'py, PyAny>);
+
+/// Scratch space of `n` items: the first `INLINE` on the stack, a `Vec` beyond.
+fn scratch<'a, T: Clone>(
+    inline: &'a mut [T; INLINE],
+    heap: &'a mut Vec<T>,
+    n: usize,
+    fill: T,
+) -> &'a mut [T] {
+    if n <= INLINE {
+        &mut inline[..n]
+    } else {
+        heap.resize(n, fill);
+        heap
+    }
+}
+
+fn run_checks(pairs: &[Option<Pair<'_>>], cost: u64, now: u64) -> PyResult<(bool, i64, f64, u64)> {
+    let n = pairs.len();
+    let limiter = |i: usize| pairs[i].as_ref().map(|(l, _)| l);
+    // Distinct limiters in address order (the lock order); each check refers to one by index.
+    let (mut order_inline, mut order_heap) = ([None; INLINE], Vec::new());
+    let order = scratch(&mut order_inline, &mut order_heap, n, None);
+    for (i, slot) in order.iter_mut().enumerate() {
+        *slot = limiter(i);
+    }
+    order.sort_unstable_by_key(|l| l.map(|l| l.as_ptr() as usize));
+    let mut distinct = 0;
+    for i in 0..n {
+        if i == 0 || order[i].map(|l| l.as_ptr()) != order[distinct - 1].map(|l| l.as_ptr()) {
+            order[distinct] = order[i];
+            distinct += 1;
+        }
+    }
+    let order = &order[..distinct];
+    let (mut keys_inline, mut keys_heap) = ([(0, KeyKind::Str, &[][..]); INLINE], Vec::new());
+    let keys = scratch(
+        &mut keys_inline,
+        &mut keys_heap,
+        n,
+        (0, KeyKind::Str, &[][..]),
+    );
+    for (slot, p) in keys.iter_mut().zip(pairs) {
+        let Some((l, key)) = p else { continue };
         let (kind, k) = key_parts(key)?;
-        let index = order
-            .binary_search_by_key(&(limiter.as_ptr() as usize), |l| l.as_ptr() as usize)
-            .map_err(|_| PyTypeError::new_err("limiter vanished"))?;
-        keys.push((index, kind, k));
+        let ptr = l.as_ptr();
+        let index = order.partition_point(|o| o.map_or(true, |o| o.as_ptr() < ptr));
+        *slot = (index, kind, k);
     }
-    let mut guards: Vec<MutexGuard<'_, window::SlidingWindow>> =
-        order.iter().map(|l| l.get().inner.lock()).collect();
-    let mut limiters: Vec<&mut window::SlidingWindow> =
-        guards.iter_mut().map(|g| &mut **g).collect();
-    let d = window::hit_all(&mut limiters, &keys, cost, now)?;
+    let mut guards_inline: [Option<MutexGuard<'_, window::SlidingWindow>>; INLINE] =
+        [const { None }; INLINE];
+    let mut guards_heap = Vec::new();
+    let guards: &mut [Option<MutexGuard<'_, window::SlidingWindow>>] = if distinct <= INLINE {
+        &mut guards_inline[..distinct]
+    } else {
+        guards_heap.resize_with(distinct, || None);
+        &mut guards_heap
+    };
+    for (g, l) in guards.iter_mut().zip(order) {
+        *g = l.map(|l| l.get().inner.lock());
+    }
+    let d = window::hit_all(guards, keys, cost, now)?;
     Ok((
         d.allowed,
         d.first_denied.map_or(-1, |i| i as i64),

@@ -1,0 +1,146 @@
+"""SlidingWindow.hit vs the ``limits`` package's in-memory limiters and a plain-Python deque log.
+
+Run: ``python -m pytest bench/bench_window.py -s -q``.
+Targets (the SlidingWindow issue): ``SlidingWindow.hit`` >= 30x faster than limits'
+``SlidingWindowCounterRateLimiter`` on ``MemoryStorage``; ``hit_all`` over three levels (global,
+route, user) <= 2x the cost of one ``hit``. Every case reads the real clock, as the anchors do.
+Key sets: 10k distinct users (many keys, mostly allowed) and one hot key (mostly denied).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+
+import pytest
+from limits import RateLimitItemPerMinute, RateLimitItemPerSecond
+from limits.storage import MemoryStorage
+from limits.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
+
+from pyproxy.core import SlidingWindow, hit_all
+from ratio import compare, report
+
+N_KEYS = 10_000
+CHUNK = 1_000  # hits per timed call
+
+
+def _keys() -> list[str]:
+    return [f"user-{i:06d}" for i in range(N_KEYS)]
+
+
+class DequeLog:
+    """The textbook exact limiter in plain Python: a deque of timestamps per key."""
+
+    def __init__(self, limit: int, window: float) -> None:
+        self.limit = limit
+        self.window = window
+        self.logs: dict[str, deque[float]] = {}
+
+    def hit(self, key: str) -> bool:
+        now = time.monotonic()
+        log = self.logs.get(key)
+        if log is None:
+            log = self.logs[key] = deque()
+        while log and log[0] <= now - self.window:
+            log.popleft()
+        if len(log) >= self.limit:
+            return False
+        log.append(now)
+        return True
+
+
+def _contestants(limit: int, per_second: bool) -> dict[str, Callable[[str], object]]:
+    """``name -> hit(key)`` for each limiter, all ``limit`` per minute (or per second)."""
+    window = 1.0 if per_second else 60.0
+    item = RateLimitItemPerSecond(limit) if per_second else RateLimitItemPerMinute(limit)
+    counter = SlidingWindow(limit, window)
+    exact = SlidingWindow(limit, window, exact=True)
+    swc = SlidingWindowCounterRateLimiter(MemoryStorage())
+    moving = MovingWindowRateLimiter(MemoryStorage())
+    log = DequeLog(limit, window)
+    return {
+        "pyproxy.SlidingWindow": counter.hit,
+        "pyproxy.SlidingWindow(exact)": exact.hit,
+        "limits.SlidingWindowCounter": lambda k: swc.hit(item, k),
+        "limits.MovingWindow": lambda k: moving.hit(item, k),
+        "deque log (Python)": log.hit,
+    }
+
+
+def _loop(hit: Callable[[str], object], keys: list[str]) -> Callable[[], object]:
+    pos = [0]
+
+    def run() -> None:
+        start = pos[0]
+        pos[0] = (start + CHUNK) % len(keys)
+        for k in keys[start : start + CHUNK]:
+            hit(k)
+
+    return run
+
+
+def _check(ratios: dict[str, float]) -> None:
+    assert ratios["limits.SlidingWindowCounter"] <= 1 / 30, ratios
+
+
+def test_hit_many_keys(benchmark) -> None:  # type: ignore[no-untyped-def]
+    # 10k users, 1000/minute each: every hit is allowed
+    keys = _keys()
+    hits = _contestants(1000, per_second=False)
+    cmp = compare(
+        "hit, 10k keys, allowed", {n: _loop(h, keys) for n, h in hits.items()}, ops=CHUNK
+    )
+    ratios = report(cmp, "pyproxy.SlidingWindow", benchmark)
+    benchmark(_loop(hits["pyproxy.SlidingWindow"], keys))
+    _check(ratios)
+
+
+def test_hit_hot_key(benchmark) -> None:  # type: ignore[no-untyped-def]
+    # one client far over 100/second: almost every hit is denied
+    keys = ["hot-client"] * CHUNK
+    hits = _contestants(100, per_second=True)
+    cmp = compare(
+        "hit, one hot key, mostly denied", {n: _loop(h, keys) for n, h in hits.items()}, ops=CHUNK
+    )
+    ratios = report(cmp, "pyproxy.SlidingWindow", benchmark)
+    benchmark(_loop(hits["pyproxy.SlidingWindow"], keys))
+    _check(ratios)
+
+
+def test_hit_all_three_levels(benchmark) -> None:  # type: ignore[no-untyped-def]
+    # global + route + user for 10k users vs one user-level hit; the checks lists are built once
+    # per user, as a proxy would keep them beside the route.
+    keys = _keys()
+    glob = SlidingWindow(10**12, 1.0)
+    route = SlidingWindow(10**12, 1.0)
+    user = SlidingWindow(10**9, 60.0)
+    single = SlidingWindow(10**9, 60.0)
+    checks = [[(glob, "*"), (route, "/v1/chat"), (user, k)] for k in keys]
+    pos = [0]
+
+    def three() -> None:
+        start = pos[0]
+        pos[0] = (start + CHUNK) % len(checks)
+        for c in checks[start : start + CHUNK]:
+            hit_all(c)
+
+    cmp = compare(
+        "hit_all 3 levels vs one hit, 10k users",
+        {"hit_all(3 levels)": three, "one hit": _loop(single.hit, keys)},
+        ops=CHUNK,
+    )
+    ratios = report(cmp, "hit_all(3 levels)", benchmark)
+    benchmark(three)
+    assert hit_all(checks[0])[0]
+    assert ratios["one hit"] <= 2.0, ratios
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_allowed_counts_agree_with_limits(exact: bool) -> None:
+    # Correctness beside speed: a burst of 250 on a fresh key with limit 100/minute passes 100 in
+    # every contestant.
+    hits = _contestants(100, per_second=False)
+    ours = "pyproxy.SlidingWindow(exact)" if exact else "pyproxy.SlidingWindow"
+    for name in (ours, "limits.SlidingWindowCounter", "limits.MovingWindow", "deque log (Python)"):
+        assert sum(bool(r[0] if isinstance(r, tuple) else r) for r in map(hits[name], ["k"] * 250)) == 100, name

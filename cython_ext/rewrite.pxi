@@ -1,0 +1,438 @@
+# Serialization and the forwarding rewrites. Two passes over the header list: the first
+# validates, classifies and collects the Connection options (which may name a header that came
+# earlier); the second writes what is kept, then the generated headers, into one buffer.
+
+cdef enum:  # what the writing pass does with a received line
+    A_DROP = 0
+    A_KEEP = 1         # kept; Connection cannot remove it
+    A_KEEP_NAMED = 2   # kept unless a Connection option names it
+    A_HOST = 3         # kept in place, value replaced when the caller gives one
+    A_XFF = 4          # elements folded into our X-Forwarded-For
+    A_VIA = 5          # value folded into our Via
+
+cdef enum:
+    FRAMING_CHUNKED = -1
+    FRAMING_NONE = -2
+
+
+cdef long long _framing(object content_length, bint chunked) except -3:
+    if content_length is None:
+        return FRAMING_CHUNKED if chunked else FRAMING_NONE
+    if not isinstance(content_length, int) or isinstance(content_length, bool):
+        raise TypeError(
+            f"content_length must be int or None, not {type(content_length).__name__}")
+    if chunked:
+        raise ValueError("content_length and chunked are mutually exclusive")
+    if content_length < 0 or content_length > 0x7FFFFFFFFFFFFFFF:
+        raise ValueError(f"content_length out of range: {content_length}")
+    return <long long>content_length
+
+
+cdef int _check_rid_header(object request_id_header) except -1:
+    cdef Py_ssize_t bad
+    if not PyBytes_Check(request_id_header):
+        raise TypeError(
+            f"request_id_header must be bytes, not {type(request_id_header).__name__}")
+    bad = _first_bad(_ptr(request_id_header), PyBytes_GET_SIZE(request_id_header), _TCHAR)
+    if bad >= 0 or PyBytes_GET_SIZE(request_id_header) == 0:
+        raise _ref()._bad_name(request_id_header, bad if bad >= 0 else 0)
+    return 0
+
+
+cdef list _as_pairs(object headers):
+    """The headers as a list of exact 2-tuples (the input itself in the usual case)."""
+    cdef list hl = headers if type(headers) is list else list(headers)
+    cdef Py_ssize_t i
+    for i in range(PyList_GET_SIZE(hl)):
+        item = <object>PyList_GET_ITEM(hl, i)
+        if type(item) is not tuple or PyTuple_GET_SIZE(item) != 2:
+            return [_pair(x) for x in hl]
+    return hl
+
+
+cdef struct _Scan:
+    Py_ssize_t host      # index of the Host line, -1 if none
+    Py_ssize_t rid       # index of the client's request-id line (request, not replaced), -1
+    bint tunnel          # an Upgrade line is kept
+
+
+cdef int _scan(list hl, unsigned char* act, _Spans* tokens, _Scan* st, bint is_request,
+               bint manage_via, bint rid_given, object rid_header, bint upgrade,
+               bint drop_server) except -1:
+    """Pass 1: validate every line in order, decide its fate, collect Connection options."""
+    cdef Py_ssize_t i, nn, nv, s, e, pos
+    cdef Py_ssize_t rn = PyBytes_GET_SIZE(rid_header)
+    cdef const unsigned char* np
+    cdef const unsigned char* vp
+    cdef int cls
+    cdef unsigned char a
+    st.host = -1
+    st.rid = -1
+    st.tunnel = False
+    for i in range(PyList_GET_SIZE(hl)):
+        item = <object>PyList_GET_ITEM(hl, i)
+        name = <object>PyTuple_GET_ITEM(item, 0)
+        value = <object>PyTuple_GET_ITEM(item, 1)
+        _check_field(name, value)
+        np = _ptr(name)
+        nn = PyBytes_GET_SIZE(name)
+        vp = _ptr(value)
+        nv = PyBytes_GET_SIZE(value)
+        if nn == rn and _ieq(np, _ptr(rid_header), nn):
+            cls = H_RID
+        else:
+            cls = _classify(np, nn)
+        if cls == H_OTHER:
+            a = A_KEEP_NAMED
+        elif cls == H_HOP:
+            a = A_DROP
+        elif cls == H_CONNECTION:
+            a = A_DROP
+            pos = 0
+            while pos <= nv:
+                pos = _next_element(vp, nv, pos, &s, &e)
+                if e > s:
+                    _spans_push(tokens, vp + s, e - s)
+        elif cls == H_UPGRADE:
+            if upgrade:
+                st.tunnel = True
+                a = A_KEEP
+            else:
+                a = A_DROP
+        elif cls == H_VIA:
+            a = A_VIA if manage_via else A_KEEP
+        elif cls == H_SERVER:
+            a = A_DROP if drop_server and not is_request else A_KEEP_NAMED
+        elif not is_request:
+            if cls == H_RID:
+                a = A_DROP if rid_given else A_KEEP
+            else:  # Host, Forwarded, X-Forwarded-*: not ours to manage in a response
+                a = A_KEEP
+        elif cls == H_HOST:
+            if st.host >= 0:
+                raise _ref()._multiple_host()
+            st.host = i
+            a = A_HOST
+        elif cls == H_XFF:
+            a = A_XFF
+        elif cls == H_XFWD:
+            a = A_DROP
+        elif cls == H_RID:
+            a = A_DROP
+            if not rid_given and st.rid < 0:
+                s = 0
+                e = nv
+                while s < e and (vp[s] == 0x20 or vp[s] == 0x09):
+                    s += 1
+                while e > s and (vp[e - 1] == 0x20 or vp[e - 1] == 0x09):
+                    e -= 1
+                if e > s:
+                    st.rid = i
+        else:  # Forwarded
+            a = A_KEEP
+        act[i] = a
+    return 0
+
+
+cdef inline bint _named(const unsigned char* p, Py_ssize_t n, _Spans* tokens) noexcept:
+    cdef Py_ssize_t k
+    for k in range(tokens.size):
+        if tokens.items[k].n == n and _ieq(p, tokens.items[k].p, n):
+            return True
+    return False
+
+
+cdef list _check_extra(object extra):
+    cdef list pairs = []
+    cdef tuple pair
+    for item in extra:
+        pair = _pair(item)
+        _check_field(<object>PyTuple_GET_ITEM(pair, 0), <object>PyTuple_GET_ITEM(pair, 1))
+        pairs.append(pair)
+    return pairs
+
+
+cdef int _write_kept(_Buf* out, list hl, unsigned char* act, _Spans* tokens,
+                     object host) except -1:
+    """Pass 2, the received lines that stay, in order."""
+    cdef Py_ssize_t i
+    cdef unsigned char a
+    for i in range(PyList_GET_SIZE(hl)):
+        a = act[i]
+        if a == A_DROP or a == A_XFF or a == A_VIA:
+            continue
+        item = <object>PyList_GET_ITEM(hl, i)
+        name = <object>PyTuple_GET_ITEM(item, 0)
+        if a == A_KEEP_NAMED and tokens.size and _named(_ptr(name), PyBytes_GET_SIZE(name), tokens):
+            continue
+        if a == A_HOST and host is not None:
+            _put_header(out, name, host)
+        else:
+            _put_header(out, name, <object>PyTuple_GET_ITEM(item, 1))
+    return 0
+
+
+cdef int _write_via(_Buf* out, list hl, unsigned char* act, object via) except -1:
+    """``Via:`` the received values (OWS-stripped, empty ones skipped), then ours."""
+    cdef Py_ssize_t i, s, e
+    cdef const unsigned char* vp
+    _put(out, b"Via: ", 5)
+    for i in range(PyList_GET_SIZE(hl)):
+        if act[i] != A_VIA:
+            continue
+        value = <object>PyTuple_GET_ITEM(<object>PyList_GET_ITEM(hl, i), 1)
+        vp = _ptr(value)
+        s = 0
+        e = PyBytes_GET_SIZE(value)
+        while s < e and (vp[s] == 0x20 or vp[s] == 0x09):
+            s += 1
+        while e > s and (vp[e - 1] == 0x20 or vp[e - 1] == 0x09):
+            e -= 1
+        if e > s:
+            _put(out, <const char*>vp + s, e - s)
+            _put(out, b", ", 2)
+    _put_bytes(out, via)
+    _put(out, b"\r\n", 2)
+    return 0
+
+
+cdef int _write_tail(_Buf* out, list extra, bint tunnel, long long framing) except -1:
+    cdef tuple pair
+    for pair in extra:
+        _put_header(out, <object>PyTuple_GET_ITEM(pair, 0), <object>PyTuple_GET_ITEM(pair, 1))
+    if tunnel:
+        _put(out, b"Connection: upgrade\r\n", 21)
+    if framing >= 0:
+        _put(out, b"Content-Length: ", 16)
+        _put_uint(out, <unsigned long long>framing)
+        _put(out, b"\r\n", 2)
+    elif framing == FRAMING_CHUNKED:
+        _put(out, b"Transfer-Encoding: chunked\r\n", 28)
+    _put(out, b"\r\n", 2)
+    return 0
+
+
+cdef int _write_status_line(_Buf* out, object status, object reason) except -1:
+    cdef int code = _check_status(status)
+    cdef Py_ssize_t bad
+    cdef char digits[3]
+    if reason is None or (PyBytes_Check(reason) and PyBytes_GET_SIZE(reason) == 0):
+        reason = <object>PyList_GET_ITEM(_REASONS, code)
+    elif not PyBytes_Check(reason):
+        raise TypeError(f"reason must be bytes or None, not {type(reason).__name__}")
+    else:
+        bad = _first_bad(_ptr(reason), PyBytes_GET_SIZE(reason), _VALUE_OK)
+        if bad >= 0:
+            raise _ref()._bad_reason(reason, bad)
+    digits[0] = <char>(c'0' + code // 100)
+    digits[1] = <char>(c'0' + code // 10 % 10)
+    digits[2] = <char>(c'0' + code % 10)
+    _put(out, b"HTTP/1.1 ", 9)
+    _put(out, digits, 3)
+    _put(out, b" ", 1)
+    _put_bytes(out, reason)
+    _put(out, b"\r\n", 2)
+    return 0
+
+
+cdef inline int _write_request_line(_Buf* out, object method, object target) except -1:
+    _put_bytes(out, method)
+    _put(out, b" ", 1)
+    _put_bytes(out, target)
+    _put(out, b" HTTP/1.1\r\n", 11)
+    return 0
+
+
+def serialize_request_head(method, target, headers):
+    """``METHOD SP target SP HTTP/1.1 CRLF``, the headers in order and case as given, ``CRLF``.
+
+    Everything is validated first (:class:`HeaderError` names the first problem).
+    """
+    cdef char stack[STACK_BYTES]
+    cdef _Buf out
+    cdef tuple pair
+    _check_method(method)
+    _check_target(target)
+    _buf_init(&out, stack, STACK_BYTES)
+    try:
+        _write_request_line(&out, method, target)
+        for item in headers:
+            pair = _pair(item)
+            name = <object>PyTuple_GET_ITEM(pair, 0)
+            value = <object>PyTuple_GET_ITEM(pair, 1)
+            _check_field(name, value)
+            _put_header(&out, name, value)
+        _put(&out, b"\r\n", 2)
+        return PyBytes_FromStringAndSize(out.data, out.size)
+    finally:
+        _buf_free(&out)
+
+
+def serialize_response_head(status, reason, headers):
+    """``HTTP/1.1 SP status SP reason CRLF``, the headers in order and case as given, ``CRLF``.
+
+    ``reason=None`` or ``b""`` uses :func:`reason_phrase`.
+    """
+    cdef char stack[STACK_BYTES]
+    cdef _Buf out
+    cdef tuple pair
+    _buf_init(&out, stack, STACK_BYTES)
+    try:
+        _write_status_line(&out, status, reason)
+        for item in headers:
+            pair = _pair(item)
+            name = <object>PyTuple_GET_ITEM(pair, 0)
+            value = <object>PyTuple_GET_ITEM(pair, 1)
+            _check_field(name, value)
+            _put_header(&out, name, value)
+        _put(&out, b"\r\n", 2)
+        return PyBytes_FromStringAndSize(out.data, out.size)
+    finally:
+        _buf_free(&out)
+
+
+def rewrite_request_head(method, target, headers, *, client, proto=b"http", host=None,
+                         via=b"1.1 pyproxy", request_id=None, request_id_header=b"X-Request-ID",
+                         upgrade=False, content_length=None, chunked=False, extra=()):
+    """Rewrite a received request head for the upstream; return ``(head, request_id)``.
+
+    ``client`` is the peer address appended to ``X-Forwarded-For``; ``proto`` goes to
+    ``X-Forwarded-Proto``; ``host`` replaces the Host value; ``via`` is the element appended to
+    ``Via`` (``None``: leave Via alone); ``request_id`` replaces the client's id (``None``: keep the
+    client's or generate one); ``upgrade=True`` keeps ``Upgrade`` for a tunnel; ``content_length``
+    / ``chunked`` choose the framing header; ``extra`` pairs are appended. See
+    ``pyproxy.headers`` for the rules.
+    """
+    cdef char stack[STACK_BYTES]
+    cdef unsigned char act_stack[128]
+    cdef _Span token_stack[16]
+    cdef _Buf out
+    cdef _Buf act
+    cdef _Spans tokens
+    cdef _Scan st
+    cdef long long framing = _framing(content_length, chunked)
+    cdef list hl, extra_pairs
+    cdef Py_ssize_t i, n, pos, s, e
+    cdef bint first
+    cdef const unsigned char* vp
+    _check_method(method)
+    _check_target(target)
+    _check_param(client, b"X-Forwarded-For", "client")
+    _check_param(proto, b"X-Forwarded-Proto", "proto")
+    if host is not None:
+        _check_param(host, b"Host", "host")
+    if via is not None:
+        _check_param(via, b"Via", "via")
+    _check_rid_header(request_id_header)
+    if request_id is not None:
+        _check_param(request_id, request_id_header, "request_id")
+    hl = _as_pairs(headers)
+    n = PyList_GET_SIZE(hl)
+    _buf_init(&out, stack, STACK_BYTES)
+    _buf_init(&act, <char*>act_stack, 128)
+    _spans_init(&tokens, token_stack, 16)
+    try:
+        if n > act.cap:
+            _buf_grow(&act, n)
+        _scan(hl, <unsigned char*>act.data, &tokens, &st, True, via is not None,
+              request_id is not None, request_id_header, upgrade, False)
+        extra_pairs = _check_extra(extra)
+        if st.host < 0 and host is None:
+            raise _ref()._missing_host()
+
+        _write_request_line(&out, method, target)
+        if st.host < 0:
+            _put_header(&out, b"Host", host)
+        _write_kept(&out, hl, <unsigned char*>act.data, &tokens, host)
+        # X-Forwarded-For: every received element, in order, then the client.
+        _put(&out, b"X-Forwarded-For: ", 17)
+        for i in range(n):
+            if <unsigned char>act.data[i] != A_XFF:
+                continue
+            value = <object>PyTuple_GET_ITEM(<object>PyList_GET_ITEM(hl, i), 1)
+            vp = _ptr(value)
+            pos = 0
+            while pos <= PyBytes_GET_SIZE(value):
+                pos = _next_element(vp, PyBytes_GET_SIZE(value), pos, &s, &e)
+                if e > s:
+                    _put(&out, <const char*>vp + s, e - s)
+                    _put(&out, b", ", 2)
+        _put_bytes(&out, client)
+        _put(&out, b"\r\n", 2)
+        _put_header(&out, b"X-Forwarded-Proto", proto)
+        if st.host >= 0:
+            _put_header(&out, b"X-Forwarded-Host",
+                        <object>PyTuple_GET_ITEM(<object>PyList_GET_ITEM(hl, st.host), 1))
+        if via is not None:
+            _write_via(&out, hl, <unsigned char*>act.data, via)
+        if request_id is not None:
+            rid = request_id
+        elif st.rid >= 0:
+            value = <object>PyTuple_GET_ITEM(<object>PyList_GET_ITEM(hl, st.rid), 1)
+            vp = _ptr(value)
+            s = 0
+            e = PyBytes_GET_SIZE(value)
+            while vp[s] == 0x20 or vp[s] == 0x09:  # _scan saw a non-OWS byte
+                s += 1
+            while vp[e - 1] == 0x20 or vp[e - 1] == 0x09:
+                e -= 1
+            rid = value if s == 0 and e == PyBytes_GET_SIZE(value) else \
+                PyBytes_FromStringAndSize(<const char*>vp + s, e - s)
+        else:
+            rid = _new_id()
+        _put_header(&out, request_id_header, rid)
+        _write_tail(&out, extra_pairs, st.tunnel, framing)
+        return PyBytes_FromStringAndSize(out.data, out.size), rid
+    finally:
+        _buf_free(&out)
+        _buf_free(&act)
+        _spans_free(&tokens)
+
+
+def rewrite_response_head(status, reason, headers, *, via=b"1.1 pyproxy", request_id=None,
+                          request_id_header=b"X-Request-ID", drop_server=False, upgrade=False,
+                          content_length=None, chunked=False, extra=()):
+    """Rewrite an upstream response head for the client; return the serialized head.
+
+    Hop-by-hop removal as for requests; ``via`` appended to ``Via``; the request-id header
+    replaced by ``request_id`` when given; ``Server`` removed when ``drop_server``; ``reason``
+    ``None``/``b""`` takes the standard phrase; ``content_length`` / ``chunked`` / ``extra`` as for
+    :func:`rewrite_request_head`.
+    """
+    cdef char stack[STACK_BYTES]
+    cdef unsigned char act_stack[128]
+    cdef _Span token_stack[16]
+    cdef _Buf out
+    cdef _Buf act
+    cdef _Spans tokens
+    cdef _Scan st
+    cdef long long framing = _framing(content_length, chunked)
+    cdef list hl, extra_pairs
+    _buf_init(&out, stack, STACK_BYTES)
+    _buf_init(&act, <char*>act_stack, 128)
+    _spans_init(&tokens, token_stack, 16)
+    try:
+        _write_status_line(&out, status, reason)
+        if via is not None:
+            _check_param(via, b"Via", "via")
+        _check_rid_header(request_id_header)
+        if request_id is not None:
+            _check_param(request_id, request_id_header, "request_id")
+        hl = _as_pairs(headers)
+        if PyList_GET_SIZE(hl) > act.cap:
+            _buf_grow(&act, PyList_GET_SIZE(hl))
+        _scan(hl, <unsigned char*>act.data, &tokens, &st, False, via is not None,
+              request_id is not None, request_id_header, upgrade, drop_server)
+        extra_pairs = _check_extra(extra)
+
+        _write_kept(&out, hl, <unsigned char*>act.data, &tokens, None)
+        if via is not None:
+            _write_via(&out, hl, <unsigned char*>act.data, via)
+        if request_id is not None:
+            _put_header(&out, request_id_header, request_id)
+        _write_tail(&out, extra_pairs, st.tunnel, framing)
+        return PyBytes_FromStringAndSize(out.data, out.size)
+    finally:
+        _buf_free(&out)
+        _buf_free(&act)
+        _spans_free(&tokens)
