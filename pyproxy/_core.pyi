@@ -1,6 +1,6 @@
 """Type stubs for ``pyproxy._core`` (the PyO3 extension). Checked by ``python -m mypy.stubtest``."""
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Final, final
 
 from typing_extensions import Buffer, Self
@@ -105,10 +105,11 @@ class HashRing:
 class SlidingWindow:
     """Rate-limit counters keyed by ``str | bytes``: at most ``limit`` units per ``window`` seconds.
 
-    ``exact=False``: O(1) sliding-window counter (at most ``2*limit`` in a ``window``-long interval
-    in the worst case, within one hit of exact for uniform traffic); ``exact=True``: per-key log, never more
-    than ``limit`` in any interval ``[t, t + window)``. ``hit``/``peek`` return
-    ``(allowed, remaining, retry_after_seconds)``; ``retry_after`` is ``math.inf`` if ``cost > limit``.
+    ``exact=False``: O(1) sliding-window counter (at most ``2*limit`` in a ``window``-long
+    interval in the worst case, within one hit of exact for uniform traffic); ``exact=True``:
+    per-key log, never more than ``limit`` in any interval ``[t, t + window)``. ``hit``/``peek``
+    return ``(allowed, remaining, retry_after_seconds)``; ``retry_after`` is ``math.inf`` if
+    ``cost > limit``.
     """
 
     def __new__(cls, limit: int, window: float, *, exact: bool = False) -> Self: ...
@@ -128,7 +129,7 @@ class SlidingWindow:
     def __len__(self) -> int: ...
 
 def hit_all(
-    checks: Sequence[tuple[SlidingWindow, str | bytes]],
+    checks: Iterable[tuple[SlidingWindow, str | bytes]],
     cost: int = 1,
     now: float | None = None,
 ) -> tuple[bool, int, float, int]:

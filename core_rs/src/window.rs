@@ -38,6 +38,10 @@
 //! other hit came: exact in both modes (counter mode solves the interpolation for `e`); `None` when
 //! `cost > L` (it can never pass).
 //!
+//! [`hit_all`] checks several `(limiter, key)` pairs (global, route, user...) and charges all of
+//! them or none: every pair is decided first, then charged; a pair listed twice is checked with
+//! its combined cost. The binding locks each distinct limiter once, in address order.
+//!
 //! Time: `now` is monotonic nanoseconds ([`crate::clock`]); each limiter keeps the latest `now` it
 //! has seen and treats an earlier one as that latest, so a clock going backwards changes nothing.
 //!
@@ -168,7 +172,12 @@ impl KeyState for Counter {
         // First offset e' at which ⌊p·(W−e')/W⌋ <= s, i.e. p·(W−e') < (s+1)·W:
         // e' = W + 1 − ⌈(s+1)·W / p⌉ (clamped at 0).
         let first_fit = |p: u128, s: u128| -> u128 {
-            let q = (s + 1).saturating_mul(w).div_ceil(p);
+            let num = (s + 1).saturating_mul(w);
+            // u64 division when it fits: a u128 one is a slow library call
+            let q = match (u64::try_from(num), u64::try_from(p)) {
+                (Ok(n), Ok(d)) => n.div_ceil(d) as u128,
+                _ => num.div_ceil(p),
+            };
             (w + 1).saturating_sub(q)
         };
         let wait = if cur + cost <= limit {
@@ -298,8 +307,36 @@ struct Slot<S> {
 impl<S> Slot<S> {
     #[inline]
     fn matches(&self, kind: KeyKind, key: &[u8]) -> bool {
-        self.key.len() == key.len() + 1 && self.key[0] == kind as u8 && &self.key[1..] == key
+        self.key.len() == key.len() + 1
+            && self.key[0] == kind as u8
+            && bytes_eq(&self.key[1..], key)
     }
+}
+
+/// Equal-length byte strings; short ones compared inline (8 bytes at a time) instead of through a
+/// `memcmp` call, which costs more than the comparison for typical rate-limit keys.
+#[inline]
+fn bytes_eq(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    if n > 32 {
+        return a == b;
+    }
+    if n < 8 {
+        return a.iter().zip(b).all(|(x, y)| x == y);
+    }
+    let word = |s: &[u8], i: usize| u64::from_ne_bytes(s[i..i + 8].try_into().unwrap_or([0; 8]));
+    let mut i = 0;
+    while i + 8 < n {
+        if word(a, i) != word(b, i) {
+            return false;
+        }
+        i += 8;
+    }
+    // The last 8 bytes, overlapping the previous word when n is not a multiple of 8.
+    word(a, n - 8) == word(b, n - 8)
 }
 
 /// Where a key is in a [`Table`]: its hash and slot (`NIL` if absent).
@@ -353,22 +390,13 @@ impl<S: KeyState> Table<S> {
             .copied()
     }
 
-    /// Decide for `key` at `now`; `charge` = charge it if allowed (a cost of 0 never creates a key).
+    /// Decide for `key` at `now` and charge it if allowed (a cost of 0 never creates a key).
     #[inline]
-    fn hit(
-        &mut self,
-        kind: KeyKind,
-        key: &[u8],
-        cost: u64,
-        charge: bool,
-        now: Now,
-    ) -> Result<Decision> {
-        if charge {
-            self.sweep(now.ns, SWEEP_PER_HIT);
-        }
+    fn hit(&mut self, kind: KeyKind, key: &[u8], cost: u64, now: Now) -> Result<Decision> {
+        self.sweep(now.ns, SWEEP_PER_HIT);
         let probe = self.probe(kind, key);
         let decision = self.decide(probe, cost, now);
-        if charge && decision.allowed {
+        if decision.allowed {
             self.charge(probe, kind, key, cost, now)?;
         }
         Ok(decision)
@@ -620,32 +648,22 @@ impl SlidingWindow {
     }
 
     /// Charge `cost` to `key` if that keeps it within the limit; a denied hit charges nothing.
+    /// Fails only if a new key would not fit in the table (2^32 − 1 keys).
     #[inline]
     pub fn hit(&mut self, kind: KeyKind, key: &[u8], cost: u64, now: u64) -> Result<Decision> {
-        self.run(kind, key, cost, now, true)
+        let now = self.observe(now);
+        match &mut self.keys {
+            Keys::Counter(t) => t.hit(kind, key, cost, now),
+            Keys::Exact(t) => t.hit(kind, key, cost, now),
+        }
     }
 
     /// What [`SlidingWindow::hit`] would answer, charging nothing.
     #[inline]
     pub fn peek(&mut self, kind: KeyKind, key: &[u8], cost: u64, now: u64) -> Decision {
-        self.run(kind, key, cost, now, false)
-            .expect("a peek never inserts, so it cannot fail")
-    }
-
-    #[inline]
-    fn run(
-        &mut self,
-        kind: KeyKind,
-        key: &[u8],
-        cost: u64,
-        now: u64,
-        charge: bool,
-    ) -> Result<Decision> {
         let now = self.observe(now);
-        match &mut self.keys {
-            Keys::Counter(t) => t.hit(kind, key, cost, charge, now),
-            Keys::Exact(t) => t.hit(kind, key, cost, charge, now),
-        }
+        let probe = self.probe(kind, key);
+        self.decide(probe, cost, now)
     }
 
     #[inline]
@@ -729,17 +747,9 @@ pub fn hit_all<G: DerefMut<Target = SlidingWindow>>(
     if checks.is_empty() {
         return Err(invalid("checks must not be empty"));
     }
-    for &(l, _, _) in checks {
-        at(limiters, l)?;
-    }
-    // Sweep first: from here to the end only inserts happen, so the probes below stay valid.
-    for l in limiters.iter_mut().flatten() {
-        let t = l.observe(now);
-        l.sweep(t.ns, SWEEP_PER_HIT);
-    }
     // Probes of the first few checks are kept for the charging pass (no allocation); later ones,
     // rare, are looked up again.
-    const KEPT: usize = 8;
+    const KEPT: usize = 4;
     let mut probes = [Probe { hash: 0, slot: NIL }; KEPT];
     let mut allowed = true;
     let mut first_denied = None;
@@ -750,8 +760,14 @@ pub fn hit_all<G: DerefMut<Target = SlidingWindow>>(
             .iter()
             .filter(|&&(l2, k2, key2)| l2 == l && k2 == kind && key2 == key)
             .count() as u64;
+        let first_use = !checks[..i].iter().any(|&(l2, _, _)| l2 == l);
         let lim = at(limiters, l)?;
         let t = lim.observe(now);
+        if first_use {
+            // Sweep before this limiter's first probe: from here on only inserts happen to it, so
+            // its probes stay valid until they are charged.
+            lim.sweep(t.ns, SWEEP_PER_HIT);
+        }
         let probe = lim.probe(kind, key);
         if i < KEPT {
             probes[i] = probe;
@@ -994,6 +1010,20 @@ mod tests {
         w.hit(K, b"b", 1, 250).unwrap(); // sweeps a (idle: no charge in windows 1 and 2)
         assert_eq!(w.tracked(), 1);
         assert_eq!(w.hit(K, b"a", 4, 250).unwrap().remaining, 0);
+    }
+
+    #[test]
+    fn short_key_comparison() {
+        for n in 0..48usize {
+            let a: Vec<u8> = (0..n as u8).collect();
+            assert!(bytes_eq(&a, &a.clone()));
+            for i in 0..n {
+                let mut b = a.clone();
+                b[i] ^= 1;
+                assert!(!bytes_eq(&a, &b), "n={n} i={i}");
+            }
+            assert!(!bytes_eq(&a, &[0; 49][..n + 1]));
+        }
     }
 
     #[test]

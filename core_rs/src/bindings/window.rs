@@ -37,6 +37,10 @@ use crate::window::{self, Decision, KeyKind};
 /// ``time.monotonic()``'s scale (default: that clock); a ``now`` earlier than one already seen counts
 /// as the latest seen. Keys idle for long enough that they no longer matter (counter: two windows;
 /// exact: one) are dropped a few per hit and all at once by ``len()``. Thread-safe.
+///
+/// Bad input: a non-``str``/``bytes`` key or a non-number → ``TypeError``; ``limit < 1``,
+/// ``window`` not finite or below 1 ns, ``cost < 0``, ``now`` negative or not finite →
+/// ``ValueError``; integers beyond 64 bits → ``OverflowError``.
 #[pyclass(module = "pyproxy._core", name = "SlidingWindow", frozen)]
 pub struct SlidingWindow {
     inner: Mutex<window::SlidingWindow>,
@@ -163,7 +167,8 @@ impl SlidingWindow {
 /// the first denying pair (``-1`` when allowed), ``retry_after`` the longest wait over the denying
 /// pairs (``0.0`` when allowed, ``math.inf`` if one can never pass), ``remaining`` the smallest
 /// ``remaining`` over all pairs (after charging when allowed, as they stand when denied). A pair
-/// listed twice is charged twice. ``checks`` must not be empty (``ValueError``).
+/// listed twice is charged twice. ``checks`` is any iterable of ``(SlidingWindow, key)`` tuples
+/// (a list or tuple is fastest) and must not be empty (``ValueError``).
 #[pyfunction]
 #[pyo3(signature = (checks, cost=1, now=None))]
 fn hit_all<'py>(
