@@ -23,7 +23,6 @@ use crate::error::{invalid, Result};
 /// Bytes charged per entry on top of its key and value: the slot (40), the key+value allocation's
 /// malloc header and rounding (~16), the hash-table bucket (~8) and the expiry-heap item (16).
 /// Measured at 1M entries: 76.5 bytes (`bench/bench_cache.py::test_memory_overhead`).
-/// `bench/bench_cache.py::test_memory_overhead` measures the real figure at 1M entries.
 pub const ENTRY_OVERHEAD: u64 = 80;
 
 /// How many expired entries a write reclaims beyond what it needs for room. Keeps each write's
