@@ -13,6 +13,8 @@
 //! `RuntimeError` instead of aliased `&mut`.
 
 use std::cell::{Cell, UnsafeCell};
+use std::marker::PhantomData;
+use std::ops::{Deref, DerefMut};
 
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
@@ -22,7 +24,7 @@ pub(crate) struct GilCell<T> {
     borrowed: Cell<bool>,
 }
 
-// SAFETY: every access goes through `with`, which requires a `Python` token (the GIL is held), and the
+// SAFETY: every access goes through `borrow_mut`, which requires a `Python` token (the GIL is held), and the
 // GIL is not released while the borrow lasts (module rule above), so no two threads touch `value` or
 // `borrowed` at once. `T: Send` because the value may be used from whichever thread holds the GIL.
 unsafe impl<T: Send> Sync for GilCell<T> {}
@@ -32,22 +34,53 @@ impl<T> GilCell<T> {
         GilCell { value: UnsafeCell::new(value), borrowed: Cell::new(false) }
     }
 
-    /// Run `f` with exclusive access. `f` must not call Python code (see the module doc).
+    /// Exclusive access until the returned guard drops. The guard is `!Send`, so it cannot be moved
+    /// into a closure that runs detached from the interpreter; Python code must not run while it
+    /// lives (see the module doc). Several cells may be borrowed at once (`hit_all` does).
     #[inline]
-    pub(crate) fn with<R>(&self, _py: Python<'_>, f: impl FnOnce(&mut T) -> R) -> PyResult<R> {
+    pub(crate) fn borrow_mut<'a>(&'a self, _py: Python<'a>) -> PyResult<GilRefMut<'a, T>> {
         if self.borrowed.replace(true) {
             return Err(reentered());
         }
-        struct Release<'a>(&'a Cell<bool>);
-        impl Drop for Release<'_> {
-            fn drop(&mut self) {
-                self.0.set(false);
-            }
-        }
-        let _release = Release(&self.borrowed);
-        // SAFETY: the flag was clear, so no other `&mut` to `value` exists; the GIL (held, as `_py`
-        // proves) keeps other threads out until `_release` clears the flag.
-        Ok(f(unsafe { &mut *self.value.get() }))
+        Ok(GilRefMut { cell: self, _not_send: PhantomData })
+    }
+
+    /// Run `f` with exclusive access. `f` must not call Python code (see the module doc).
+    #[inline]
+    pub(crate) fn with<R>(&self, py: Python<'_>, f: impl FnOnce(&mut T) -> R) -> PyResult<R> {
+        let mut guard = self.borrow_mut(py)?;
+        Ok(f(&mut guard))
+    }
+}
+
+/// A live exclusive borrow of a [`GilCell`]; clears the borrow flag when dropped.
+pub(crate) struct GilRefMut<'a, T> {
+    cell: &'a GilCell<T>,
+    _not_send: PhantomData<*mut ()>,
+}
+
+impl<T> Deref for GilRefMut<'_, T> {
+    type Target = T;
+    #[inline]
+    fn deref(&self) -> &T {
+        // SAFETY: this guard set the flag, so it is the only reference to `value`; the GIL keeps
+        // other threads out while it lives (module doc).
+        unsafe { &*self.cell.value.get() }
+    }
+}
+
+impl<T> DerefMut for GilRefMut<'_, T> {
+    #[inline]
+    fn deref_mut(&mut self) -> &mut T {
+        // SAFETY: as in `deref`; `&mut self` makes this the only access through the guard.
+        unsafe { &mut *self.cell.value.get() }
+    }
+}
+
+impl<T> Drop for GilRefMut<'_, T> {
+    #[inline]
+    fn drop(&mut self) {
+        self.cell.borrowed.set(false);
     }
 }
 
