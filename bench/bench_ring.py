@@ -17,7 +17,7 @@ import pytest
 import uhashring  # type: ignore[import-untyped]
 
 from pyproxy.core import HashRing
-from ratio import Case, compare, report
+from ratio import Case, calls, compare, report
 
 KEYS = [f"/api/v1/items/{i:08d}" for i in range(10_000)]
 INT_KEYS = [HashRing.hash(k) >> 1 for k in KEYS]  # jump.hash wants a non-negative int64
@@ -34,29 +34,13 @@ def test_get(benchmark, n: int, target: float) -> None:  # type: ignore[no-untyp
     ours160 = HashRing(names, vnodes=160)
     theirs = uhashring.HashRing(names)  # md5, 160 vnodes per node
 
-    def ours_get() -> None:
-        get = ours.get
-        for k in KEYS:
-            get(k)
-
-    def ours160_get() -> None:
-        get = ours160.get
-        for k in KEYS:
-            get(k)
-
-    def uhashring_get() -> None:
-        get = theirs.get_node
-        for k in KEYS:
-            get(k)
-
-    def jump_get() -> None:
-        h = jump.hash
-        for k in INT_KEYS:
-            h(k, n)
+    ours_get = calls(ours.get, KEYS)
+    uhashring_get = calls(theirs.get_node, KEYS)
+    jump_get = calls(jump.hash, INT_KEYS, n)
 
     cases: dict[str, Case] = {
         "pyproxy.HashRing": ours_get,
-        "pyproxy.HashRing(vnodes=160)": ours160_get,
+        "pyproxy.HashRing(vnodes=160)": calls(ours160.get, KEYS),
         "uhashring.get_node": uhashring_get,
         "jump.hash(int key)": jump_get,
     }

@@ -13,6 +13,7 @@ import gc
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass, field
 
 # One "case" is a zero-argument callable doing ``ops`` operations per call.
@@ -37,6 +38,28 @@ class Comparison:
         for name, t in self.per_op.items():
             lines.append(f"  {name:<{width}}  {t * 1e9:>10.1f}  {self.per_op[ours] / t:>9.3f}")
         return "\n".join(lines)
+
+
+def calls(fn: Callable[..., object], args: list[Any], *extra: object) -> Case:
+    """A case calling ``fn(arg)`` (or ``fn(arg, extra)``) for each of ``args``, results dropped.
+
+    The loop has no ``*`` unpacking when there is no extra argument: that alone costs more than a
+    ring lookup.
+    """
+    if not extra:
+
+        def run() -> None:
+            for a in args:
+                fn(a)
+
+        return run
+    (x,) = extra
+
+    def run_extra() -> None:
+        for a in args:
+            fn(a, x)
+
+    return run_extra
 
 
 def compare(
