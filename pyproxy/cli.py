@@ -1,7 +1,8 @@
 """The ``pyproxy`` command.
 
-``pyproxy --version``; ``pyproxy demo`` runs a short tour of the core structures (the proxy's own
-demo replaces it when the data plane lands).
+``pyproxy --version``; ``pyproxy check --config FILE`` validates a configuration and lists every
+problem (exit status 1 if there is any); ``pyproxy demo`` runs a short tour of the core structures
+(the proxy's own demo replaces it when the data plane lands).
 """
 
 from __future__ import annotations
@@ -38,15 +39,38 @@ def _demo() -> int:
     return 0
 
 
+def _check(path: str) -> int:
+    from pyproxy.config import ConfigError, load_config
+
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        print(f"{path}: {len(e.problems)} problem(s)", file=sys.stderr)
+        for problem in e.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    routes = len(config.routes)
+    servers = sum(len(p.servers) for p in config.pools.values())
+    print(
+        f"{path}: OK ({len(config.listeners)} listener(s), {len(config.pools)} pool(s) with "
+        f"{servers} server(s), {routes} route(s), {config.workers} worker(s))"
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pyproxy`` console script and ``python -m pyproxy``."""
     parser = argparse.ArgumentParser(prog="pyproxy", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"pyproxy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="run a short tour of the core structures")
+    check = sub.add_parser("check", help="validate a configuration file and list every problem")
+    check.add_argument("--config", required=True, metavar="FILE", help="TOML configuration file")
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _demo()
+    if args.command == "check":
+        return _check(args.config)
     parser.error(f"unknown command {args.command!r}")
     return 2
 
