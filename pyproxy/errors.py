@@ -18,12 +18,15 @@ class ProtocolError(PyproxyError):
 
 
 class HeaderError(ProtocolError, ValueError):
-    """A head that a strict HTTP/1.1 proxy must refuse (answer 400): the message names the problem.
+    """A head that a strict HTTP/1.1 proxy must refuse: the message names the problem.
 
-    ``name`` is the offending header's name when the problem is in one header, else ``None``.
-    Also a ``ValueError``, since it is raised for bad input to the header helpers.
+    ``name`` is the offending header's name when the problem is in one header, else ``None``;
+    ``status`` is what to answer: 400 for a client's request (501 for a transfer coding we do not
+    implement), 502 for an upstream's response. Also a ``ValueError``, since it is raised for bad
+    input to the header helpers.
     """
 
-    def __init__(self, message: str, name: bytes | None = None) -> None:
+    def __init__(self, message: str, name: bytes | None = None, status: int = 400) -> None:
         super().__init__(message)
         self.name = name
+        self.status = status

@@ -78,6 +78,10 @@ from typing import Final
 from pyproxy.errors import HeaderError
 
 __all__ = [
+    "CHUNKED",
+    "UNTIL_CLOSE",
+    "request_framing",
+    "response_framing",
     "IMPLEMENTATION",
     "HeaderError",
     "connection_tokens",
@@ -734,3 +738,100 @@ else:
     serialize_response_head = _speedups.serialize_response_head
     rewrite_request_head = _speedups.rewrite_request_head
     rewrite_response_head = _speedups.rewrite_response_head
+
+
+# --- message framing (RFC 9112 §6) --------------------------------------------------------------
+# One implementation over the facade above: a few lookups per message, which the compiled
+# get_all/split_list already make cheap. (Move it into Cython if profiling ever says so.)
+
+CHUNKED: Final = -1
+"""Framing result: the body is chunked."""
+UNTIL_CLOSE: Final = -2
+"""Framing result: the body runs until the connection closes (responses only)."""
+
+_MAX_LENGTH_DIGITS: Final = 18  # < 2**63, so a length always fits a signed 64-bit counter
+
+
+def _content_length(lines: list[bytes], status: int) -> int:
+    if len(lines) > 1:
+        raise HeaderError("duplicate Content-Length header lines", b"Content-Length", status)
+    value = lines[0].strip(_OWS)
+    if not value.isdigit() or not value.isascii():
+        raise HeaderError(f"invalid Content-Length {lines[0]!r}", b"Content-Length", status)
+    if len(value.lstrip(b"0")) > _MAX_LENGTH_DIGITS:
+        raise HeaderError(f"Content-Length {value!r} is too large", b"Content-Length", status)
+    return int(value)
+
+
+def _transfer_coding(lines: list[bytes], status: int, unsupported_status: int) -> int:
+    codings = [c.lower() for line in lines for c in split_list(line)]
+    if codings == [b"chunked"]:
+        return CHUNKED
+    if b"chunked" in codings[:-1]:  # RFC 9112 §7: never applied more than once
+        raise HeaderError(
+            f"chunked applied more than once in {b', '.join(lines)!r}", b"Transfer-Encoding", status
+        )
+    if not codings or codings[-1] != b"chunked":
+        raise HeaderError(
+            f"chunked is not the final transfer coding in {b', '.join(lines)!r}",
+            b"Transfer-Encoding",
+            status,
+        )
+    raise HeaderError(
+        f"transfer coding {b', '.join(codings[:-1])!r} is not supported",
+        b"Transfer-Encoding",
+        unsupported_status,
+    )
+
+
+def request_framing(headers: Headers, http11: bool = True) -> int:
+    """How a request's body is delimited: its length (``0``: no body) or :data:`CHUNKED`.
+
+    Strict, as a proxy in front of other parsers must be to prevent request smuggling
+    (RFC 9112 §6.1, §6.3, §11.2): :class:`HeaderError` (``status`` 400) for both Content-Length and
+    Transfer-Encoding, for Transfer-Encoding in an HTTP/1.0 request, for more than one
+    Content-Length line (nginx does the same; RFC 9110 would allow identical ones), for a
+    Content-Length that is not plain digits (no sign, list or inner space) or needs more than 63
+    bits, and for a Transfer-Encoding whose final coding is not chunked; 501 for a coding before
+    ``chunked`` (e.g. ``gzip, chunked``), which we do not decode.
+    """
+    te = get_all(headers, b"transfer-encoding")
+    cl = get_all(headers, b"content-length")
+    if te:
+        if cl:
+            raise HeaderError("both Content-Length and Transfer-Encoding", b"Transfer-Encoding")
+        if not http11:
+            raise HeaderError("Transfer-Encoding in an HTTP/1.0 request", b"Transfer-Encoding")
+        return _transfer_coding(te, 400, 501)
+    return _content_length(cl, 400) if cl else 0
+
+
+def response_framing(
+    status: int, headers: Headers, request_method: bytes, http11: bool = True
+) -> int:
+    """How a response's body is delimited: its length, :data:`CHUNKED` or :data:`UNTIL_CLOSE`.
+
+    No body (``0``) for a response to HEAD, for 1xx, 204 and 304, and for a 2xx to CONNECT (a
+    tunnel follows, which the caller handles), whatever the headers say (RFC 9112 §6.3 1-2).
+    Otherwise as for requests, but every problem is a :class:`HeaderError` with ``status`` 502
+    (the proxy must not relay a response it cannot frame), and a response with neither header
+    runs until the connection closes.
+    """
+    if (
+        request_method == b"HEAD"
+        or 100 <= status < 200
+        or status in (204, 304)
+        or (request_method == b"CONNECT" and 200 <= status < 300)
+    ):
+        return 0
+    te = get_all(headers, b"transfer-encoding")
+    cl = get_all(headers, b"content-length")
+    if te:
+        if cl:
+            raise HeaderError(
+                "both Content-Length and Transfer-Encoding in a response", b"Transfer-Encoding", 502
+            )
+        if not http11:
+            raise HeaderError("Transfer-Encoding in an HTTP/1.0 response", b"Transfer-Encoding", 502)
+        return _transfer_coding(te, 502, 502)
+    return _content_length(cl, 502) if cl else UNTIL_CLOSE
