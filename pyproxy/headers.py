@@ -767,15 +767,15 @@ def _transfer_coding(lines: list[bytes], status: int, unsupported_status: int) -
     codings = [c.lower() for line in lines for c in split_list(line)]
     if codings == [b"chunked"]:
         return CHUNKED
-    if b"chunked" in codings[:-1]:  # RFC 9112 §7: never applied more than once
-        raise HeaderError(
-            f"chunked applied more than once in {b', '.join(lines)!r}", b"Transfer-Encoding", status
-        )
     if not codings or codings[-1] != b"chunked":
         raise HeaderError(
             f"chunked is not the final transfer coding in {b', '.join(lines)!r}",
             b"Transfer-Encoding",
             status,
+        )
+    if b"chunked" in codings[:-1]:  # RFC 9112 §7: never applied more than once
+        raise HeaderError(
+            f"chunked applied more than once in {b', '.join(lines)!r}", b"Transfer-Encoding", status
         )
     raise HeaderError(
         f"transfer coding {b', '.join(codings[:-1])!r} is not supported",
