@@ -1,6 +1,6 @@
 """The ``pyproxy`` command.
 
-``pyproxy --version``; ``pyproxy check --config FILE`` validates a configuration and lists every
+``pyproxy --version``; ``pyproxy run --config FILE`` runs the proxy; ``pyproxy check --config FILE`` validates a configuration and lists every
 problem (exit status 1 if there is any); ``pyproxy demo`` runs a short tour of the core structures
 (the proxy's own demo replaces it when the data plane lands).
 """
@@ -58,6 +58,24 @@ def _check(path: str) -> int:
     return 0
 
 
+def _run(path: str) -> int:
+    import logging
+
+    from pyproxy.config import ConfigError, load_config
+    from pyproxy.server import run
+
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        print(f"{path}: {len(e.problems)} problem(s); not starting", file=sys.stderr)
+        for problem in e.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run(config)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pyproxy`` console script and ``python -m pyproxy``."""
     parser = argparse.ArgumentParser(prog="pyproxy", description=__doc__.splitlines()[0])
@@ -66,11 +84,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("demo", help="run a short tour of the core structures")
     check = sub.add_parser("check", help="validate a configuration file and list every problem")
     check.add_argument("--config", required=True, metavar="FILE", help="TOML configuration file")
+    run_cmd = sub.add_parser("run", help="run the proxy with a configuration file")
+    run_cmd.add_argument("--config", required=True, metavar="FILE", help="TOML configuration file")
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _demo()
     if args.command == "check":
         return _check(args.config)
+    if args.command == "run":
+        return _run(args.config)
     parser.error(f"unknown command {args.command!r}")
     return 2
 

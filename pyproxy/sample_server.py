@@ -26,12 +26,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 import httptools
+
+from pyproxy.loop import in_thread
 
 __all__ = ["Mode", "RecordedRequest", "SampleServer", "sample_servers"]
 
@@ -73,8 +74,8 @@ class _Connection(asyncio.Protocol):
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it
+        self.transport = cast(asyncio.Transport, transport)
         self.server.accepts += 1
         self.server._connections.add(self)
         self.worker = asyncio.get_running_loop().create_task(self._answer_in_order())
@@ -298,33 +299,8 @@ class SampleServer:
     @contextlib.contextmanager
     def running(self) -> Iterator[SampleServer]:
         """Serve from a background thread with its own event loop (for synchronous callers)."""
-        loop = asyncio.new_event_loop()
-        started = threading.Event()
-        errors: list[BaseException] = []
-
-        def serve() -> None:
-            asyncio.set_event_loop(loop)
-            try:
-                loop.run_until_complete(self.start())
-            except BaseException as e:  # noqa: BLE001 - handed to the caller
-                errors.append(e)
-                started.set()
-                return
-            started.set()
-            loop.run_forever()
-            loop.run_until_complete(self.stop())
-            loop.close()
-
-        thread = threading.Thread(target=serve, name=f"sample-server-{self.name}", daemon=True)
-        thread.start()
-        started.wait()
-        if errors:
-            raise errors[0]
-        try:
+        with in_thread(self.start, self.stop, f"sample-server-{self.name}"):
             yield self
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(timeout=10)
 
 
 @contextlib.asynccontextmanager

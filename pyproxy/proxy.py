@@ -1,0 +1,744 @@
+"""The request lifecycle: one client connection's requests, forwarded to upstream servers.
+
+Phases, in order (see DESIGN.md; each a small step below):
+
+1. **accept/parse** — :class:`ClientConnection` feeds bytes to llhttp (httptools) and enforces the
+   limits: head size and header count (431), head time (408), body size (413); the head is checked
+   strictly (:func:`~pyproxy.headers.request_framing`, header validation, Host) → 400, and nothing of
+   a refused request reaches an upstream.
+2. **route** — :class:`~pyproxy.routing.Router` → 404 when no route matches.
+3. **pick upstream** — the route's pool (:class:`~pyproxy.balance.RoundRobin`).
+4. **forward** — a kept-alive connection from :class:`ConnectionPool` (or a new one: connect
+   timeout → 502); the head rewritten for the upstream (hop-by-hop removed, ``X-Forwarded-*``,
+   ``Via``, ``X-Request-ID``); the body streamed as it arrives, with backpressure both ways.
+5. **respond** — the upstream's response parsed just as strictly (malformed → 502, no head within
+   the response timeout → 504), its head rewritten and its body streamed to the client; a response
+   cut short closes the client connection, never a silently short body.
+6. **release** — the upstream connection goes back to its pool only when both messages were
+   complete and both sides allow keep-alive.
+
+Requests pipelined on one connection become :class:`Exchange` objects queued in arrival order and
+are answered in that order; reading from the client pauses while more than one waits.
+
+This is the plain-Python data plane; the per-connection protocol objects move into ``cython_ext``
+once profiled (the header helpers they call already are compiled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from typing import cast
+
+import httptools
+
+from pyproxy.balance import RoundRobin
+from pyproxy.config import Config, Limits, Pool, Route, Server
+from pyproxy.errors import HeaderError
+from pyproxy.headers import (
+    CHUNKED,
+    UNTIL_CLOSE,
+    get_first,
+    request_framing,
+    response_framing,
+    rewrite_request_head,
+    rewrite_response_head,
+    validate_headers,
+)
+from pyproxy.routing import Router
+
+__all__ = ["ClientConnection", "ConnectionPool", "Exchange", "ProxyState", "UpstreamConnection"]
+
+log = logging.getLogger("pyproxy.proxy")
+
+# Bytes of request body buffered for an exchange whose upstream is not connected yet, before
+# reading from the client pauses.
+_PENDING_BODY_LIMIT = 256 * 1024
+
+
+class _Refuse(Exception):
+    """A request the proxy answers itself (status, reason) and, usually, closes after."""
+
+    def __init__(self, status: int, message: str, close: bool = True) -> None:
+        super().__init__(message)
+        self.status = status
+        self.close = close
+
+
+# ------------------------------------------------------------------------------ shared state
+
+
+@dataclass
+class ProxyState:
+    """What every connection of a worker shares: the configuration, router, pools."""
+
+    config: Config
+    router: Router
+    balancers: dict[str, RoundRobin]
+    pools: dict[str, ConnectionPool]
+    clients: set[ClientConnection] = field(default_factory=set)
+
+    @classmethod
+    def from_config(cls, config: Config) -> ProxyState:
+        return cls(
+            config=config,
+            router=Router(config.routes),
+            balancers={name: RoundRobin(p.servers) for name, p in config.pools.items()},
+            pools={name: ConnectionPool(p) for name, p in config.pools.items()},
+        )
+
+    def close(self) -> None:
+        for client in list(self.clients):
+            client.close()
+        for pool in self.pools.values():
+            pool.close()
+
+
+class ConnectionPool:
+    """Kept-alive upstream connections of one pool, per server (most recently used first)."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.idle: dict[Server, collections.deque[UpstreamConnection]] = collections.defaultdict(
+            collections.deque
+        )
+        self.connects = 0
+
+    async def acquire(self, server: Server) -> UpstreamConnection:
+        """An idle connection to ``server``, or a new one (``OSError``/``TimeoutError`` on failure)."""
+        idle = self.idle[server]
+        while idle:
+            conn = idle.pop()
+            conn.stop_idle_timer()
+            if conn.usable():
+                return conn
+        loop = asyncio.get_running_loop()
+        self.connects += 1
+        _, conn = await asyncio.wait_for(
+            loop.create_connection(lambda: UpstreamConnection(self, server), server.host, server.port),
+            self.pool.connect_timeout,
+        )
+        return conn
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """Keep ``conn`` for reuse, or close it when the pool is full or it cannot be reused."""
+        idle = self.idle[conn.server]
+        if not conn.usable() or len(idle) >= self.pool.max_idle_per_server:
+            conn.close()
+            return
+        idle.append(conn)
+        conn.start_idle_timer(self.pool.idle_timeout)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        idle = self.idle.get(conn.server)
+        if idle and conn in idle:
+            idle.remove(conn)
+
+    def close(self) -> None:
+        for idle in self.idle.values():
+            while idle:
+                idle.pop().close()
+
+
+# --------------------------------------------------------------------------- one exchange
+
+
+class Exchange:
+    """One request and its response."""
+
+    def __init__(self, client: ClientConnection) -> None:
+        self.client = client
+        self.method = b""
+        self.target = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_size = 0
+        self.http11 = True
+        self.keep_alive = True
+        self.framing = 0  # request body: length, or CHUNKED
+        self.had_length = False
+        self.expect_continue = False
+        self.route: Route | None = None
+        self.refusal: _Refuse | None = None
+        self.body_received = 0
+        self.request_done = False
+        self.pending: list[bytes] = []  # body bytes read before the upstream is connected
+        self.pending_size = 0
+        self.upstream: UpstreamConnection | None = None
+        self.request_id = b""
+        self.response_started = False
+        self.response_done = False
+        self.finished = asyncio.get_running_loop().create_future()
+
+    # -- request body, as the client connection reads it
+    def feed_body(self, data: bytes) -> None:
+        self.body_received += len(data)
+        limit = self.body_limit()
+        if self.body_received > limit:
+            raise _Refuse(413, f"request body larger than {limit} bytes")
+        if self.upstream is not None:
+            self.upstream.send_body(data, self.framing == CHUNKED)
+        else:
+            self.pending.append(data)
+            self.pending_size += len(data)
+            if self.pending_size > _PENDING_BODY_LIMIT:
+                self.client.pause_reading("pending-body")
+
+    def end_body(self) -> None:
+        self.request_done = True
+        if self.upstream is not None and self.framing == CHUNKED:
+            self.upstream.send_raw(b"0\r\n\r\n")
+
+    def body_limit(self) -> int:
+        route_limit = self.route.max_body_size if self.route else None
+        return route_limit or self.client.limits.max_body_size
+
+    # -- the forward phase
+    async def run(self) -> None:
+        """Answer this exchange (itself or through an upstream); resolves ``finished``."""
+        try:
+            if self.refusal is not None:
+                raise self.refusal
+            await self._forward()
+        except _Refuse as r:
+            self.client.respond_error(self, r.status, str(r), close=r.close)
+        except HeaderError as e:
+            self.client.respond_error(self, e.status, str(e), close=True)
+        except Exception:  # noqa: BLE001 - one broken exchange must not take the worker down
+            log.exception("internal error while proxying %r", self.target)
+            self.client.respond_error(self, 500, "internal proxy error", close=True)
+        finally:
+            if not self.finished.done():
+                self.finished.set_result(None)
+
+    async def _forward(self) -> None:
+        state = self.client.state
+        assert self.route is not None
+        pool = state.pools[self.route.pool]
+        server = state.balancers[self.route.pool].pick()
+        try:
+            upstream = await pool.acquire(server)
+        except (OSError, asyncio.TimeoutError) as e:
+            raise _Refuse(502, f"cannot connect to upstream {server.address}: {e or 'timeout'}", close=False) from e
+        head, self.request_id = rewrite_request_head(
+            self.method,
+            self.target,
+            self.headers,
+            client=self.client.peer,
+            host=self.route.host_header.encode() if self.route.host_header else None,
+            content_length=self.framing if (self.framing > 0 or self.had_length) else None,
+            chunked=self.framing == CHUNKED,
+        )
+        self.upstream = upstream
+        upstream.begin(self)
+        upstream.send_raw(head)
+        if self.expect_continue and not self.request_done:
+            self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        for piece in self.pending:
+            upstream.send_body(piece, self.framing == CHUNKED)
+        self.pending.clear()
+        self.pending_size = 0
+        self.client.resume_reading("pending-body")
+        if self.request_done and self.framing == CHUNKED:
+            upstream.send_raw(b"0\r\n\r\n")
+        timeout = self.route.response_timeout or pool.pool.response_timeout
+        try:
+            await asyncio.wait_for(asyncio.shield(upstream.head_received), timeout)
+        except asyncio.TimeoutError:
+            upstream.exchange = None  # detach first: its close must not answer this exchange too
+            upstream.close()
+            raise _Refuse(504, f"no response from upstream {server.address} within {timeout:g}s", close=False) from None
+        await asyncio.shield(upstream.response_complete)
+
+    def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: int, declared_length: int | None) -> bool:
+        """Write the response head to the client; whether its body must be chunk-encoded."""
+        client = self.client
+        close = not self.keep_alive or not self.request_done
+        chunked = framing == CHUNKED or (framing == UNTIL_CLOSE and self.http11)
+        if framing == UNTIL_CLOSE and not self.http11:
+            close = True
+        length: int | None = framing if framing >= 0 else None
+        if framing == 0 and declared_length is not None:
+            length = declared_length  # HEAD and 304 keep the length they describe
+        if status == 204 or 100 <= status < 200:
+            length = None
+        head = rewrite_response_head(
+            status,
+            reason or None,
+            headers,
+            request_id=self.request_id,
+            content_length=length,
+            chunked=chunked,
+            extra=[(b"Connection", b"close")] if close else (),
+        )
+        if close:
+            self.keep_alive = False
+        self.response_started = True
+        client.write(head)
+        return chunked
+
+
+# ------------------------------------------------------------------------- upstream side
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One connection to an upstream server; carries one exchange at a time."""
+
+    def __init__(self, pool: ConnectionPool, server: Server) -> None:
+        self.pool = pool
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.exchange: Exchange | None = None
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self.closed = False
+        self._reset()
+
+    def _reset(self) -> None:
+        loop = asyncio.get_event_loop()
+        self.head_received: asyncio.Future[None] = loop.create_future()
+        self.response_complete: asyncio.Future[None] = loop.create_future()
+        self.status = 0
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.framing = 0
+        self.chunk_to_client = False
+        self.message_done = False
+        # A response to HEAD: llhttp cannot be told the request was HEAD, so it would wait for the
+        # body its Content-Length announces. We end the message ourselves after its head.
+        self.head_only = False
+
+    def usable(self) -> bool:
+        return not self.closed and self.transport is not None and not self.transport.is_closing()
+
+    # -- pool bookkeeping
+    def start_idle_timer(self, seconds: float) -> None:
+        self.idle_timer = asyncio.get_running_loop().call_later(seconds, self.close)
+
+    def stop_idle_timer(self) -> None:
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+
+    def begin(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+        self._reset()
+
+    # -- writing the request
+    def send_raw(self, data: bytes) -> None:
+        if self.usable():
+            assert self.transport is not None
+            self.transport.write(data)
+
+    def send_body(self, data: bytes, chunked: bool) -> None:
+        if chunked:
+            self.send_raw(b"%x\r\n" % len(data) + data + b"\r\n")
+        else:
+            self.send_raw(data)
+
+    def close(self) -> None:
+        self.stop_idle_timer()
+        if self.transport is not None:
+            self.transport.close()
+        self.closed = True
+
+    # -- asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.exchange is None:
+            # Bytes on an idle connection: the server broke the protocol; never reuse it.
+            self.close()
+            return
+        try:
+            self.parser.feed_data(data)
+            if self.head_only and self.head_received.done() and not self.message_done:
+                keep_alive = self.parser.should_keep_alive()
+                self.parser = httptools.HttpResponseParser(self)
+                self._complete(keep_alive)
+        except httptools.HttpParserUpgrade:
+            self._fail(502, "upstream switched protocols, which is not supported yet")
+        except (httptools.HttpParserError, HeaderError) as e:
+            cause = e.__context__ if isinstance(e, httptools.HttpParserCallbackError) else e
+            self._fail(502, f"malformed response from upstream {self.server.address}: {cause or e}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.stop_idle_timer()
+        self.pool.forget(self)
+        ex = self.exchange
+        if ex is None or self.message_done:
+            return
+        if self.head_received.done() and self.framing == UNTIL_CLOSE:
+            self.on_message_complete()  # the close is the end of this body
+            return
+        if not self.head_received.done():
+            self._fail(502, f"upstream {self.server.address} closed the connection before answering")
+        else:
+            # Part of the body was relayed: the client must see a broken response, not a short one.
+            ex.client.abort()
+            self._done()
+
+    def pause_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.client.pause_reading("upstream-buffer")
+
+    def resume_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.client.resume_reading("upstream-buffer")
+
+    # -- httptools callbacks
+    def on_status(self, status: bytes) -> None:
+        self.reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        ex = self.exchange
+        assert ex is not None
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            # Interim responses are not relayed (we answer 100-continue ourselves); wait for the
+            # final one.
+            self.reason, self.headers = b"", []
+            return
+        validate_headers(self.headers)
+        http11 = self.parser.get_http_version() == "1.1"
+        self.framing = response_framing(status, self.headers, ex.method, http11)
+        declared = None
+        if self.framing == 0:
+            cl = get_first(self.headers, b"content-length")
+            declared = int(cl) if cl is not None and cl.strip().isdigit() else None
+        self.status = status
+        self.head_only = ex.method == b"HEAD"
+        self.chunk_to_client = ex.response_head(status, self.reason, self.headers, self.framing, declared)
+        self.head_received.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.exchange
+        if ex is None or not self.head_received.done():
+            return
+        if self.head_only:
+            self.framing = UNTIL_CLOSE  # a body after a HEAD response: never reuse this connection
+            return
+        if self.chunk_to_client:
+            ex.client.write(b"%x\r\n" % len(body) + body + b"\r\n")
+        else:
+            ex.client.write(body)
+
+    def on_message_complete(self) -> None:
+        ex = self.exchange
+        if ex is None or not self.head_received.done():
+            return  # an interim (1xx) response ended
+        self._complete(self.parser.should_keep_alive())
+
+    def _complete(self, keep_alive: bool) -> None:
+        ex = self.exchange
+        assert ex is not None
+        if self.chunk_to_client:
+            ex.client.write(b"0\r\n\r\n")
+        self.message_done = True
+        ex.response_done = True
+        reusable = self.framing != UNTIL_CLOSE and ex.request_done and keep_alive
+        self._done()
+        if reusable:
+            self.pool.release(self)
+        else:
+            self.close()
+
+    def _done(self) -> None:
+        ex = self.exchange
+        self.exchange = None
+        if not self.head_received.done():
+            self.head_received.set_result(None)
+        if not self.response_complete.done():
+            self.response_complete.set_result(None)
+        if ex is not None and ex.client.transport is not None:
+            ex.client.resume_reading("upstream-buffer")
+
+    def _fail(self, status: int, message: str) -> None:
+        ex = self.exchange
+        self.close()
+        self.message_done = True
+        if ex is not None:
+            if ex.response_started:
+                ex.client.abort()
+            else:
+                ex.client.respond_error(ex, status, message, close=False)
+                ex.response_done = True
+        self._done()
+
+
+# --------------------------------------------------------------------------- client side
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection: parse its requests, queue them, answer them in order."""
+
+    def __init__(self, state: ProxyState) -> None:
+        self.state = state
+        self.limits: Limits = state.config.limits
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.peer = b"unknown"
+        self.parsing: Exchange | None = None
+        self.queue: collections.deque[Exchange] = collections.deque()
+        self.head_raw = 0  # bytes read while the current head is incomplete
+        self.timer: asyncio.TimerHandle | None = None
+        self.read_pauses: set[str] = set()
+        self.write_paused = False
+        self.closing = False
+        self.worker: asyncio.Task[None] | None = None
+
+    # -- asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer = str(peer[0]).encode()
+        self.state.clients.add(self)
+        self._arm(self.limits.head_timeout, self._head_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        if self.parsing is None or not self.parsing.method:
+            if self.timer is not None and self.parsing is None and not self.queue:
+                self._arm(self.limits.head_timeout, self._head_timeout)  # idle → reading a head
+            self.head_raw += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__context__
+            if isinstance(cause, _Refuse):
+                self._refuse_current(cause)
+            elif isinstance(cause, HeaderError):
+                self._refuse_current(_Refuse(cause.status, str(cause)))
+            else:
+                raise
+        except httptools.HttpParserUpgrade:
+            self._refuse_current(_Refuse(501, "protocol upgrades are not supported yet"))
+        except httptools.HttpParserError as e:
+            self._refuse_current(_Refuse(400, f"malformed request: {e}"))
+        else:
+            if self.parsing is not None and not self.parsing.method:
+                if self.head_raw > self.limits.max_head_size:
+                    self._refuse_current(_Refuse(431, "request head too large"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self._disarm()
+        self.state.clients.discard(self)
+        for ex in self.queue:
+            if ex.upstream is not None and not ex.response_done:
+                ex.upstream.close()  # an unfinished exchange's upstream connection is useless
+        if self.worker is not None:
+            self.worker.cancel()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        for ex in self.queue:
+            if ex.upstream is not None and ex.upstream.transport is not None:
+                ex.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for ex in self.queue:
+            if ex.upstream is not None and ex.upstream.transport is not None:
+                ex.upstream.transport.resume_reading()
+
+    # -- httptools callbacks
+    def on_message_begin(self) -> None:
+        self.parsing = Exchange(self)
+
+    def on_url(self, url: bytes) -> None:
+        ex = self.parsing
+        assert ex is not None
+        ex.target += url
+        ex.head_size += len(url)
+        if ex.head_size > self.limits.max_head_size:
+            raise _Refuse(414 if len(ex.target) > self.limits.max_head_size else 431, "request head too large")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        ex = self.parsing
+        assert ex is not None
+        ex.headers.append((name, value))
+        ex.head_size += len(name) + len(value) + 4
+        if len(ex.headers) > self.limits.max_header_count:
+            raise _Refuse(431, f"more than {self.limits.max_header_count} header lines")
+        if ex.head_size > self.limits.max_head_size:
+            raise _Refuse(431, "request head too large")
+
+    def on_headers_complete(self) -> None:
+        ex = self.parsing
+        assert ex is not None
+        ex.method = self.parser.get_method()
+        ex.http11 = self.parser.get_http_version() == "1.1"
+        ex.keep_alive = self.parser.should_keep_alive()
+        self.head_raw = 0
+        self._disarm()
+        try:
+            validate_headers(ex.headers)
+            ex.framing = request_framing(ex.headers, ex.http11)
+            ex.had_length = ex.framing >= 0 and get_first(ex.headers, b"content-length") is not None
+            hosts = [v for n, v in ex.headers if n.lower() == b"host"]
+            if len(hosts) > 1:
+                raise _Refuse(400, "multiple Host header lines")
+            if ex.http11 and not hosts:
+                raise _Refuse(400, "missing Host header")
+            host = hosts[0] if hosts else None
+            ex.route = self.state.router.match(ex.method.decode("latin-1"), ex.target.decode("latin-1"), host)
+            if ex.route is None:
+                # No route: answered here; a request body would have to be drained, so close then.
+                raise _Refuse(404, "no route for this request", close=ex.framing != 0)
+            if ex.framing > ex.body_limit():
+                raise _Refuse(413, f"request body larger than {ex.body_limit()} bytes")
+            expect = get_first(ex.headers, b"expect")
+            if expect is not None:
+                if expect.strip().lower() != b"100-continue":
+                    raise _Refuse(417, "only 'Expect: 100-continue' is supported")
+                ex.expect_continue = ex.http11
+                ex.headers = [(n, v) for n, v in ex.headers if n.lower() != b"expect"]
+        except HeaderError as e:
+            ex.refusal = _Refuse(e.status, str(e))
+        except _Refuse as r:
+            ex.refusal = r
+        self._enqueue(ex)
+        if ex.refusal is not None and ex.refusal.close:
+            # Nothing after a refused head is read: its body and any pipelined bytes are dropped.
+            self.closing = True
+            raise ex.refusal
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.parsing
+        assert ex is not None
+        if ex.refusal is None:
+            try:
+                ex.feed_body(body)
+            except _Refuse as r:
+                if ex.response_started:
+                    self.abort()
+                    return
+                ex.refusal = r
+                if ex.upstream is not None:
+                    ex.upstream.close()
+                raise
+
+    def on_message_complete(self) -> None:
+        ex = self.parsing
+        assert ex is not None
+        self.parsing = None
+        if ex.refusal is None:
+            ex.end_body()
+        else:
+            ex.request_done = True
+        if len(self.queue) > 1:
+            self.pause_reading("pipeline")  # one request ahead is enough
+
+    # -- answering, in order
+    def _enqueue(self, ex: Exchange) -> None:
+        self.queue.append(ex)
+        if self.worker is None or self.worker.done():
+            self.worker = asyncio.get_running_loop().create_task(self._answer_in_order())
+
+    async def _answer_in_order(self) -> None:
+        while self.queue and not (self.transport is None or self.transport.is_closing()):
+            ex = self.queue[0]
+            await ex.run()
+            if not ex.request_done:
+                # Answered before the request body was all read: stop here (the rest of the body
+                # cannot be told apart from a next request without reading it all).
+                ex.keep_alive = False
+            self.queue.popleft()
+            if not ex.keep_alive or (ex.refusal is not None and ex.refusal.close):
+                self.close()
+                return
+            self.resume_reading("pipeline")
+        if not self.queue and self.transport is not None and not self.transport.is_closing():
+            self._arm(self.limits.keepalive_timeout, self.close)
+
+    def respond_error(self, ex: Exchange, status: int, message: str, close: bool) -> None:
+        """Answer ``ex`` with ``status`` and a one-line plain-text body naming the problem."""
+        if ex.response_started:
+            self.abort()
+            return
+        from pyproxy.headers import reason_phrase, serialize_response_head
+
+        body = f"{status} {reason_phrase(status).decode()}: {message}\n".encode()
+        headers = [
+            (b"Content-Type", b"text/plain; charset=utf-8"),
+            (b"Content-Length", str(len(body)).encode()),
+        ]
+        if ex.request_id:
+            headers.append((b"X-Request-ID", ex.request_id))
+        if close or not ex.keep_alive or not ex.request_done:
+            headers.append((b"Connection", b"close"))
+            ex.keep_alive = False
+        ex.response_started = True
+        self.write(serialize_response_head(status, None, headers) + (b"" if ex.method == b"HEAD" else body))
+
+    # -- helpers
+    def _refuse_current(self, refusal: _Refuse) -> None:
+        """A head (or body) broke the rules mid-parse: answer after what is queued, then close."""
+        self.closing = True
+        ex = self.parsing
+        if ex is None or ex not in self.queue:
+            ex = ex or Exchange(self)
+            ex.refusal = refusal
+            self._enqueue(ex)
+        elif ex.refusal is None or ex.refusal is not refusal:
+            ex.refusal = refusal
+        ex.keep_alive = False
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def pause_reading(self, reason: str) -> None:
+        if not self.read_pauses and self.transport is not None:
+            self.transport.pause_reading()
+        self.read_pauses.add(reason)
+
+    def resume_reading(self, reason: str) -> None:
+        if reason in self.read_pauses:
+            self.read_pauses.discard(reason)
+            if not self.read_pauses and self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    def close(self) -> None:
+        self.closing = True
+        self._disarm()
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection at once (a response cannot be completed correctly)."""
+        self.closing = True
+        self._disarm()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
+        self._disarm()
+        self.timer = asyncio.get_running_loop().call_later(seconds, callback)
+
+    def _disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _head_timeout(self) -> None:
+        self.timer = None
+        if self.queue:
+            return  # a response is being produced; the head in progress waits its turn
+        if self.parsing is None and self.head_raw == 0:
+            self.close()  # a connection that never sent anything: just close, as nginx does
+            return
+        self._refuse_current(_Refuse(408, "request head not received in time"))

@@ -1,0 +1,81 @@
+"""Listeners and the process around them: start, serve, stop.
+
+One process for now: every configured listener on one event loop (uvloop when installed). The
+worker processes sharing the port (SO_REUSEPORT), the supervisor, graceful SIGTERM draining and
+reload without dropped connections are the next steps of the data-plane issue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Iterator
+
+from pyproxy.config import Config
+from pyproxy.loop import in_thread, new_event_loop
+from pyproxy.proxy import ClientConnection, ProxyState
+
+__all__ = ["ProxyServer", "run"]
+
+log = logging.getLogger("pyproxy.server")
+
+
+class ProxyServer:
+    """The proxy's listeners over one :class:`~pyproxy.proxy.ProxyState`."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.state: ProxyState | None = None
+        self._servers: list[asyncio.Server] = []
+        self.addresses: list[tuple[str, int]] = []
+
+    async def start(self) -> None:
+        """Bind every listener (port 0 takes a free port: see :attr:`addresses`)."""
+        loop = asyncio.get_running_loop()
+        self.state = state = ProxyState.from_config(self.config)
+        for listener in self.config.listeners:
+            server = await loop.create_server(
+                lambda: ClientConnection(state),
+                listener.host,
+                listener.port,
+                reuse_address=True,
+                backlog=1024,
+            )
+            self._servers.append(server)
+            host, port = server.sockets[0].getsockname()[:2]
+            self.addresses.append((host, port))
+            log.info("listening on %s:%d", host, port)
+
+    async def stop(self) -> None:
+        """Stop accepting and close kept-alive upstream connections."""
+        for server in self._servers:
+            server.close()
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+        if self.state is not None:
+            self.state.close()
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[ProxyServer]:
+        """Serve from a background thread (tests, embedding in synchronous code)."""
+        with in_thread(self.start, self.stop, "pyproxy"):
+            yield self
+
+
+def run(config: Config) -> None:
+    """Serve ``config`` until SIGINT or SIGTERM."""
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    server = ProxyServer(config)
+    stopping = asyncio.Event()
+    loop.run_until_complete(server.start())
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        loop.run_until_complete(stopping.wait())
+    finally:
+        loop.run_until_complete(server.stop())
+        loop.close()

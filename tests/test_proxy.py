@@ -1,0 +1,291 @@
+"""The data plane end to end: real sockets, real sample upstreams, the proxy on its own loop."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import pytest
+
+from pyproxy.config import parse_config
+from pyproxy.sample_server import SampleServer
+from pyproxy.server import ProxyServer
+
+
+@contextmanager
+def proxy(*upstreams: SampleServer, limits: dict[str, Any] | None = None, pool: dict[str, Any] | None = None,
+          routes: list[dict[str, Any]] | None = None) -> Iterator[tuple[str, int]]:
+    """Start the upstreams and a proxy in front of them; yield the proxy's address."""
+    with ExitStack() as stack:
+        for u in upstreams:
+            stack.enter_context(u.running())
+        config = parse_config(
+            {
+                "listeners": [{"port": 0}],
+                "admin": {"enabled": False},
+                "limits": limits or {},
+                "pools": {"p": {"servers": [u.address for u in upstreams], **(pool or {})}},
+                "routes": routes or [{"pool": "p"}],
+            }
+        )
+        server = stack.enter_context(ProxyServer(config).running())
+        yield server.addresses[0]
+
+
+def raw(address: tuple[str, int], data: bytes, timeout: float = 5.0) -> bytes:
+    """Send raw bytes, read until the proxy closes the connection."""
+    with socket.create_connection(address, timeout=timeout) as sock:
+        sock.sendall(data)
+        out = b""
+        try:
+            while chunk := sock.recv(65536):
+                out += chunk
+        except (ConnectionResetError, TimeoutError):
+            pass
+        return out
+
+
+def test_round_robin_headers_and_request_id() -> None:
+    a, b = SampleServer(name="a"), SampleServer(name="b")
+    with proxy(a, b) as addr:
+        conn = http.client.HTTPConnection(*addr, timeout=10)
+        served = []
+        for i in range(4):
+            conn.request("GET", f"/v1/item/{i}?q=1", headers={"Host": "agents.test", "X-Request-ID": f"id-{i}"})
+            resp = conn.getresponse()
+            body = json.loads(resp.read())
+            served.append(body["server"])
+            assert resp.getheader("X-Request-ID") == f"id-{i}"
+            assert resp.getheader("Via") == "1.1 pyproxy"
+        conn.request("GET", "/generated")
+        resp = conn.getresponse()
+        resp.read()
+        generated = resp.getheader("X-Request-ID")
+        assert generated and len(generated) == 32
+    assert served == ["a", "b", "a", "b"]
+    req = a.requests[0]
+    assert req.target == b"/v1/item/0?q=1"
+    assert req.header(b"host") == b"agents.test", "Host passes through"
+    assert req.header(b"x-forwarded-for") == b"127.0.0.1"
+    assert req.header(b"x-forwarded-host") == b"agents.test"
+    assert req.header(b"x-forwarded-proto") == b"http"
+    assert req.header(b"x-request-id") == b"id-0"
+    assert a.requests[-1].header(b"x-request-id") == generated.encode()  # 5th request: a again
+
+
+def test_hop_by_hop_headers_are_removed() -> None:
+    up = SampleServer()
+    with proxy(up) as addr:
+        conn = http.client.HTTPConnection(*addr, timeout=10)
+        conn.request("GET", "/", headers={"Connection": "keep-alive, X-Secret", "X-Secret": "1", "Keep-Alive": "5",
+                                          "X-Forwarded-For": "203.0.113.9", "TE": "trailers"})
+        conn.getresponse().read()
+    req = up.requests[0]
+    names = {n.lower() for n, _ in req.headers}
+    assert not names & {b"connection", b"x-secret", b"keep-alive", b"te"}
+    assert req.header(b"x-forwarded-for") == b"203.0.113.9, 127.0.0.1"
+
+
+def test_keep_alive_load_opens_no_new_upstream_connections() -> None:
+    a, b = SampleServer(name="a"), SampleServer(name="b")
+    with proxy(a, b) as addr:
+        conns = [http.client.HTTPConnection(*addr, timeout=10) for _ in range(4)]
+        for _ in range(50):
+            for conn in conns:
+                conn.request("GET", "/")
+                assert conn.getresponse().read()
+    assert len(a.requests) + len(b.requests) == 200
+    assert a.accepts == 1 and b.accepts == 1
+
+
+def test_request_bodies_stream_with_content_length_and_chunked() -> None:
+    up = SampleServer()
+    with proxy(up) as addr:
+        conn = http.client.HTTPConnection(*addr, timeout=10)
+        conn.request("POST", "/echo", body=b"hello world")
+        assert conn.getresponse().read() == b"hello world"
+        conn.request("POST", "/echo", body=iter([b"chunk-1,", b"chunk-2"]), encode_chunked=True,
+                     headers={"Transfer-Encoding": "chunked"})
+        assert conn.getresponse().read() == b"chunk-1,chunk-2"
+        big = bytes(range(256)) * 40_000  # 10 MB
+        conn.request("POST", "/echo", body=big)
+        assert conn.getresponse().read()[:1000] == big[:1000]
+    assert up.requests[1].header(b"transfer-encoding") == b"chunked"
+    assert up.requests[2].body_size == len(big)
+
+
+def test_downloads_stream_with_content_length_and_chunked() -> None:
+    with proxy(SampleServer()) as addr:
+        conn = http.client.HTTPConnection(*addr, timeout=20)
+        conn.request("GET", "/bytes/20000000")
+        resp = conn.getresponse()
+        assert resp.getheader("Content-Length") == "20000000"
+        assert len(resp.read()) == 20_000_000
+        conn.request("GET", "/chunked/300000")
+        resp = conn.getresponse()
+        assert resp.getheader("Transfer-Encoding") == "chunked"
+        assert resp.read() == b"x" * 300_000
+
+
+def test_head_keeps_the_length_and_sends_no_body() -> None:
+    with proxy(SampleServer()) as addr:
+        conn = http.client.HTTPConnection(*addr, timeout=10)
+        conn.request("HEAD", "/bytes/1234")
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.getheader("Content-Length") == "1234" and resp.read() == b""
+        conn.request("GET", "/after-head")
+        assert json.loads(conn.getresponse().read())["path"] == "/after-head"
+
+
+def test_pipelined_requests_are_answered_in_order() -> None:
+    with proxy(SampleServer(latency=0.02)) as addr:
+        out = raw(addr, b"".join(
+            b"GET /r%d HTTP/1.1\r\nHost: x\r\n%s\r\n" % (i, b"Connection: close\r\n" if i == 4 else b"")
+            for i in range(5)
+        ))
+    positions = [out.index(b'"/r%d"' % i) for i in range(5)]
+    assert positions == sorted(positions) and out.count(b"HTTP/1.1 200") == 5
+
+
+def test_expect_100_continue_and_connection_close() -> None:
+    up = SampleServer()
+    with proxy(up) as addr:
+        with socket.create_connection(addr, timeout=5) as sock:
+            sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+            assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+            sock.sendall(b"hello")
+            head = sock.recv(65536)
+            assert head.startswith(b"HTTP/1.1 200") and head.endswith(b"hello")
+        out = raw(addr, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 200") and b"connection: close" in out.lower()
+    assert up.requests[0].header(b"expect") is None
+
+
+MALFORMED = {
+    "cl-and-te": b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "duplicate-cl": b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+    "invalid-cl": b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3x\r\n\r\nabc",
+    "bad-chunk-size": b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+    "nul-in-header": b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",
+    "ctl-in-header": b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\x01b\r\n\r\n",
+    "space-before-colon": b"GET / HTTP/1.1\r\nHost: x\r\nX-A : b\r\n\r\n",
+    "obs-fold": b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n\r\n",
+    "missing-host": b"GET / HTTP/1.1\r\n\r\n",
+    "two-hosts": b"GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
+    "te-not-chunked": b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nabc",
+    "bad-request-line": b"GET /a b HTTP/1.1\r\nHost: x\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_malformed_requests_get_400_close_and_never_reach_the_upstream(name: str) -> None:
+    up = SampleServer()
+    with proxy(up) as addr:
+        out = raw(addr, MALFORMED[name])
+    assert out.startswith(b"HTTP/1.1 400 "), out[:200]
+    assert b"connection: close" in out.lower()
+    assert up.accepts == 0 and up.received == 0
+
+
+def test_malformed_request_after_a_good_one_on_the_same_connection() -> None:
+    up = SampleServer()
+    with proxy(up) as addr:
+        out = raw(addr, b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n" + MALFORMED["cl-and-te"])
+    assert out.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 400" in out
+    assert [r.target for r in up.requests] == [b"/ok"]
+
+
+def test_limits_431_413_404() -> None:
+    up = SampleServer()
+    with proxy(up, limits={"max_head_size": 2048, "max_header_count": 10, "max_body_size": 100},
+               routes=[{"pool": "p", "path_prefix": "/api"}]) as addr:
+        out = raw(addr, b"GET /api HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 5000 + b"\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 431")
+        many = b"".join(b"X-%d: v\r\n" % i for i in range(20))
+        assert raw(addr, b"GET /api HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n").startswith(b"HTTP/1.1 431")
+        out = raw(addr, b"POST /api HTTP/1.1\r\nHost: x\r\nContent-Length: 101\r\n\r\n" + b"a" * 101)
+        assert out.startswith(b"HTTP/1.1 413")
+        chunked = b"POST /api HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + b"40\r\n" + b"a" * 64 + b"\r\n" * 1
+        out = raw(addr, chunked + b"40\r\n" + b"a" * 64 + b"\r\n0\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 413")
+        conn = http.client.HTTPConnection(*addr, timeout=10)
+        conn.request("GET", "/elsewhere")
+        resp = conn.getresponse()
+        assert resp.status == 404 and b"no route" in resp.read()
+        conn.request("GET", "/api")  # a 404 without a body keeps the connection
+        assert conn.getresponse().status == 200
+    assert [r.target for r in up.requests] == [b"/api"]
+
+
+def test_slow_head_gets_408() -> None:
+    up = SampleServer()
+    with proxy(up, limits={"head_timeout": "300ms"}) as addr:
+        with socket.create_connection(addr, timeout=5) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            start = time.monotonic()
+            out = sock.recv(65536)
+            assert out.startswith(b"HTTP/1.1 408")
+            assert 0.25 <= time.monotonic() - start < 3
+    assert up.received == 0
+
+
+def test_idle_keep_alive_connection_is_closed() -> None:
+    with proxy(SampleServer(), limits={"keepalive_timeout": "300ms"}) as addr:
+        with socket.create_connection(addr, timeout=5) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            start = time.monotonic()
+            assert sock.recv(65536) == b""
+            assert 0.25 <= time.monotonic() - start < 3
+
+
+def test_upstream_down_is_502() -> None:
+    dead = SampleServer()
+    with dead.running():
+        address = dead.address
+    config = parse_config({"listeners": [{"port": 0}], "pools": {"p": {"servers": [address]}},
+                           "routes": [{"pool": "p"}], "admin": {"enabled": False}})
+    with ProxyServer(config).running() as server:
+        conn = http.client.HTTPConnection(*server.addresses[0], timeout=10)
+        conn.request("GET", "/")
+        resp = conn.getresponse()
+        assert resp.status == 502 and b"cannot connect" in resp.read()
+
+
+def test_silent_upstream_is_504() -> None:
+    with proxy(SampleServer(mode="silent"), pool={"response_timeout": "300ms"}) as addr:
+        conn = http.client.HTTPConnection(*addr, timeout=10)
+        conn.request("GET", "/")
+        resp = conn.getresponse()
+        assert resp.status == 504 and resp.read()
+
+
+def test_malformed_upstream_response_is_502_never_relayed() -> None:
+    with proxy(SampleServer(mode="malformed")) as addr:
+        conn = http.client.HTTPConnection(*addr, timeout=10)
+        conn.request("GET", "/")
+        resp = conn.getresponse()
+        body = resp.read()
+        assert resp.status == 502 and b"not a header" not in body
+
+
+def test_truncated_upstream_response_closes_the_client_connection() -> None:
+    with proxy(SampleServer(mode="truncate", body=b"z" * 100_000)) as addr:
+        conn = http.client.HTTPConnection(*addr, timeout=10)
+        conn.request("GET", "/")
+        resp = conn.getresponse()
+        assert resp.status == 200
+        with pytest.raises(http.client.IncompleteRead):
+            resp.read()
+
+
+def test_upstream_closing_before_answering_is_502() -> None:
+    with proxy(SampleServer(mode="close")) as addr:
+        conn = http.client.HTTPConnection(*addr, timeout=10)
+        conn.request("GET", "/")
+        assert conn.getresponse().status == 502
