@@ -1,41 +1,76 @@
-"""The ``pyproxy`` command.
+"""The ``pyproxy`` command (also ``python -m pyproxy``).
 
-``pyproxy --version``; ``pyproxy run --config FILE`` runs the proxy; ``pyproxy check --config FILE`` validates a configuration and lists every
-problem (exit status 1 if there is any); ``pyproxy demo`` runs a short tour of the core structures
-(the proxy's own demo replaces it when the data plane lands).
+- ``pyproxy run --config FILE``: run the proxy;
+- ``pyproxy check --config FILE``: validate a configuration, list every problem (exit 1 if any);
+- ``pyproxy demo``: the proxy with an embedded configuration in front of three built-in sample
+  upstreams;
+- ``pyproxy --version``.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
-from collections import Counter
 from collections.abc import Sequence
 
 from pyproxy import __version__
 
 
-def _demo() -> int:
-    from pyproxy.core import HashRing, LruCache, SlidingWindow
+def _listen_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` for ``--listen`` (port 0: any free port)."""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
 
-    print(f"pyproxy {__version__}: core structures (Rust, via pyproxy.core)\n")
 
-    cache = LruCache(64 * 1024, default_ttl=30)
-    cache.set("/v1/summarize?doc=42", b'{"summary": "..."}')
-    print("LruCache    get hit  ->", cache.get("/v1/summarize?doc=42"))
-    print("            get miss ->", cache.get("/v1/other"))
-    print("            stats    ->", cache.stats())
+def _demo(host: str, port: int) -> int:
+    """The proxy with an embedded configuration in front of three built-in sample upstreams."""
+    import logging
 
-    ring = HashRing(["agent-a:8000", "agent-b:8000", "agent-c:8000"])
-    spread = Counter(ring.get(f"session-{i}") for i in range(30_000))
-    print("\nHashRing    session-1 ->", ring.get("session-1"))
-    print("            30k sessions ->", dict(sorted(spread.items())))
+    from pyproxy.config import parse_config
+    from pyproxy.loop import serve_until_signal
+    from pyproxy.sample_server import SampleServer
+    from pyproxy.server import ProxyServer
 
-    limiter = SlidingWindow(5, 1.0)
-    now = time.monotonic()
-    results = [limiter.hit("user-7", now=now + i * 0.01)[0] for i in range(8)]
-    print("\nSlidingWindow 5/s, 8 hits in 80 ms ->", ["allow" if r else "deny" for r in results])
+    upstreams = [
+        SampleServer(name="fast", latency=0.001),
+        SampleServer(name="medium", latency=0.01),
+        SampleServer(name="slow", latency=0.05),
+    ]
+    proxy: list[ProxyServer] = []
+
+    async def start() -> None:
+        for u in upstreams:
+            await u.start()
+        config = parse_config(
+            {
+                "listeners": [{"host": host, "port": port}],
+                "admin": {"enabled": False},
+                "pools": {"samples": {"servers": [u.address for u in upstreams]}},
+                "routes": [{"name": "all", "pool": "samples"}],
+            }
+        )
+        server = ProxyServer(config)
+        await server.start()
+        proxy.append(server)
+        bound_host, bound_port = server.addresses[0]
+        url = f"http://{bound_host}:{bound_port}"
+        print(f"pyproxy {__version__} demo: proxy on {url}, in front of", flush=True)
+        for u in upstreams:
+            print(f"  {u.name:>6} upstream on {u.address} ({u.latency * 1000:g} ms per request)")
+        print(f"\nTry:\n  curl -i {url}/hello\n  curl -i -X POST --data 'hi there' {url}/echo")
+        print(f"  curl -s -o /dev/null -w '%{{http_code}} %{{size_download}} bytes\\n' {url}/bytes/10000000")
+        print("\nCtrl-C stops the proxy and the sample upstreams.", flush=True)
+
+    async def stop() -> None:
+        for server in proxy:
+            await server.stop()
+        for u in upstreams:
+            await u.stop()
+
+    logging.basicConfig(level=logging.WARNING)
+    serve_until_signal(start, stop)
     return 0
 
 
@@ -81,14 +116,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyproxy", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"pyproxy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="run a short tour of the core structures")
+    demo = sub.add_parser("demo", help="run the proxy in front of three built-in sample upstreams")
+    demo.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT", type=_listen_address,
+                      help="where the demo proxy listens (default 127.0.0.1:8080; port 0: any free)")
     check = sub.add_parser("check", help="validate a configuration file and list every problem")
     check.add_argument("--config", required=True, metavar="FILE", help="TOML configuration file")
     run_cmd = sub.add_parser("run", help="run the proxy with a configuration file")
     run_cmd.add_argument("--config", required=True, metavar="FILE", help="TOML configuration file")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        return _demo()
+        return _demo(*args.listen)
     if args.command == "check":
         return _check(args.config)
     if args.command == "run":

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 
-__all__ = ["in_thread", "new_event_loop"]
+__all__ = ["in_thread", "new_event_loop", "serve_until_signal"]
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -53,3 +54,20 @@ def in_thread(
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=30)
+
+
+def serve_until_signal(
+    start: Callable[[], Awaitable[object]], stop: Callable[[], Awaitable[object]]
+) -> None:
+    """Run ``start()`` on a new loop in this thread, serve until SIGINT or SIGTERM, then ``stop()``."""
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    stopping = asyncio.Event()
+    try:
+        loop.run_until_complete(start())
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stopping.set)
+        loop.run_until_complete(stopping.wait())
+    finally:
+        loop.run_until_complete(stop())
+        loop.close()

@@ -10,11 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from collections.abc import Iterator
 
 from pyproxy.config import Config
-from pyproxy.loop import in_thread, new_event_loop
+from pyproxy.loop import in_thread, serve_until_signal
 from pyproxy.proxy import ClientConnection, ProxyState
 
 __all__ = ["ProxyServer", "run"]
@@ -67,15 +66,5 @@ class ProxyServer:
 
 def run(config: Config) -> None:
     """Serve ``config`` until SIGINT or SIGTERM."""
-    loop = new_event_loop()
-    asyncio.set_event_loop(loop)
     server = ProxyServer(config)
-    stopping = asyncio.Event()
-    loop.run_until_complete(server.start())
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stopping.set)
-    try:
-        loop.run_until_complete(stopping.wait())
-    finally:
-        loop.run_until_complete(server.stop())
-        loop.close()
+    serve_until_signal(server.start, server.stop)
