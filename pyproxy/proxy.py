@@ -108,14 +108,18 @@ class ConnectionPool:
         )
         self.connects = 0
 
-    async def acquire(self, server: Server) -> UpstreamConnection:
-        """An idle connection to ``server``, or a new one (``OSError``/``TimeoutError`` on failure)."""
+    def take_idle(self, server: Server) -> UpstreamConnection | None:
+        """A kept-alive connection to ``server`` (most recently used first), if one is usable."""
         idle = self.idle[server]
         while idle:
             conn = idle.pop()
             conn.stop_idle_timer()
             if conn.usable():
                 return conn
+        return None
+
+    async def connect(self, server: Server) -> UpstreamConnection:
+        """A new connection to ``server`` (``OSError``/``TimeoutError`` on failure)."""
         loop = asyncio.get_running_loop()
         self.connects += 1
         _, conn = await asyncio.wait_for(
@@ -148,7 +152,13 @@ class ConnectionPool:
 
 
 class Exchange:
-    """One request and its response."""
+    """One request and its response, driven by callbacks (no task per request: a coroutine, its
+    Task and a ``wait_for`` per request cost more than the rest of the Python per request).
+
+    :meth:`start` runs when the exchange reaches the head of its connection's queue; whatever
+    ends it (a complete response, an error answered, a broken connection) calls :meth:`finish`
+    once, which hands the connection to the next exchange.
+    """
 
     def __init__(self, client: ClientConnection) -> None:
         self.client = client
@@ -168,10 +178,12 @@ class Exchange:
         self.pending: list[bytes] = []  # body bytes read before the upstream is connected
         self.pending_size = 0
         self.upstream: UpstreamConnection | None = None
+        self.server: Server | None = None
         self.request_id = b""
+        self.started = False
         self.response_started = False
-        self.response_done = False
-        self.finished = asyncio.get_running_loop().create_future()
+        self.done = False
+        self.timer: asyncio.TimerHandle | None = None
 
     # -- request body, as the client connection reads it
     def feed_body(self, data: bytes) -> None:
@@ -197,41 +209,51 @@ class Exchange:
         return route_limit or self.client.limits.max_body_size
 
     # -- the forward phase
-    async def run(self) -> None:
-        """Answer this exchange (itself or through an upstream); resolves ``finished``."""
-        try:
-            if self.refusal is not None:
-                raise self.refusal
-            await self._forward()
-        except _Refuse as r:
-            self.client.respond_error(self, r.status, str(r), close=r.close)
-        except HeaderError as e:
-            self.client.respond_error(self, e.status, str(e), close=True)
-        except Exception:  # noqa: BLE001 - one broken exchange must not take the worker down
-            log.exception("internal error while proxying %r", self.target)
-            self.client.respond_error(self, 500, "internal proxy error", close=True)
-        finally:
-            if not self.finished.done():
-                self.finished.set_result(None)
-
-    async def _forward(self) -> None:
+    def start(self) -> None:
+        """Answer this exchange: refuse it, or pick an upstream and forward it."""
+        self.started = True
+        if self.refusal is not None:
+            self.fail(self.refusal.status, str(self.refusal), close=self.refusal.close)
+            return
+        route = self.route
+        assert route is not None
         state = self.client.state
-        assert self.route is not None
-        pool = state.pools[self.route.pool]
-        server = state.balancers[self.route.pool].pick()
+        pool = state.pools[route.pool]
+        self.server = server = state.balancers[route.pool].pick()
+        conn = pool.take_idle(server)
+        if conn is not None:
+            self._attach(conn)
+        else:
+            asyncio.get_running_loop().create_task(self._connect(pool, server))
+
+    async def _connect(self, pool: ConnectionPool, server: Server) -> None:
         try:
-            upstream = await pool.acquire(server)
+            conn = await pool.connect(server)
         except (OSError, asyncio.TimeoutError) as e:
-            raise _Refuse(502, f"cannot connect to upstream {server.address}: {e or 'timeout'}", close=False) from e
-        head, self.request_id = rewrite_request_head(
-            self.method,
-            self.target,
-            self.headers,
-            client=self.client.peer,
-            host=self.route.host_header.encode() if self.route.host_header else None,
-            content_length=self.framing if (self.framing > 0 or self.had_length) else None,
-            chunked=self.framing == CHUNKED,
-        )
+            why = str(e) or "timed out"
+            self.fail(502, f"cannot connect to upstream {server.address}: {why}", close=False)
+            return
+        if self.done:
+            pool.release(conn)  # the client went away meanwhile
+        else:
+            self._attach(conn)
+
+    def _attach(self, upstream: UpstreamConnection) -> None:
+        assert self.route is not None and self.server is not None
+        try:
+            head, self.request_id = rewrite_request_head(
+                self.method,
+                self.target,
+                self.headers,
+                client=self.client.peer,
+                host=self.route.host_header.encode() if self.route.host_header else None,
+                content_length=self.framing if (self.framing > 0 or self.had_length) else None,
+                chunked=self.framing == CHUNKED,
+            )
+        except HeaderError as e:
+            upstream.pool.release(upstream)
+            self.fail(e.status, str(e), close=True)
+            return
         self.upstream = upstream
         upstream.begin(self)
         upstream.send_raw(head)
@@ -244,17 +266,54 @@ class Exchange:
         self.client.resume_reading("pending-body")
         if self.request_done and self.framing == CHUNKED:
             upstream.send_raw(b"0\r\n\r\n")
-        timeout = self.route.response_timeout or pool.pool.response_timeout
-        try:
-            await asyncio.wait_for(asyncio.shield(upstream.head_received), timeout)
-        except asyncio.TimeoutError:
-            upstream.exchange = None  # detach first: its close must not answer this exchange too
+        timeout = self.route.response_timeout or upstream.pool.pool.response_timeout
+        self.timer = asyncio.get_running_loop().call_later(timeout, self._response_timeout, timeout)
+
+    def _response_timeout(self, timeout: float) -> None:
+        self.timer = None
+        if self.done or self.response_started:
+            return
+        self.abandon_upstream()  # detached first: its close must not answer this exchange too
+        where = self.server.address if self.server else "?"
+        self.fail(504, f"no response from upstream {where} within {timeout:g}s", close=False)
+
+    def abandon_upstream(self) -> None:
+        """Drop the upstream connection of an exchange that cannot complete (never reused)."""
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            upstream.exchange = None
             upstream.close()
-            raise _Refuse(504, f"no response from upstream {server.address} within {timeout:g}s", close=False) from None
-        await asyncio.shield(upstream.response_complete)
+
+    def abandon(self) -> None:
+        """The client connection is gone: stop without answering."""
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.abandon_upstream()
+
+    def fail(self, status: int, message: str, close: bool) -> None:
+        """Answer with an error (or, once a response has started, break the connection); finish."""
+        if self.done:
+            return
+        self.client.respond_error(self, status, message, close)
+        self.finish()
+
+    def finish(self) -> None:
+        """This exchange is over (idempotent): the connection moves on."""
+        if self.done:
+            return
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.client.exchange_finished(self)
 
     def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: int, declared_length: int | None) -> bool:
         """Write the response head to the client; whether its body must be chunk-encoded."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         client = self.client
         close = not self.keep_alive or not self.request_done
         chunked = framing == CHUNKED or (framing == UNTIL_CLOSE and self.http11)
@@ -298,9 +357,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._reset()
 
     def _reset(self) -> None:
-        loop = asyncio.get_event_loop()
-        self.head_received: asyncio.Future[None] = loop.create_future()
-        self.response_complete: asyncio.Future[None] = loop.create_future()
+        self.head_received = False
         self.status = 0
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
@@ -357,7 +414,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
-            if self.head_only and self.head_received.done() and not self.message_done:
+            if self.head_only and self.head_received and not self.message_done:
                 keep_alive = self.parser.should_keep_alive()
                 self.parser = httptools.HttpResponseParser(self)
                 self._complete(keep_alive)
@@ -374,15 +431,16 @@ class UpstreamConnection(asyncio.Protocol):
         ex = self.exchange
         if ex is None or self.message_done:
             return
-        if self.head_received.done() and self.framing == UNTIL_CLOSE:
+        if self.head_received and self.framing == UNTIL_CLOSE:
             self.on_message_complete()  # the close is the end of this body
             return
-        if not self.head_received.done():
+        if not self.head_received:
             self._fail(502, f"upstream {self.server.address} closed the connection before answering")
         else:
             # Part of the body was relayed: the client must see a broken response, not a short one.
-            ex.client.abort()
             self._done()
+            ex.client.abort()
+            ex.finish()
 
     def pause_writing(self) -> None:
         if self.exchange is not None:
@@ -418,11 +476,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.status = status
         self.head_only = ex.method == b"HEAD"
         self.chunk_to_client = ex.response_head(status, self.reason, self.headers, self.framing, declared)
-        self.head_received.set_result(None)
+        self.head_received = True
 
     def on_body(self, body: bytes) -> None:
         ex = self.exchange
-        if ex is None or not self.head_received.done():
+        if ex is None or not self.head_received:
             return
         if self.head_only:
             self.framing = UNTIL_CLOSE  # a body after a HEAD response: never reuse this connection
@@ -434,7 +492,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         ex = self.exchange
-        if ex is None or not self.head_received.done():
+        if ex is None or not self.head_received:
             return  # an interim (1xx) response ended
         self._complete(self.parser.should_keep_alive())
 
@@ -444,35 +502,30 @@ class UpstreamConnection(asyncio.Protocol):
         if self.chunk_to_client:
             ex.client.write(b"0\r\n\r\n")
         self.message_done = True
-        ex.response_done = True
         reusable = self.framing != UNTIL_CLOSE and ex.request_done and keep_alive
         self._done()
         if reusable:
             self.pool.release(self)
         else:
             self.close()
+        ex.finish()
 
     def _done(self) -> None:
+        """Detach from the exchange (which the caller then finishes)."""
         ex = self.exchange
         self.exchange = None
-        if not self.head_received.done():
-            self.head_received.set_result(None)
-        if not self.response_complete.done():
-            self.response_complete.set_result(None)
-        if ex is not None and ex.client.transport is not None:
-            ex.client.resume_reading("upstream-buffer")
+        if ex is not None:
+            ex.upstream = None
+            if ex.client.transport is not None:
+                ex.client.resume_reading("upstream-buffer")
 
     def _fail(self, status: int, message: str) -> None:
         ex = self.exchange
-        self.close()
         self.message_done = True
-        if ex is not None:
-            if ex.response_started:
-                ex.client.abort()
-            else:
-                ex.client.respond_error(ex, status, message, close=False)
-                ex.response_done = True
         self._done()
+        self.close()
+        if ex is not None:
+            ex.fail(status, message, close=False)
 
 
 # --------------------------------------------------------------------------- client side
@@ -494,7 +547,10 @@ class ClientConnection(asyncio.Protocol):
         self.read_pauses: set[str] = set()
         self.write_paused = False
         self.closing = False
-        self.worker: asyncio.Task[None] | None = None
+        # While llhttp parses one read, exchanges are queued but not started: a malformed request
+        # in the same read (a bad chunk after a good head) is then refused before any byte of it
+        # goes upstream.
+        self.feeding = False
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -513,6 +569,7 @@ class ClientConnection(asyncio.Protocol):
             if self.timer is not None and self.parsing is None and not self.queue:
                 self._arm(self.limits.head_timeout, self._head_timeout)  # idle → reading a head
             self.head_raw += len(data)
+        self.feeding = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as e:
@@ -531,16 +588,16 @@ class ClientConnection(asyncio.Protocol):
             if self.parsing is not None and not self.parsing.method:
                 if self.head_raw > self.limits.max_head_size:
                     self._refuse_current(_Refuse(431, "request head too large"))
+        finally:
+            self.feeding = False
+        self._start_next()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self._disarm()
         self.state.clients.discard(self)
-        for ex in self.queue:
-            if ex.upstream is not None and not ex.response_done:
-                ex.upstream.close()  # an unfinished exchange's upstream connection is useless
-        if self.worker is not None:
-            self.worker.cancel()
+        while self.queue:
+            self.queue.popleft().abandon()
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -619,16 +676,16 @@ class ClientConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         ex = self.parsing
         assert ex is not None
-        if ex.refusal is None:
+        if ex.refusal is None and not ex.done:
             try:
                 ex.feed_body(body)
             except _Refuse as r:
-                if ex.response_started:
-                    self.abort()
-                    return
-                ex.refusal = r
-                if ex.upstream is not None:
-                    ex.upstream.close()
+                ex.keep_alive = False
+                if ex.started:
+                    ex.abandon_upstream()
+                    ex.fail(r.status, str(r), close=True)  # breaks the connection if answering
+                else:
+                    ex.refusal = r  # answered in its turn
                 raise
 
     def on_message_complete(self) -> None:
@@ -645,24 +702,30 @@ class ClientConnection(asyncio.Protocol):
     # -- answering, in order
     def _enqueue(self, ex: Exchange) -> None:
         self.queue.append(ex)
-        if self.worker is None or self.worker.done():
-            self.worker = asyncio.get_running_loop().create_task(self._answer_in_order())
+        if len(self.queue) == 1 and not self.feeding:
+            ex.start()
 
-    async def _answer_in_order(self) -> None:
-        while self.queue and not (self.transport is None or self.transport.is_closing()):
-            ex = self.queue[0]
-            await ex.run()
-            if not ex.request_done:
-                # Answered before the request body was all read: stop here (the rest of the body
-                # cannot be told apart from a next request without reading it all).
-                ex.keep_alive = False
+    def exchange_finished(self, ex: Exchange) -> None:
+        """``ex`` was answered: close, or move on to the next pipelined request, or wait idle."""
+        if self.queue and self.queue[0] is ex:
             self.queue.popleft()
-            if not ex.keep_alive or (ex.refusal is not None and ex.refusal.close):
-                self.close()
-                return
-            self.resume_reading("pipeline")
-        if not self.queue and self.transport is not None and not self.transport.is_closing():
+        if not ex.request_done:
+            # Answered before the request body was all read: stop here (the rest of the body
+            # cannot be told apart from a next request without reading it all).
+            ex.keep_alive = False
+        if not ex.keep_alive:
+            self.close()
+            return
+        self.resume_reading("pipeline")
+        if self.queue:
+            # Not started from here: a long pipeline answered locally would otherwise recurse.
+            asyncio.get_running_loop().call_soon(self._start_next)
+        elif self.transport is not None and not self.transport.is_closing():
             self._arm(self.limits.keepalive_timeout, self.close)
+
+    def _start_next(self) -> None:
+        if self.queue and not self.queue[0].started and not self.queue[0].done:
+            self.queue[0].start()
 
     def respond_error(self, ex: Exchange, status: int, message: str, close: bool) -> None:
         """Answer ``ex`` with ``status`` and a one-line plain-text body naming the problem."""
@@ -689,6 +752,8 @@ class ClientConnection(asyncio.Protocol):
         """A head (or body) broke the rules mid-parse: answer after what is queued, then close."""
         self.closing = True
         ex = self.parsing
+        if ex is not None and ex.done:
+            return  # already answered (and the connection closed)
         if ex is None or ex not in self.queue:
             ex = ex or Exchange(self)
             ex.refusal = refusal
