@@ -81,6 +81,8 @@ class ProxyState:
     balancers: dict[str, RoundRobin]
     pools: dict[str, ConnectionPool]
     clients: set[ClientConnection] = field(default_factory=set)
+    # Shutting down: answer what is in flight with "Connection: close", take nothing new.
+    draining: bool = False
 
     @classmethod
     def from_config(cls, config: Config) -> ProxyState:
@@ -90,6 +92,17 @@ class ProxyState:
             balancers={name: RoundRobin(p.servers) for name, p in config.pools.items()},
             pools={name: ConnectionPool(p) for name, p in config.pools.items()},
         )
+
+    async def drain(self, timeout: float) -> None:
+        """Let in-flight requests finish (up to ``timeout`` seconds), then close everything."""
+        self.draining = True
+        for client in list(self.clients):
+            if client.idle():
+                client.close()
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.clients and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        self.close()
 
     def close(self) -> None:
         for client in list(self.clients):
@@ -315,7 +328,7 @@ class Exchange:
             self.timer.cancel()
             self.timer = None
         client = self.client
-        close = not self.keep_alive or not self.request_done
+        close = not self.keep_alive or not self.request_done or client.state.draining
         chunked = framing == CHUNKED or (framing == UNTIL_CLOSE and self.http11)
         if framing == UNTIL_CLOSE and not self.http11:
             close = True
@@ -713,7 +726,7 @@ class ClientConnection(asyncio.Protocol):
             # Answered before the request body was all read: stop here (the rest of the body
             # cannot be told apart from a next request without reading it all).
             ex.keep_alive = False
-        if not ex.keep_alive:
+        if not ex.keep_alive or self.state.draining:
             self.close()
             return
         self.resume_reading("pipeline")
@@ -722,6 +735,10 @@ class ClientConnection(asyncio.Protocol):
             asyncio.get_running_loop().call_soon(self._start_next)
         elif self.transport is not None and not self.transport.is_closing():
             self._arm(self.limits.keepalive_timeout, self.close)
+
+    def idle(self) -> bool:
+        """No request in progress (waiting for one, or between two)."""
+        return not self.queue and (self.parsing is None or not self.parsing.method)
 
     def _start_next(self) -> None:
         if self.queue and not self.queue[0].started and not self.queue[0].done:
@@ -741,7 +758,7 @@ class ClientConnection(asyncio.Protocol):
         ]
         if ex.request_id:
             headers.append((b"X-Request-ID", ex.request_id))
-        if close or not ex.keep_alive or not ex.request_done:
+        if close or not ex.keep_alive or not ex.request_done or self.state.draining:
             headers.append((b"Connection", b"close"))
             ex.keep_alive = False
         ex.response_started = True

@@ -1,8 +1,9 @@
 """Listeners and the process around them: start, serve, stop.
 
-One process for now: every configured listener on one event loop (uvloop when installed). The
-worker processes sharing the port (SO_REUSEPORT), the supervisor, graceful SIGTERM draining and
-reload without dropped connections are the next steps of the data-plane issue.
+One process for now: every configured listener on one event loop (uvloop when installed).
+SIGINT/SIGTERM stop accepting, let in-flight requests finish (answered with ``Connection: close``)
+for up to ``limits.drain_timeout`` and exit 0. The worker processes sharing the port (SO_REUSEPORT),
+their supervisor and reload without dropped connections are the next steps of the data-plane issue.
 """
 
 from __future__ import annotations
@@ -48,14 +49,14 @@ class ProxyServer:
             log.info("listening on %s:%d", host, port)
 
     async def stop(self) -> None:
-        """Stop accepting and close kept-alive upstream connections."""
+        """Stop accepting, let in-flight requests finish (up to ``limits.drain_timeout``), close."""
         for server in self._servers:
             server.close()
+        if self.state is not None:
+            await self.state.drain(self.config.limits.drain_timeout)
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
-        if self.state is not None:
-            self.state.close()
 
     @contextlib.contextmanager
     def running(self) -> Iterator[ProxyServer]:

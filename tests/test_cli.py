@@ -9,6 +9,8 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 
 def test_demo_answers_and_stops_on_sigint() -> None:
     proc = subprocess.Popen(
@@ -46,3 +48,47 @@ def test_run_refuses_an_invalid_config(tmp_path: Path) -> None:
     )
     assert out.returncode == 1
     assert "not starting" in out.stderr and "pools.a.servers" in out.stderr
+
+
+def test_sigterm_lets_in_flight_requests_finish_then_exits_0(tmp_path: Path) -> None:
+    import socket
+    import time
+
+    from pyproxy.sample_server import SampleServer
+
+    slow = SampleServer(latency=1.0)
+    with slow.running():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        config = tmp_path / "p.toml"
+        config.write_text(f'[[listeners]]\nport = {port}\n[admin]\nenabled = false\n'
+                          f'[pools.p]\nservers = ["{slow.address}"]\n[[routes]]\npool = "p"\n')
+        proc = subprocess.Popen([sys.executable, "-m", "pyproxy", "run", "--config", str(config)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    idle = socket.create_connection(("127.0.0.1", port), timeout=5)
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline and proc.poll() is None
+                    time.sleep(0.05)
+            busy = socket.create_connection(("127.0.0.1", port), timeout=5)
+            busy.sendall(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+            time.sleep(0.3)  # the request is at the upstream now
+            proc.send_signal(signal.SIGTERM)
+            response = b""
+            while chunk := busy.recv(65536):
+                response += chunk
+            assert response.startswith(b"HTTP/1.1 200") and b"connection: close" in response.lower()
+            assert b'"/slow"' in response
+            assert idle.recv(100) == b"", "an idle keep-alive connection is closed at once"
+            assert proc.wait(timeout=15) == 0
+            with pytest.raises(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=2)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
