@@ -107,8 +107,7 @@ def _run(path: str) -> int:
             print(f"  {problem}", file=sys.stderr)
         return 1
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run(config)
-    return 0
+    return run(config)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

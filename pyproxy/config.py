@@ -560,6 +560,8 @@ def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
     pools = _read_pools(r, data.get("pools"))
     routes = _read_routes(r, data.get("routes"), pools)
     workers = r.get(data, "", "workers", _int_between(1, 1024), 1)
+    if workers > 1 and any(lst.port == 0 for lst in listeners):
+        r.problem("workers", "several workers need fixed listener ports (port 0 would differ per worker)")
     if admin.enabled and any(
         admin.port and admin.port == lst.port and admin.host == lst.host for lst in listeners
     ):

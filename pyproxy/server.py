@@ -1,9 +1,13 @@
 """Listeners and the process around them: start, serve, stop.
 
-One process for now: every configured listener on one event loop (uvloop when installed).
+``workers = 1`` serves every listener on one event loop (uvloop when installed) in this process.
+``workers = N`` makes this process a supervisor that forks N workers; each binds the listeners
+itself with SO_REUSEPORT (so the kernel spreads connections over the workers' own accept queues,
+rather than waking them all on one shared queue), and a worker that dies is replaced.
+
 SIGINT/SIGTERM stop accepting, let in-flight requests finish (answered with ``Connection: close``)
-for up to ``limits.drain_timeout`` and exit 0. The worker processes sharing the port (SO_REUSEPORT),
-their supervisor and reload without dropped connections are the next steps of the data-plane issue.
+for up to ``limits.drain_timeout`` and exit 0; the supervisor passes the signal to its workers and
+exits 0 when they have. Reload without dropped connections is the next step of the data-plane issue.
 """
 
 from __future__ import annotations
@@ -11,6 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
+import time
 from collections.abc import Iterator
 
 from pyproxy.config import Config
@@ -41,6 +48,7 @@ class ProxyServer:
                 listener.host,
                 listener.port,
                 reuse_address=True,
+                reuse_port=self.config.workers > 1,
                 backlog=1024,
             )
             self._servers.append(server)
@@ -65,7 +73,83 @@ class ProxyServer:
             yield self
 
 
-def run(config: Config) -> None:
-    """Serve ``config`` until SIGINT or SIGTERM."""
+def run(config: Config) -> int:
+    """Serve ``config`` until SIGINT or SIGTERM; the exit status."""
+    if config.workers == 1:
+        serve_worker(config)
+        return 0
+    return Supervisor(config).run()
+
+
+def serve_worker(config: Config) -> None:
+    """One worker: the listeners on one event loop until SIGINT or SIGTERM."""
     server = ProxyServer(config)
     serve_until_signal(server.start, server.stop)
+
+
+class Supervisor:
+    """Forks ``config.workers`` workers, replaces any that dies, stops them all on a signal."""
+
+    # A worker that dies this soon after starting is crashing at start: wait before the next try,
+    # so a broken deployment does not fork in a tight loop.
+    FAST_CRASH_SECONDS = 1.0
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.children: dict[int, tuple[int, float]] = {}  # pid -> (slot, started at)
+        self.stopping = False
+        self.restarts = 0
+
+    def run(self) -> int:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+        for slot in range(self.config.workers):
+            self._spawn(slot)
+        while self.children:
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                break
+            if pid not in self.children:
+                continue
+            slot, started = self.children.pop(pid)
+            if self.stopping:
+                continue
+            log.error("worker %d (pid %d) exited (%s); starting another", slot, pid, _describe(status))
+            self.restarts += 1
+            if time.monotonic() - started < self.FAST_CRASH_SECONDS:
+                time.sleep(self.FAST_CRASH_SECONDS)
+            if not self.stopping:
+                self._spawn(slot)
+        return 0
+
+    def _spawn(self, slot: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                serve_worker(self.config)
+                code = 0
+            except BaseException:  # noqa: BLE001 - reported, then the supervisor replaces us
+                log.exception("worker %d failed", slot)
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        self.children[pid] = (slot, time.monotonic())
+        log.info("worker %d started (pid %d)", slot, pid)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.stopping = True
+        for pid in list(self.children):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit status {os.waitstatus_to_exitcode(status)}"

@@ -92,3 +92,72 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits_0(tmp_path: Path) -> 
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def _children(pid: int) -> set[int]:
+    kids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+                kids.add(int(entry.name))
+    return kids
+
+
+def test_workers_share_the_port_and_a_crashed_worker_is_replaced(tmp_path: Path) -> None:
+    import os
+    import socket
+    import time
+    import urllib.request
+
+    from pyproxy.sample_server import SampleServer
+
+    up = SampleServer()
+    with up.running():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        config = tmp_path / "p.toml"
+        config.write_text(f'workers = 2\n[[listeners]]\nport = {port}\n[admin]\nenabled = false\n'
+                          f'[pools.p]\nservers = ["{up.address}"]\n[[routes]]\npool = "p"\n')
+        proc = subprocess.Popen([sys.executable, "-m", "pyproxy", "run", "--config", str(config)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}/"
+
+        def get() -> int:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                return int(resp.status)
+
+        def wait_for(predicate, what: str) -> None:  # type: ignore[no-untyped-def]
+            deadline = time.monotonic() + 15
+            while not predicate():
+                assert time.monotonic() < deadline, what
+                time.sleep(0.05)
+
+        def answers() -> bool:
+            try:
+                return get() == 200
+            except OSError:
+                return False
+
+        try:
+            wait_for(lambda: len(_children(proc.pid)) == 2 and answers(), "two workers answering")
+            workers = _children(proc.pid)
+            assert all(get() == 200 for _ in range(20))
+            assert up.accepts >= 2, "both workers took connections (each has its own upstream pool)"
+            victim = min(workers)
+            os.kill(victim, signal.SIGKILL)
+            wait_for(lambda: len(_children(proc.pid) - {victim}) == 2, "a replacement worker")
+            assert victim not in _children(proc.pid)
+            wait_for(answers, "answering after the crash")
+            assert all(get() == 200 for _ in range(20))
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=15) == 0
+            assert not _children(proc.pid)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

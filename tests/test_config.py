@@ -164,3 +164,8 @@ def test_check_command_lists_every_problem_and_fails(tmp_path: Path) -> None:
 def test_version_command() -> None:
     out = _cli("--version")
     assert out.returncode == 0 and out.stdout.strip() == "pyproxy 0.1.0"
+
+
+def test_several_workers_need_fixed_ports() -> None:
+    assert "fixed listener ports" in problems({**MINIMAL, "workers": 2, "listeners": [{"port": 0}]})["workers"]
+    assert parse_config({**MINIMAL, "workers": 2, "listeners": [{"port": 8080}]}).workers == 2
