@@ -184,6 +184,8 @@ class Exchange:
         self.framing = 0  # request body: length, or CHUNKED
         self.had_length = False
         self.expect_continue = False
+        # An Upgrade request (WebSocket): after a 101 both connections become a raw tunnel.
+        self.upgrade = False
         self.route: Route | None = None
         self.refusal: _Refuse | None = None
         self.body_received = 0
@@ -206,6 +208,16 @@ class Exchange:
             raise _Refuse(413, f"request body larger than {limit} bytes")
         if self.upstream is not None:
             self.upstream.send_body(data, self.framing == CHUNKED)
+        else:
+            self.pending.append(data)
+            self.pending_size += len(data)
+            if self.pending_size > _PENDING_BODY_LIMIT:
+                self.client.pause_reading("pending-body")
+
+    def tunnel_out(self, data: bytes) -> None:
+        """Bytes from the client after an Upgrade request's head: relayed as they are."""
+        if self.upstream is not None:
+            self.upstream.send_raw(data)
         else:
             self.pending.append(data)
             self.pending_size += len(data)
@@ -262,6 +274,7 @@ class Exchange:
                 host=self.route.host_header.encode() if self.route.host_header else None,
                 content_length=self.framing if (self.framing > 0 or self.had_length) else None,
                 chunked=self.framing == CHUNKED,
+                upgrade=self.upgrade,
             )
         except HeaderError as e:
             upstream.pool.release(upstream)
@@ -269,6 +282,8 @@ class Exchange:
             return
         self.upstream = upstream
         upstream.begin(self)
+        if self.client.write_paused:
+            upstream.pause_reading()  # the client is still draining an earlier response
         upstream.send_raw(head)
         if self.expect_continue and not self.request_done:
             self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -328,7 +343,10 @@ class Exchange:
             self.timer.cancel()
             self.timer = None
         client = self.client
-        close = not self.keep_alive or not self.request_done or client.state.draining
+        switching = status == 101
+        close = not switching and (
+            not self.keep_alive or not self.request_done or client.state.draining or self.upgrade
+        )
         chunked = framing == CHUNKED or (framing == UNTIL_CLOSE and self.http11)
         if framing == UNTIL_CLOSE and not self.http11:
             close = True
@@ -344,6 +362,7 @@ class Exchange:
             request_id=self.request_id,
             content_length=length,
             chunked=chunked,
+            upgrade=switching,
             extra=[(b"Connection", b"close")] if close else (),
         )
         if close:
@@ -367,6 +386,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.exchange: Exchange | None = None
         self.idle_timer: asyncio.TimerHandle | None = None
         self.closed = False
+        self.tunnel = False  # after a 101: bytes pass through unparsed, both ways
+        self.reading_paused = False  # paused while the client cannot take more of the response
         self._reset()
 
     def _reset(self) -> None:
@@ -415,12 +436,28 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.close()
         self.closed = True
 
+    def pause_reading(self) -> None:
+        if not self.reading_paused and self.usable():
+            assert self.transport is not None
+            self.transport.pause_reading()
+            self.reading_paused = True
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and self.usable():
+            assert self.transport is not None
+            self.transport.resume_reading()
+        self.reading_paused = False
+
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        if self.tunnel:
+            if self.exchange is not None:
+                self.exchange.client.write(data)
+            return
         if self.exchange is None:
             # Bytes on an idle connection: the server broke the protocol; never reuse it.
             self.close()
@@ -431,8 +468,13 @@ class UpstreamConnection(asyncio.Protocol):
                 keep_alive = self.parser.should_keep_alive()
                 self.parser = httptools.HttpResponseParser(self)
                 self._complete(keep_alive)
-        except httptools.HttpParserUpgrade:
-            self._fail(502, "upstream switched protocols, which is not supported yet")
+        except httptools.HttpParserUpgrade as e:
+            if self.tunnel and self.exchange is not None:
+                rest = data[e.args[0] :] if e.args else b""
+                if rest:
+                    self.exchange.client.write(rest)
+            else:
+                self._fail(502, f"upstream {self.server.address} switched protocols unasked")
         except (httptools.HttpParserError, HeaderError) as e:
             cause = e.__context__ if isinstance(e, httptools.HttpParserCallbackError) else e
             self._fail(502, f"malformed response from upstream {self.server.address}: {cause or e}")
@@ -442,6 +484,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.stop_idle_timer()
         self.pool.forget(self)
         ex = self.exchange
+        if self.tunnel and ex is not None:
+            self._done()
+            ex.client.close()  # the tunnel ends when either side closes it
+            ex.finish()
+            return
         if ex is None or self.message_done:
             return
         if self.head_received and self.framing == UNTIL_CLOSE:
@@ -480,6 +527,14 @@ class UpstreamConnection(asyncio.Protocol):
             self.reason, self.headers = b"", []
             return
         validate_headers(self.headers)
+        if status == 101:
+            if not ex.upgrade:
+                raise HeaderError("101 Switching Protocols to a request that did not ask", None, 502)
+            self.status = status
+            self.tunnel = True
+            ex.response_head(status, self.reason, self.headers, 0, None)
+            self.head_received = True
+            return
         http11 = self.parser.get_http_version() == "1.1"
         self.framing = response_framing(status, self.headers, ex.method, http11)
         declared = None
@@ -507,6 +562,8 @@ class UpstreamConnection(asyncio.Protocol):
         ex = self.exchange
         if ex is None or not self.head_received:
             return  # an interim (1xx) response ended
+        if self.tunnel:
+            return  # llhttp ends the 101 "message" at its head; the tunnel goes on
         self._complete(self.parser.should_keep_alive())
 
     def _complete(self, keep_alive: bool) -> None:
@@ -527,6 +584,9 @@ class UpstreamConnection(asyncio.Protocol):
         """Detach from the exchange (which the caller then finishes)."""
         ex = self.exchange
         self.exchange = None
+        # A connection paused for a slow client must not go back to the pool paused: the next
+        # exchange on it would wait forever.
+        self.resume_reading()
         if ex is not None:
             ex.upstream = None
             if ex.client.transport is not None:
@@ -564,6 +624,7 @@ class ClientConnection(asyncio.Protocol):
         # in the same read (a bad chunk after a good head) is then refused before any byte of it
         # goes upstream.
         self.feeding = False
+        self.tunnel: Exchange | None = None  # the Upgrade exchange whose bytes now pass through
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -576,6 +637,9 @@ class ClientConnection(asyncio.Protocol):
         self._arm(self.limits.head_timeout, self._head_timeout)
 
     def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.tunnel_out(data)
+            return
         if self.closing:
             return
         if self.parsing is None or not self.parsing.method:
@@ -593,8 +657,16 @@ class ClientConnection(asyncio.Protocol):
                 self._refuse_current(_Refuse(cause.status, str(cause)))
             else:
                 raise
-        except httptools.HttpParserUpgrade:
-            self._refuse_current(_Refuse(501, "protocol upgrades are not supported yet"))
+        except httptools.HttpParserUpgrade as e:
+            # llhttp stops after an Upgrade request's head; what follows is the tunnel's.
+            ex = self.queue[-1] if self.queue else None
+            if ex is not None and ex.upgrade and ex.refusal is None:
+                self.tunnel = ex
+                rest = data[e.args[0] :] if e.args else b""
+                if rest:
+                    ex.tunnel_out(rest)
+            else:
+                self.closing = True  # a refused Upgrade: nothing more is read
         except httptools.HttpParserError as e:
             self._refuse_current(_Refuse(400, f"malformed request: {e}"))
         else:
@@ -615,14 +687,14 @@ class ClientConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         self.write_paused = True
         for ex in self.queue:
-            if ex.upstream is not None and ex.upstream.transport is not None:
-                ex.upstream.transport.pause_reading()
+            if ex.upstream is not None:
+                ex.upstream.pause_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
         for ex in self.queue:
-            if ex.upstream is not None and ex.upstream.transport is not None:
-                ex.upstream.transport.resume_reading()
+            if ex.upstream is not None:
+                ex.upstream.resume_reading()
 
     # -- httptools callbacks
     def on_message_begin(self) -> None:
@@ -652,6 +724,7 @@ class ClientConnection(asyncio.Protocol):
         ex.method = self.parser.get_method()
         ex.http11 = self.parser.get_http_version() == "1.1"
         ex.keep_alive = self.parser.should_keep_alive()
+        ex.upgrade = self.parser.should_upgrade()
         self.head_raw = 0
         self._disarm()
         try:
@@ -664,6 +737,10 @@ class ClientConnection(asyncio.Protocol):
             if ex.http11 and not hosts:
                 raise _Refuse(400, "missing Host header")
             host = hosts[0] if hosts else None
+            if ex.upgrade and ex.method == b"CONNECT":
+                raise _Refuse(405, "CONNECT is not supported by a reverse proxy")
+            if ex.upgrade and ex.framing != 0:
+                raise _Refuse(400, "an Upgrade request with a body")
             ex.route = self.state.router.match(ex.method.decode("latin-1"), ex.target.decode("latin-1"), host)
             if ex.route is None:
                 # No route: answered here; a request body would have to be drained, so close then.

@@ -14,7 +14,8 @@ how it behaves while it runs:
 
 Paths with a meaning: ``/echo`` answers with the request body, ``/bytes/N`` with N bytes (streamed
 in 64 KiB pieces with backpressure, for large-download tests), ``/chunked/N`` with N bytes chunked,
-``/status/NNN`` with that status. Anything else answers ``body`` (default: a short JSON naming the
+``/status/NNN`` with that status, ``/upgrade`` (with ``Connection: upgrade``) switches protocols
+(101) and then echoes every byte back, like a WebSocket echo server. Anything else answers ``body`` (default: a short JSON naming the
 server and the path).
 
 Use from asyncio (``async with SampleServer(...) as s``) or from synchronous code in a thread of
@@ -71,6 +72,8 @@ class _Connection(asyncio.Protocol):
         self.can_write = asyncio.Event()
         self.can_write.set()
         self.head_only = False  # answering a HEAD: heads are written, bodies are not
+        self.echo = False  # after a 101 on /upgrade: every byte read is written back
+        self.early: bytes = b""  # bytes that came with the Upgrade request's head
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -82,8 +85,13 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.server.received += len(data)
+        if self.echo:
+            self._write(data)
+            return
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            self.early = data[e.args[0] :] if e.args else b""
         except httptools.HttpParserError:
             self._write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
             self._close()
@@ -169,6 +177,14 @@ class _Connection(asyncio.Protocol):
             self._head(200, [(b"Content-Length", str(len(body) + 100).encode())], conn)
             self._body(body[: len(body) // 2])
             return False
+        if path == b"/upgrade" and self.parser.should_upgrade():
+            self._head(101, [(b"Upgrade", req.header(b"upgrade") or b"echo"), (b"Connection", b"Upgrade")], b"")
+            self.echo = True
+            if self.early:
+                self._write(self.early)
+            return True
+        if self.parser.should_upgrade():
+            close, conn = True, b"Connection: close\r\n"  # llhttp stopped parsing: nothing follows
         if path == b"/echo":
             body = bytes(req.body)
             self._head(200, [(b"Content-Length", str(len(body)).encode())], conn)

@@ -289,3 +289,55 @@ def test_upstream_closing_before_answering_is_502() -> None:
         conn = http.client.HTTPConnection(*addr, timeout=10)
         conn.request("GET", "/")
         assert conn.getresponse().status == 502
+
+
+WS_REQUEST = (b"GET /upgrade HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+
+
+def test_upgrade_is_tunnelled_after_101() -> None:
+    up = SampleServer()
+    with proxy(up) as addr:
+        with socket.create_connection(addr, timeout=5) as sock:
+            sock.sendall(WS_REQUEST)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += sock.recv(65536)
+            assert head.startswith(b"HTTP/1.1 101 ")
+            lower = head.lower()
+            assert b"upgrade: websocket" in lower and b"connection: upgrade" in lower
+            assert b"x-request-id: " in lower
+            for message in (b"\x81\x05hello", b"binary \x00\xff frames", b"x" * 200_000):
+                sock.sendall(message)
+                echoed = b""
+                while len(echoed) < len(message):
+                    echoed += sock.recv(65536)
+                assert echoed == message
+    req = up.requests[0]
+    assert req.header(b"upgrade") == b"websocket" and req.header(b"connection") == b"upgrade"
+    assert req.header(b"sec-websocket-key") == b"dGhlIHNhbXBsZSBub25jZQ=="
+
+
+def test_upgrade_bytes_sent_with_the_head_are_relayed() -> None:
+    with proxy(SampleServer()) as addr:
+        with socket.create_connection(addr, timeout=5) as sock:
+            sock.sendall(WS_REQUEST + b"early-bytes")
+            data = b""
+            while not data.endswith(b"early-bytes"):
+                chunk = sock.recv(65536)
+                assert chunk, data
+                data += chunk
+            assert data.startswith(b"HTTP/1.1 101")
+
+
+def test_upgrade_refused_by_the_upstream_is_answered_and_closed() -> None:
+    with proxy(SampleServer()) as addr:
+        out = raw(addr, WS_REQUEST.replace(b"/upgrade", b"/plain"))
+    assert out.startswith(b"HTTP/1.1 200") and b"connection: close" in out.lower()
+
+
+def test_connect_is_refused() -> None:
+    up = SampleServer()
+    with proxy(up) as addr:
+        out = raw(addr, b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 405") and up.received == 0
