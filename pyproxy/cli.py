@@ -24,7 +24,7 @@ def _listen_address(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _demo(host: str, port: int) -> int:
+def _demo(listen: tuple[str, int], admin: tuple[str, int]) -> int:
     """The proxy with an embedded configuration in front of three built-in sample upstreams."""
     import logging
 
@@ -45,8 +45,8 @@ def _demo(host: str, port: int) -> int:
             await u.start()
         config = parse_config(
             {
-                "listeners": [{"host": host, "port": port}],
-                "admin": {"enabled": False},
+                "listeners": [{"host": listen[0], "port": listen[1]}],
+                "admin": {"host": admin[0], "port": admin[1]},
                 "pools": {"samples": {"servers": [u.address for u in upstreams]}},
                 "routes": [{"name": "all", "pool": "samples"}],
             }
@@ -59,6 +59,9 @@ def _demo(host: str, port: int) -> int:
         print(f"pyproxy {__version__} demo: proxy on {url}, in front of", flush=True)
         for u in upstreams:
             print(f"  {u.name:>6} upstream on {u.address} ({u.latency * 1000:g} ms per request)")
+        if server.admin is not None and server.admin.address is not None:
+            print(f"admin API on http://{server.admin.address[0]}:{server.admin.address[1]}"
+                  " (/healthz /readyz /config)")
         print(f"\nTry:\n  curl -i {url}/hello\n  curl -i -X POST --data 'hi there' {url}/echo")
         print(f"  curl -s -o /dev/null -w '%{{http_code}} %{{size_download}} bytes\\n' {url}/bytes/10000000")
         print("\nCtrl-C stops the proxy and the sample upstreams.", flush=True)
@@ -107,7 +110,9 @@ def _run(path: str) -> int:
             print(f"  {problem}", file=sys.stderr)
         return 1
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run(config)
+    from pathlib import Path
+
+    return run(config, Path(path))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -118,13 +123,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="run the proxy in front of three built-in sample upstreams")
     demo.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT", type=_listen_address,
                       help="where the demo proxy listens (default 127.0.0.1:8080; port 0: any free)")
+    demo.add_argument("--admin", default="127.0.0.1:9901", metavar="HOST:PORT", type=_listen_address,
+                      help="where the demo's admin API listens (default 127.0.0.1:9901)")
     check = sub.add_parser("check", help="validate a configuration file and list every problem")
     check.add_argument("--config", required=True, metavar="FILE", help="TOML configuration file")
     run_cmd = sub.add_parser("run", help="run the proxy with a configuration file")
     run_cmd.add_argument("--config", required=True, metavar="FILE", help="TOML configuration file")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        return _demo(*args.listen)
+        return _demo(args.listen, args.admin)
     if args.command == "check":
         return _check(args.config)
     if args.command == "run":

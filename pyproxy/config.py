@@ -37,6 +37,7 @@ __all__ = [
     "Server",
     "load_config",
     "parse_config",
+    "reload_problems",
 ]
 
 T = TypeVar("T")
@@ -593,3 +594,15 @@ def load_config(path: str | Path) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([Problem("", f"invalid TOML: {e}")], str(path)) from e
     return parse_config(data, str(path))
+
+
+def reload_problems(running: Config, new: Config) -> list[Problem]:
+    """What a reload cannot change without a restart (listening sockets and processes)."""
+    problems = []
+    if new.listeners != running.listeners:
+        problems.append(Problem("listeners", "cannot change on reload; restart to rebind"))
+    if new.workers != running.workers:
+        problems.append(Problem("workers", "cannot change on reload; restart to change it"))
+    if new.admin != running.admin:
+        problems.append(Problem("admin", "cannot change on reload; restart to change it"))
+    return problems

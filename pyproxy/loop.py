@@ -57,9 +57,12 @@ def in_thread(
 
 
 def serve_until_signal(
-    start: Callable[[], Awaitable[object]], stop: Callable[[], Awaitable[object]]
+    start: Callable[[], Awaitable[object]],
+    stop: Callable[[], Awaitable[object]],
+    on_hangup: Callable[[], object] | None = None,
 ) -> None:
-    """Run ``start()`` on a new loop in this thread, serve until SIGINT or SIGTERM, then ``stop()``."""
+    """Run ``start()`` on a new loop in this thread, serve until SIGINT or SIGTERM, then ``stop()``.
+    SIGHUP calls ``on_hangup`` (a reload) when given."""
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
     stopping = asyncio.Event()
@@ -67,6 +70,8 @@ def serve_until_signal(
         loop.run_until_complete(start())
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stopping.set)
+        if on_hangup is not None:
+            loop.add_signal_handler(signal.SIGHUP, on_hangup)
         loop.run_until_complete(stopping.wait())
     finally:
         loop.run_until_complete(stop())

@@ -93,6 +93,28 @@ class ProxyState:
             pools={name: ConnectionPool(p) for name, p in config.pools.items()},
         )
 
+    def apply(self, config: Config) -> None:
+        """Switch to a new configuration without dropping a connection (reload).
+
+        New requests use the new routes and pools at once; requests in flight finish on what they
+        started with. A pool whose definition did not change keeps its warm upstream connections;
+        a changed or removed one is retired: its idle connections close now, its busy ones when
+        their exchange ends.
+        """
+        pools: dict[str, ConnectionPool] = {}
+        balancers: dict[str, RoundRobin] = {}
+        for name, pool in config.pools.items():
+            old = self.pools.get(name)
+            if old is not None and old.pool == pool:
+                pools[name], balancers[name] = old, self.balancers[name]
+            else:
+                pools[name], balancers[name] = ConnectionPool(pool), RoundRobin(pool.servers)
+        for name, old in self.pools.items():
+            if pools.get(name) is not old:
+                old.retire()
+        self.config, self.router = config, Router(config.routes)
+        self.pools, self.balancers = pools, balancers
+
     async def drain(self, timeout: float) -> None:
         """Let in-flight requests finish (up to ``timeout`` seconds), then close everything."""
         self.draining = True
@@ -120,6 +142,7 @@ class ConnectionPool:
             collections.deque
         )
         self.connects = 0
+        self.retired = False  # replaced by a reload: connections close instead of returning
 
     def take_idle(self, server: Server) -> UpstreamConnection | None:
         """A kept-alive connection to ``server`` (most recently used first), if one is usable."""
@@ -144,7 +167,7 @@ class ConnectionPool:
     def release(self, conn: UpstreamConnection) -> None:
         """Keep ``conn`` for reuse, or close it when the pool is full or it cannot be reused."""
         idle = self.idle[conn.server]
-        if not conn.usable() or len(idle) >= self.pool.max_idle_per_server:
+        if self.retired or not conn.usable() or len(idle) >= self.pool.max_idle_per_server:
             conn.close()
             return
         idle.append(conn)
@@ -155,7 +178,12 @@ class ConnectionPool:
         if idle and conn in idle:
             idle.remove(conn)
 
+    def retire(self) -> None:
+        self.retired = True
+        self.close()
+
     def close(self) -> None:
+        """Close the idle connections (busy ones are closed when released)."""
         for idle in self.idle.values():
             while idle:
                 idle.pop().close()

@@ -7,7 +7,9 @@ rather than waking them all on one shared queue), and a worker that dies is repl
 
 SIGINT/SIGTERM stop accepting, let in-flight requests finish (answered with ``Connection: close``)
 for up to ``limits.drain_timeout`` and exit 0; the supervisor passes the signal to its workers and
-exits 0 when they have. Reload without dropped connections is the next step of the data-plane issue.
+exits 0 when they have. SIGHUP (or ``POST /reload`` on the admin API) re-reads the configuration
+file: a valid one is applied without dropping a connection (in every worker), an invalid one is
+refused with every problem logged (and returned by the admin API) while the old one keeps running.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
-from pyproxy.config import Config
+from pyproxy.admin import AdminServer
+from pyproxy.config import Config, ConfigError, Problem, load_config, reload_problems
 from pyproxy.loop import in_thread, serve_until_signal
 from pyproxy.proxy import ClientConnection, ProxyState
 
@@ -30,13 +34,18 @@ log = logging.getLogger("pyproxy.server")
 
 
 class ProxyServer:
-    """The proxy's listeners over one :class:`~pyproxy.proxy.ProxyState`."""
+    """The proxy's listeners over one :class:`~pyproxy.proxy.ProxyState`, and (when ``admin``)
+    the admin API, for which it is the :class:`~pyproxy.admin.Controller`."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, config_path: Path | None = None, admin: bool = True) -> None:
         self.config = config
+        self.config_path = config_path
         self.state: ProxyState | None = None
         self._servers: list[asyncio.Server] = []
         self.addresses: list[tuple[str, int]] = []
+        self.admin: AdminServer | None = (
+            AdminServer(self, config.admin) if admin and config.admin.enabled else None
+        )
 
     async def start(self) -> None:
         """Bind every listener (port 0 takes a free port: see :attr:`addresses`)."""
@@ -55,9 +64,13 @@ class ProxyServer:
             host, port = server.sockets[0].getsockname()[:2]
             self.addresses.append((host, port))
             log.info("listening on %s:%d", host, port)
+        if self.admin is not None:
+            await self.admin.start()
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to ``limits.drain_timeout``), close."""
+        if self.admin is not None:
+            await self.admin.stop()
         for server in self._servers:
             server.close()
         if self.state is not None:
@@ -66,6 +79,27 @@ class ProxyServer:
             await server.wait_closed()
         self._servers.clear()
 
+    # -- admin Controller
+    def current_config(self) -> Config:
+        return self.state.config if self.state is not None else self.config
+
+    def ready(self) -> tuple[bool, str]:
+        if self.state is None:
+            return False, "starting"
+        if self.state.draining:
+            return False, "shutting down"
+        return True, ""
+
+    def reload(self) -> list[Problem]:
+        """Re-read the configuration file and apply it, or return why not (nothing changes)."""
+        new, problems = _load_for_reload(self.config_path, self.current_config())
+        if new is not None and self.state is not None:
+            self.state.apply(new)
+            log.info("configuration reloaded from %s", self.config_path)
+        else:
+            log.error("reload refused: %s", "; ".join(map(str, problems)))
+        return problems
+
     @contextlib.contextmanager
     def running(self) -> Iterator[ProxyServer]:
         """Serve from a background thread (tests, embedding in synchronous code)."""
@@ -73,18 +107,30 @@ class ProxyServer:
             yield self
 
 
-def run(config: Config) -> int:
-    """Serve ``config`` until SIGINT or SIGTERM; the exit status."""
+def _load_for_reload(path: Path | None, running: Config) -> tuple[Config | None, list[Problem]]:
+    """The configuration a reload would switch to, or the problems that refuse it."""
+    if path is None:
+        return None, [Problem("", "no configuration file to reload (embedded configuration)")]
+    try:
+        new = load_config(path)
+    except ConfigError as e:
+        return None, e.problems
+    problems = reload_problems(running, new)
+    return (None, problems) if problems else (new, [])
+
+
+def run(config: Config, config_path: Path | None = None) -> int:
+    """Serve ``config`` until SIGINT or SIGTERM (SIGHUP reloads ``config_path``); exit status."""
     if config.workers == 1:
-        serve_worker(config)
+        serve_worker(config, config_path, admin=True)
         return 0
-    return Supervisor(config).run()
+    return Supervisor(config, config_path).run()
 
 
-def serve_worker(config: Config) -> None:
-    """One worker: the listeners on one event loop until SIGINT or SIGTERM."""
-    server = ProxyServer(config)
-    serve_until_signal(server.start, server.stop)
+def serve_worker(config: Config, config_path: Path | None, admin: bool) -> None:
+    """One worker: the listeners on one event loop until SIGINT or SIGTERM; SIGHUP reloads."""
+    server = ProxyServer(config, config_path, admin=admin)
+    serve_until_signal(server.start, server.stop, on_hangup=server.reload)
 
 
 class Supervisor:
@@ -94,8 +140,9 @@ class Supervisor:
     # so a broken deployment does not fork in a tight loop.
     FAST_CRASH_SECONDS = 1.0
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, config_path: Path | None = None) -> None:
         self.config = config
+        self.config_path = config_path
         self.children: dict[int, tuple[int, float]] = {}  # pid -> (slot, started at)
         self.stopping = False
         self.restarts = 0
@@ -103,8 +150,43 @@ class Supervisor:
     def run(self) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
+        signal.signal(signal.SIGHUP, lambda signum, frame: self.reload())
         for slot in range(self.config.workers):
             self._spawn(slot)
+        with contextlib.ExitStack() as stack:
+            if self.config.admin.enabled:
+                # The admin API lives here, once for all workers, on a thread of its own.
+                admin = AdminServer(self, self.config.admin)
+                stack.enter_context(in_thread(admin.start, admin.stop, "pyproxy-admin"))
+            self._supervise()
+        return 0
+
+    # -- admin Controller
+    def current_config(self) -> Config:
+        return self.config
+
+    def ready(self) -> tuple[bool, str]:
+        alive = len(self.children)
+        if self.stopping:
+            return False, "shutting down"
+        if alive < self.config.workers:
+            return False, f"{alive} of {self.config.workers} workers running"
+        return True, ""
+
+    def reload(self) -> list[Problem]:
+        """Validate the file here, then have every worker re-read it (SIGHUP)."""
+        new, problems = _load_for_reload(self.config_path, self.config)
+        if new is None:
+            log.error("reload refused: %s", "; ".join(map(str, problems)))
+            return problems
+        self.config = new  # workers started from now on get it too
+        for pid in list(self.children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+        log.info("configuration reloaded from %s in %d workers", self.config_path, len(self.children))
+        return []
+
+    def _supervise(self) -> None:
         while self.children:
             try:
                 pid, status = os.wait()
@@ -121,16 +203,15 @@ class Supervisor:
                 time.sleep(self.FAST_CRASH_SECONDS)
             if not self.stopping:
                 self._spawn(slot)
-        return 0
 
     def _spawn(self, slot: int) -> None:
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
             try:
-                signal.signal(signal.SIGINT, signal.SIG_DFL)
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                serve_worker(self.config)
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                    signal.signal(sig, signal.SIG_DFL)
+                serve_worker(self.config, self.config_path, admin=False)
                 code = 0
             except BaseException:  # noqa: BLE001 - reported, then the supervisor replaces us
                 log.exception("worker %d failed", slot)

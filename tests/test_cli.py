@@ -14,7 +14,7 @@ import pytest
 
 def test_demo_answers_and_stops_on_sigint() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pyproxy", "demo", "--listen", "127.0.0.1:0"],
+        [sys.executable, "-m", "pyproxy", "demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -31,6 +31,10 @@ def test_demo_answers_and_stops_on_sigint() -> None:
                 assert resp.status == 200 and resp.headers["Via"] == "1.1 pyproxy"
                 names.add(resp.headers["Server"])
         assert names == {"pyproxy-sample/fast", "pyproxy-sample/medium", "pyproxy-sample/slow"}
+        admin_line = next(line for line in iter(proc.stdout.readline, "") if "admin API" in line)
+        admin_url = re.search(r"(http://127\.0\.0\.1:\d+)", admin_line).group(1)  # type: ignore[union-attr]
+        with urllib.request.urlopen(f"{admin_url}/healthz", timeout=10) as resp:
+            assert resp.status == 200
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=15) == 0
     finally:

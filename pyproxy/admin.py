@@ -1,0 +1,151 @@
+"""The admin API: a small HTTP/1.1 server on its own listener (loopback by default).
+
+    GET  /healthz   200 while the process serves
+    GET  /readyz    200 when every worker is up, else 503
+    GET  /config    the effective configuration as JSON, secrets redacted
+    POST /reload    re-read the configuration file: 200, or 400 listing every problem (the running
+                    configuration stays in force)
+
+With ``admin.token`` set, every request needs ``Authorization: Bearer <token>`` (else 401). The
+metrics endpoint arrives with the metrics (native counters aggregated across workers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from typing import Protocol, cast
+
+import httptools
+
+from pyproxy.config import AdminConfig, Config, Problem
+from pyproxy.headers import serialize_response_head
+
+__all__ = ["AdminServer", "Controller"]
+
+log = logging.getLogger("pyproxy.admin")
+
+_MAX_REQUEST = 64 * 1024  # admin requests are tiny; anything bigger is refused
+
+
+class Controller(Protocol):
+    """What the admin API asks of the process it runs in (a worker or the supervisor)."""
+
+    def current_config(self) -> Config: ...
+
+    def ready(self) -> tuple[bool, str]: ...
+
+    def reload(self) -> list[Problem]: ...
+
+
+class _AdminConnection(asyncio.Protocol):
+    def __init__(self, server: AdminServer) -> None:
+        self.server = server
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.received = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.received > _MAX_REQUEST:
+            self._respond(413, {"error": "request too large"})
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self._respond(400, {"error": "malformed request"})
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value))
+
+    def on_message_complete(self) -> None:
+        method = self.parser.get_method()
+        path = self.url.split(b"?", 1)[0]
+        status, body = self.server.handle(method, path, dict(self.headers))
+        self._respond(status, body)
+
+    def _respond(self, status: int, body: dict[str, object]) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        payload = (json.dumps(body, indent=2, sort_keys=True) + "\n").encode()
+        headers = [
+            (b"Content-Type", b"application/json"),
+            (b"Content-Length", str(len(payload)).encode()),
+            (b"Cache-Control", b"no-store"),
+            (b"Connection", b"close"),
+        ]
+        if status == 401:
+            headers.append((b"WWW-Authenticate", b'Bearer realm="pyproxy-admin"'))
+        if status == 405:
+            headers.append((b"Allow", self.server.allowed(self.url.split(b"?", 1)[0])))
+        self.transport.write(serialize_response_head(status, None, headers) + payload)
+        self.transport.close()
+
+
+class AdminServer:
+    """Serves the admin API for a :class:`Controller`."""
+
+    ROUTES = {b"/healthz": b"GET", b"/readyz": b"GET", b"/config": b"GET", b"/reload": b"POST"}
+
+    def __init__(self, controller: Controller, config: AdminConfig) -> None:
+        self.controller = controller
+        self.config = config
+        self._server: asyncio.Server | None = None
+        self.address: tuple[str, int] | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _AdminConnection(self), self.config.host, self.config.port, reuse_address=True
+        )
+        self.address = self._server.sockets[0].getsockname()[:2]
+        log.info("admin API on %s:%d", *self.address)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    def allowed(self, path: bytes) -> bytes:
+        return self.ROUTES.get(path, b"GET")
+
+    def handle(
+        self, method: bytes, path: bytes, headers: dict[bytes, bytes]
+    ) -> tuple[int, dict[str, object]]:
+        """Answer one admin request: (status, JSON body)."""
+        if self.config.token is not None and not self._authorized(headers.get(b"authorization")):
+            return 401, {"error": "missing or wrong bearer token"}
+        expected = self.ROUTES.get(path)
+        if expected is None:
+            return 404, {"error": f"no admin endpoint {path.decode('latin-1')}",
+                         "endpoints": sorted(p.decode() for p in self.ROUTES)}
+        if method != expected:
+            return 405, {"error": f"{path.decode()} takes {expected.decode()}"}
+        if path == b"/healthz":
+            return 200, {"status": "ok"}
+        if path == b"/readyz":
+            ready, why = self.controller.ready()
+            return (200, {"status": "ready"}) if ready else (503, {"status": "not ready", "why": why})
+        if path == b"/config":
+            return 200, self.controller.current_config().redacted()
+        problems = self.controller.reload()
+        if problems:
+            return 400, {"reloaded": False, "problems": [str(p) for p in problems]}
+        return 200, {"reloaded": True}
+
+    def _authorized(self, value: bytes | None) -> bool:
+        if value is None or not value.lower().startswith(b"bearer "):
+            return False
+        assert self.config.token is not None
+        return hmac.compare_digest(value[7:].strip(), self.config.token.encode())

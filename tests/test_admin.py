@@ -1,0 +1,136 @@
+"""The admin API and reload: endpoints, token, reload applied without dropping connections or
+refused with its problems, in one process and across workers."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from pyproxy.config import load_config
+from pyproxy.sample_server import SampleServer
+from pyproxy.server import ProxyServer
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(path: Path, port: int, admin_port: int, servers: list[str], *, workers: int = 1,
+                 token: str | None = None, prefix: str = "/") -> None:
+    token_line = f'token = "{token}"\n' if token else ""
+    path.write_text(
+        f"workers = {workers}\n[[listeners]]\nport = {port}\n"
+        f"[admin]\nport = {admin_port}\n{token_line}"
+        f"[pools.p]\nservers = {json.dumps(servers)}\n"
+        f'[[routes]]\npool = "p"\npath_prefix = "{prefix}"\n'
+    )
+
+
+def admin(port: int, method: str, path: str, token: str | None = None) -> tuple[int, dict]:  # type: ignore[type-arg]
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_endpoints_token_and_reload_in_one_process(tmp_path: Path) -> None:
+    a, b = SampleServer(name="a"), SampleServer(name="b")
+    with a.running(), b.running():
+        cfg_path = tmp_path / "p.toml"
+        port, admin_port = free_port(), free_port()
+        write_config(cfg_path, port, admin_port, [a.address], token="s3cret")
+        server = ProxyServer(load_config(cfg_path), cfg_path)
+        with server.running():
+            assert admin(admin_port, "GET", "/healthz")[0] == 401
+            assert admin(admin_port, "GET", "/healthz", "wrong")[0] == 401
+            assert admin(admin_port, "GET", "/healthz", "s3cret") == (200, {"status": "ok"})
+            assert admin(admin_port, "GET", "/readyz", "s3cret")[0] == 200
+            status, config = admin(admin_port, "GET", "/config", "s3cret")
+            assert status == 200 and config["admin"]["token"] == "<redacted>"
+            assert config["pools"]["p"]["servers"][0]["port"] == a.port
+            assert admin(admin_port, "GET", "/reload", "s3cret")[0] == 405
+            assert admin(admin_port, "GET", "/nope", "s3cret")[0] == 404
+
+            # A client keeps one connection open across the reload.
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("GET", "/x")
+            assert json.loads(conn.getresponse().read())["server"] == "a"
+
+            write_config(cfg_path, port, admin_port, [b.address], token="s3cret")
+            assert admin(admin_port, "POST", "/reload", "s3cret") == (200, {"reloaded": True})
+            conn.request("GET", "/x")
+            assert json.loads(conn.getresponse().read())["server"] == "b", "same connection, new pool"
+
+            cfg_path.write_text("[pools.p]\nservers = ['nonsense']\n")
+            status, body = admin(admin_port, "POST", "/reload", "s3cret")
+            assert status == 400 and body["reloaded"] is False
+            assert any("pools.p.servers[0]" in p for p in body["problems"])
+            write_config(cfg_path, free_port(), admin_port, [a.address], token="s3cret")
+            status, body = admin(admin_port, "POST", "/reload", "s3cret")
+            assert status == 400 and any(p.startswith("listeners:") for p in body["problems"])
+
+            conn.request("GET", "/x")  # still the configuration that was applied last
+            assert json.loads(conn.getresponse().read())["server"] == "b"
+
+
+def eventually(predicate, seconds: float = 10) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+
+
+def test_reload_across_workers_by_admin_and_sighup(tmp_path: Path) -> None:
+    a, b = SampleServer(name="a"), SampleServer(name="b")
+    with a.running(), b.running():
+        cfg_path = tmp_path / "p.toml"
+        port, admin_port = free_port(), free_port()
+        write_config(cfg_path, port, admin_port, [a.address], workers=2)
+        proc = subprocess.Popen([sys.executable, "-m", "pyproxy", "run", "--config", str(cfg_path)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def served_by() -> set[str]:
+            names = set()
+            for _ in range(20):  # new connections: both workers take some
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as resp:
+                    names.add(json.loads(resp.read())["server"])
+            return names
+
+        try:
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    if admin(admin_port, "GET", "/readyz")[0] == 200:
+                        break
+                except OSError:
+                    pass
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.05)
+            assert served_by() == {"a"}
+            write_config(cfg_path, port, admin_port, [b.address], workers=2)
+            assert admin(admin_port, "POST", "/reload") == (200, {"reloaded": True})
+            eventually(lambda: served_by() == {"b"})  # workers apply their SIGHUP asynchronously
+            write_config(cfg_path, port, admin_port, [a.address], workers=2)
+            proc.send_signal(signal.SIGHUP)
+            eventually(lambda: served_by() == {"a"})
+            assert a.accepts >= 2 and b.accepts >= 2, "both workers served both configurations"
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=15) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
