@@ -638,6 +638,7 @@ class ClientConnection(asyncio.Protocol):
     def __init__(self, state: ProxyState) -> None:
         self.state = state
         self.limits: Limits = state.config.limits
+        self._loop = asyncio.get_running_loop()
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.peer = b"unknown"
@@ -653,6 +654,10 @@ class ClientConnection(asyncio.Protocol):
         # goes upstream.
         self.feeding = False
         self.tunnel: Exchange | None = None  # the Upgrade exchange whose bytes now pass through
+        # Slow request bodies (limits.body_timeout): one timer per body, not one per read; each
+        # read only moves the deadline, and the timer re-arms itself until the deadline passes.
+        self.body_timer: asyncio.TimerHandle | None = None
+        self.body_deadline = 0.0
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -661,6 +666,11 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = str(peer[0]).encode()
+        if len(self.state.clients) >= self.limits.max_connections:
+            log.warning("max_connections (%d) reached: closing a new connection", self.limits.max_connections)
+            self.closing = True
+            self.transport.close()
+            return
         self.state.clients.add(self)
         self._arm(self.limits.head_timeout, self._head_timeout)
 
@@ -708,6 +718,7 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self._disarm()
+        self._stop_body_timer()
         self.state.clients.discard(self)
         while self.queue:
             self.queue.popleft().abandon()
@@ -785,6 +796,8 @@ class ClientConnection(asyncio.Protocol):
             ex.refusal = _Refuse(e.status, str(e))
         except _Refuse as r:
             ex.refusal = r
+        if ex.framing != 0 and ex.refusal is None:
+            self._start_body_timer()
         self._enqueue(ex)
         if ex.refusal is not None and ex.refusal.close:
             # Nothing after a refused head is read: its body and any pipelined bytes are dropped.
@@ -794,6 +807,7 @@ class ClientConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         ex = self.parsing
         assert ex is not None
+        self.body_deadline = self._loop.time() + self.limits.body_timeout
         if ex.refusal is None and not ex.done:
             try:
                 ex.feed_body(body)
@@ -810,6 +824,7 @@ class ClientConnection(asyncio.Protocol):
         ex = self.parsing
         assert ex is not None
         self.parsing = None
+        self._stop_body_timer()
         if ex.refusal is None:
             ex.end_body()
         else:
@@ -920,6 +935,36 @@ class ClientConnection(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+
+    def _start_body_timer(self) -> None:
+        self.body_deadline = self._loop.time() + self.limits.body_timeout
+        self.body_timer = self._loop.call_at(self.body_deadline, self._body_timeout)
+
+    def _stop_body_timer(self) -> None:
+        if self.body_timer is not None:
+            self.body_timer.cancel()
+            self.body_timer = None
+
+    def _body_timeout(self) -> None:
+        now = self._loop.time()
+        if self.body_deadline > now or self.read_pauses:
+            # Data came meanwhile, or we stopped reading ourselves (backpressure): not the
+            # client's delay. Check again later.
+            later = max(self.body_deadline, now + 0.05)
+            self.body_timer = self._loop.call_at(later, self._body_timeout)
+            return
+        self.body_timer = None
+        ex = self.parsing
+        if ex is None:
+            return
+        refusal = _Refuse(408, f"request body stalled for {self.limits.body_timeout:g}s")
+        ex.keep_alive = False
+        if ex.started:
+            ex.abandon_upstream()
+            ex.fail(refusal.status, str(refusal), close=True)
+        else:
+            self._refuse_current(refusal)
+            self._start_next()
 
     def _head_timeout(self) -> None:
         self.timer = None

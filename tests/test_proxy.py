@@ -341,3 +341,35 @@ def test_connect_is_refused() -> None:
     with proxy(up) as addr:
         out = raw(addr, b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 405") and up.received == 0
+
+
+def test_stalled_request_body_gets_408_and_nothing_waits_forever() -> None:
+    up = SampleServer()
+    with proxy(up, limits={"body_timeout": "300ms"}) as addr:
+        with socket.create_connection(addr, timeout=5) as sock:
+            sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"a" * 10)
+            start = time.monotonic()
+            out = b""
+            while chunk := sock.recv(65536):
+                out += chunk
+            assert out.startswith(b"HTTP/1.1 408") and b"stalled" in out
+            assert 0.25 <= time.monotonic() - start < 3
+        # A body that keeps coming, slowly but within the timeout, is fine.
+        with socket.create_connection(addr, timeout=5) as sock:
+            sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
+            for byte in b"hello":
+                time.sleep(0.15)
+                sock.sendall(bytes([byte]))
+            assert sock.recv(65536).endswith(b"hello")
+
+
+def test_connections_beyond_max_connections_are_closed() -> None:
+    with proxy(SampleServer(), limits={"max_connections": 2}) as addr:
+        held = [socket.create_connection(addr, timeout=5) for _ in range(2)]
+        time.sleep(0.1)
+        extra = socket.create_connection(addr, timeout=5)
+        assert extra.recv(100) == b""
+        held[0].sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert held[0].recv(65536).startswith(b"HTTP/1.1 200")
+        for s in [*held, extra]:
+            s.close()
