@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from pyproxy.errors import PyproxyError
 
 __all__ = [
+    "AccessLogConfig",
     "AdminConfig",
     "Config",
     "ConfigError",
@@ -89,6 +90,16 @@ class AdminConfig:
     host: str = "127.0.0.1"
     port: int = 9901
     token: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLogConfig:
+    """One JSON line per request, buffered and written in batches off the request path."""
+
+    enabled: bool = False
+    path: str = "-"  # "-": standard output
+    flush_interval: float = 1.0  # seconds between writes of the buffered lines
+    buffer_lines: int = 1000  # written at once when this many are waiting
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +171,7 @@ class Config:
     routes: tuple[Route, ...]
     admin: AdminConfig = AdminConfig()
     limits: Limits = Limits()
+    access_log: AccessLogConfig = AccessLogConfig()
     workers: int = 1
 
     def redacted(self) -> dict[str, Any]:
@@ -384,6 +396,22 @@ def _read_admin(r: _Reader, raw: object) -> AdminConfig:
     )
 
 
+def _read_access_log(r: _Reader, raw: object) -> AccessLogConfig:
+    if raw is None:
+        return AccessLogConfig()
+    t = r.table(raw, "access_log")
+    if t is None:
+        return AccessLogConfig()
+    d = AccessLogConfig()
+    r.check_keys(t, "access_log", _field_names(AccessLogConfig))
+    return AccessLogConfig(
+        enabled=r.get(t, "access_log", "enabled", _bool, d.enabled),
+        path=r.get(t, "access_log", "path", _text, d.path),
+        flush_interval=r.get(t, "access_log", "flush_interval", parse_duration, d.flush_interval),
+        buffer_lines=r.get(t, "access_log", "buffer_lines", _int_between(1, 1_000_000), d.buffer_lines),
+    )
+
+
 def _read_limits(r: _Reader, raw: object) -> Limits:
     if raw is None:
         return Limits()
@@ -547,7 +575,7 @@ def _read_routes(r: _Reader, raw: object, pools: Mapping[str, Pool]) -> tuple[Ro
 
 # ------------------------------------------------------------------------------------ loading
 
-TOP_LEVEL_KEYS = {"listeners", "admin", "limits", "pools", "routes", "workers"}
+TOP_LEVEL_KEYS = {"listeners", "admin", "limits", "access_log", "pools", "routes", "workers"}
 
 
 def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
@@ -557,6 +585,7 @@ def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
     r.check_keys(data, "", TOP_LEVEL_KEYS)
     listeners = _read_listeners(r, data.get("listeners"))
     admin = _read_admin(r, data.get("admin"))
+    access_log = _read_access_log(r, data.get("access_log"))
     limits = _read_limits(r, data.get("limits"))
     pools = _read_pools(r, data.get("pools"))
     routes = _read_routes(r, data.get("routes"), pools)
@@ -575,6 +604,7 @@ def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
         routes=routes,
         admin=admin,
         limits=limits,
+        access_log=access_log,
         workers=workers,
     )
 

@@ -49,6 +49,7 @@ from pyproxy.headers import (
     rewrite_response_head,
     validate_headers,
 )
+from pyproxy.observe.access_log import AccessLog
 from pyproxy.routing import Router
 
 __all__ = ["ClientConnection", "ConnectionPool", "Exchange", "ProxyState", "UpstreamConnection"]
@@ -83,6 +84,16 @@ class ProxyState:
     clients: set[ClientConnection] = field(default_factory=set)
     # Shutting down: answer what is in flight with "Connection: close", take nothing new.
     draining: bool = False
+    access_log: AccessLog | None = None
+
+    def open_access_log(self) -> None:
+        """Open (or reopen, after a reload) the access log the configuration asks for."""
+        if self.access_log is not None:
+            self.access_log.close()
+            self.access_log = None
+        if self.config.access_log.enabled:
+            self.access_log = AccessLog(self.config.access_log)
+            self.access_log.start()
 
     @classmethod
     def from_config(cls, config: Config) -> ProxyState:
@@ -112,8 +123,11 @@ class ProxyState:
         for name, old in self.pools.items():
             if pools.get(name) is not old:
                 old.retire()
+        log_changed = config.access_log != self.config.access_log
         self.config, self.router = config, Router(config.routes)
         self.pools, self.balancers = pools, balancers
+        if log_changed:
+            self.open_access_log()
 
     async def drain(self, timeout: float) -> None:
         """Let in-flight requests finish (up to ``timeout`` seconds), then close everything."""
@@ -131,6 +145,9 @@ class ProxyState:
             client.close()
         for pool in self.pools.values():
             pool.close()
+        if self.access_log is not None:
+            self.access_log.close()
+            self.access_log = None
 
 
 class ConnectionPool:
@@ -223,6 +240,10 @@ class Exchange:
         self.upstream: UpstreamConnection | None = None
         self.server: Server | None = None
         self.request_id = b""
+        self.host: bytes | None = None
+        self.head_done_at = 0.0  # loop time when the head was parsed (access log duration)
+        self.status = 0
+        self.bytes_out = 0  # response body bytes sent to the client
         self.started = False
         self.response_started = False
         self.done = False
@@ -396,6 +417,7 @@ class Exchange:
         if close:
             self.keep_alive = False
         self.response_started = True
+        self.status = status
         client.write(head)
         return chunked
 
@@ -581,6 +603,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.head_only:
             self.framing = UNTIL_CLOSE  # a body after a HEAD response: never reuse this connection
             return
+        ex.bytes_out += len(body)
         if self.chunk_to_client:
             ex.client.write(b"%x\r\n" % len(body) + body + b"\r\n")
         else:
@@ -764,6 +787,7 @@ class ClientConnection(asyncio.Protocol):
         ex.http11 = self.parser.get_http_version() == "1.1"
         ex.keep_alive = self.parser.should_keep_alive()
         ex.upgrade = self.parser.should_upgrade()
+        ex.head_done_at = self._loop.time()
         self.head_raw = 0
         self._disarm()
         try:
@@ -775,7 +799,7 @@ class ClientConnection(asyncio.Protocol):
                 raise _Refuse(400, "multiple Host header lines")
             if ex.http11 and not hosts:
                 raise _Refuse(400, "missing Host header")
-            host = hosts[0] if hosts else None
+            host = ex.host = hosts[0] if hosts else None
             if ex.upgrade and ex.method == b"CONNECT":
                 raise _Refuse(405, "CONNECT is not supported by a reverse proxy")
             if ex.upgrade and ex.framing != 0:
@@ -842,6 +866,8 @@ class ClientConnection(asyncio.Protocol):
         """``ex`` was answered: close, or move on to the next pipelined request, or wait idle."""
         if self.queue and self.queue[0] is ex:
             self.queue.popleft()
+        if self.state.access_log is not None:
+            self._log(ex, self.state.access_log)
         if not ex.request_done:
             # Answered before the request body was all read: stop here (the rest of the body
             # cannot be told apart from a next request without reading it all).
@@ -859,6 +885,20 @@ class ClientConnection(asyncio.Protocol):
     def idle(self) -> bool:
         """No request in progress (waiting for one, or between two)."""
         return not self.queue and (self.parsing is None or not self.parsing.method)
+
+    def _log(self, ex: Exchange, access_log: AccessLog) -> None:
+        access_log.record(
+            client=self.peer,
+            method=ex.method or b"-",
+            target=ex.target,
+            host=ex.host,
+            status=ex.status,
+            body_bytes=ex.bytes_out,
+            duration=self._loop.time() - ex.head_done_at if ex.head_done_at else 0.0,
+            route=ex.route.name if ex.route else None,
+            upstream=ex.server.address if ex.server else None,
+            request_id=ex.request_id,
+        )
 
     def _start_next(self) -> None:
         if self.queue and not self.queue[0].started and not self.queue[0].done:
@@ -882,7 +922,11 @@ class ClientConnection(asyncio.Protocol):
             headers.append((b"Connection", b"close"))
             ex.keep_alive = False
         ex.response_started = True
-        self.write(serialize_response_head(status, None, headers) + (b"" if ex.method == b"HEAD" else body))
+        ex.status = status
+        if ex.method == b"HEAD":
+            body = b""
+        ex.bytes_out += len(body)
+        self.write(serialize_response_head(status, None, headers) + body)
 
     # -- helpers
     def _refuse_current(self, refusal: _Refuse) -> None:

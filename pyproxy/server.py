@@ -51,6 +51,7 @@ class ProxyServer:
         """Bind every listener (port 0 takes a free port: see :attr:`addresses`)."""
         loop = asyncio.get_running_loop()
         self.state = state = ProxyState.from_config(self.config)
+        state.open_access_log()
         for listener in self.config.listeners:
             server = await loop.create_server(
                 lambda: ClientConnection(state),

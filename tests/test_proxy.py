@@ -373,3 +373,36 @@ def test_connections_beyond_max_connections_are_closed() -> None:
         assert held[0].recv(65536).startswith(b"HTTP/1.1 200")
         for s in [*held, extra]:
             s.close()
+
+
+def test_access_log_writes_one_json_line_per_request(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    log_path = tmp_path / "access.log"
+    up = SampleServer(name="a")
+    with ExitStack() as stack:
+        stack.enter_context(up.running())
+        config = parse_config({
+            "listeners": [{"port": 0}], "admin": {"enabled": False},
+            "access_log": {"enabled": True, "path": str(log_path), "flush_interval": "50ms"},
+            "pools": {"p": {"servers": [up.address]}},
+            "routes": [{"name": "api", "pool": "p", "path_prefix": "/api"}],
+        })
+        server = stack.enter_context(ProxyServer(config).running())
+        addr = server.addresses[0]
+        conn = http.client.HTTPConnection(*addr, timeout=10)
+        conn.request("GET", "/api/items?x=1", headers={"X-Request-ID": "rid-1", "Host": "h.test"})
+        body = conn.getresponse().read()
+        conn.request("GET", "/nowhere")
+        conn.getresponse().read()
+        raw(addr, MALFORMED["cl-and-te"])
+        deadline = time.monotonic() + 5
+        while (not log_path.exists() or len(log_path.read_text().splitlines()) < 3) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert [e["status"] for e in lines] == [200, 404, 400]
+    first = lines[0]
+    assert first["method"] == "GET" and first["target"] == "/api/items?x=1" and first["host"] == "h.test"
+    assert first["route"] == "api" and first["upstream"] == up.address
+    assert first["request_id"] == "rid-1" and first["bytes"] == len(body)
+    assert first["client"] == "127.0.0.1" and first["duration_ms"] >= 0
+    assert first["time"].endswith("Z")
+    assert lines[1]["route"] is None and lines[1]["upstream"] is None

@@ -1,0 +1,1 @@
+"""Observability: the access log (metrics, anomaly detection and the dashboard come later)."""
