@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -68,6 +69,22 @@ class _Refuse(Exception):
         super().__init__(message)
         self.status = status
         self.close = close
+
+
+_ABSOLUTE_FORM = re.compile(rb"(?i)https?://([^/?#@\s]+)([/?][^#]*)?")
+
+
+def _absolute_form(ex: Exchange) -> bytes:
+    """Turn an absolute-form target (``http://host/path``) into origin-form, the authority into
+    the Host header (replacing the one sent), as a reverse proxy must (RFC 9112 §3.2.2); return
+    the authority."""
+    m = _ABSOLUTE_FORM.fullmatch(ex.target)
+    if m is None:
+        raise _Refuse(400, "unsupported request target form")
+    authority, rest = m.group(1), m.group(2) or b"/"
+    ex.target = rest if rest.startswith(b"/") else b"/" + rest
+    ex.headers = [(b"Host", authority)] + [(n, v) for n, v in ex.headers if n.lower() != b"host"]
+    return authority
 
 
 # ------------------------------------------------------------------------------ shared state
@@ -773,6 +790,10 @@ class ClientConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         ex = self.parsing
         assert ex is not None
+        if ex.method:
+            # A trailer field of a chunked body: dropped, as we strip TE and promise none upstream
+            # (and it must never join the header section that was already forwarded).
+            return
         ex.headers.append((name, value))
         ex.head_size += len(name) + len(value) + 4
         if len(ex.headers) > self.limits.max_header_count:
@@ -799,9 +820,11 @@ class ClientConnection(asyncio.Protocol):
                 raise _Refuse(400, "multiple Host header lines")
             if ex.http11 and not hosts:
                 raise _Refuse(400, "missing Host header")
-            host = ex.host = hosts[0] if hosts else None
-            if ex.upgrade and ex.method == b"CONNECT":
+            if ex.method == b"CONNECT":
                 raise _Refuse(405, "CONNECT is not supported by a reverse proxy")
+            if ex.target[:1] != b"/" and ex.target != b"*":
+                hosts = [_absolute_form(ex)]  # RFC 9112 §3.2.2: its authority is the Host
+            host = ex.host = hosts[0] if hosts else None
             if ex.upgrade and ex.framing != 0:
                 raise _Refuse(400, "an Upgrade request with a body")
             ex.route = self.state.router.match(ex.method.decode("latin-1"), ex.target.decode("latin-1"), host)

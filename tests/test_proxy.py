@@ -406,3 +406,23 @@ def test_access_log_writes_one_json_line_per_request(tmp_path) -> None:  # type:
     assert first["client"] == "127.0.0.1" and first["duration_ms"] >= 0
     assert first["time"].endswith("Z")
     assert lines[1]["route"] is None and lines[1]["upstream"] is None
+
+
+def test_absolute_form_target_becomes_origin_form_with_its_authority_as_host() -> None:
+    up = SampleServer()
+    with proxy(up, routes=[{"pool": "p", "host": "api.test"}]) as addr:
+        out = raw(addr, b"GET http://api.test:8080/v1?x=1 HTTP/1.1\r\nHost: other.test\r\nConnection: close\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 200")
+        assert raw(addr, b"GET ftp://api.test/ HTTP/1.1\r\nHost: api.test\r\n\r\n").startswith(b"HTTP/1.1 400")
+    req = up.requests[0]
+    assert req.target == b"/v1?x=1" and req.header(b"host") == b"api.test:8080"
+    assert [v for n, v in req.headers if n.lower() == b"host"] == [b"api.test:8080"]
+
+
+def test_chunked_trailers_are_not_forwarded_as_headers() -> None:
+    up = SampleServer()
+    with proxy(up) as addr:
+        out = raw(addr, b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                        b"3\r\nabc\r\n0\r\nX-Checksum: 123\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 200") and out.endswith(b"abc")
+    assert up.requests[0].header(b"x-checksum") is None
