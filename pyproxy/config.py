@@ -112,6 +112,7 @@ class Limits:
     head_timeout: float = 10.0  # time to read a whole request head (slowloris); HAProxy http-request
     body_timeout: float = 60.0  # longest pause between two body reads; nginx client_body_timeout
     keepalive_timeout: float = 75.0  # idle client keep-alive; nginx keepalive_timeout
+    send_timeout: float = 60.0  # a client that takes nothing of a response this long is dropped
     max_connections: int = 10_000  # per worker
     drain_timeout: float = 30.0  # SIGTERM: how long in-flight requests may finish
 
@@ -431,6 +432,7 @@ def _read_limits(r: _Reader, raw: object) -> Limits:
         keepalive_timeout=r.get(
             t, "limits", "keepalive_timeout", parse_duration, d.keepalive_timeout
         ),
+        send_timeout=r.get(t, "limits", "send_timeout", parse_duration, d.send_timeout),
         max_connections=r.get(
             t, "limits", "max_connections", _int_between(1, 10_000_000), d.max_connections
         ),

@@ -698,6 +698,7 @@ class ClientConnection(asyncio.Protocol):
         # read only moves the deadline, and the timer re-arms itself until the deadline passes.
         self.body_timer: asyncio.TimerHandle | None = None
         self.body_deadline = 0.0
+        self.send_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -759,18 +760,26 @@ class ClientConnection(asyncio.Protocol):
         self.closing = True
         self._disarm()
         self._stop_body_timer()
+        if self.send_timer is not None:
+            self.send_timer.cancel()
+            self.send_timer = None
         self.state.clients.discard(self)
         while self.queue:
             self.queue.popleft().abandon()
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        # nginx's send_timeout: a client that stops reading must not hold an upstream forever.
+        self.send_timer = self._loop.call_later(self.limits.send_timeout, self._send_timeout)
         for ex in self.queue:
             if ex.upstream is not None:
                 ex.upstream.pause_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self.send_timer is not None:
+            self.send_timer.cancel()
+            self.send_timer = None
         for ex in self.queue:
             if ex.upstream is not None:
                 ex.upstream.resume_reading()
@@ -1002,6 +1011,11 @@ class ClientConnection(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+
+    def _send_timeout(self) -> None:
+        self.send_timer = None
+        log.info("client %s read nothing for %gs: dropped", self.peer.decode(), self.limits.send_timeout)
+        self.abort()
 
     def _start_body_timer(self) -> None:
         self.body_deadline = self._loop.time() + self.limits.body_timeout

@@ -426,3 +426,23 @@ def test_chunked_trailers_are_not_forwarded_as_headers() -> None:
                         b"3\r\nabc\r\n0\r\nX-Checksum: 123\r\n\r\n")
         assert out.startswith(b"HTTP/1.1 200") and out.endswith(b"abc")
     assert up.requests[0].header(b"x-checksum") is None
+
+
+def test_a_client_that_stops_reading_is_dropped_after_send_timeout() -> None:
+    up = SampleServer()
+    with proxy(up, limits={"send_timeout": "500ms"}) as addr:
+        sock = socket.create_connection(addr, timeout=10)
+        sock.sendall(b"GET /bytes/200000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(2.0)  # read nothing: the proxy's buffer fills, it pauses, then gives up
+        received = 0
+        try:
+            while chunk := sock.recv(1 << 20):
+                received += len(chunk)
+        except ConnectionResetError:
+            pass
+        sock.close()
+        assert received < 200_000_000, "the proxy gave up on the reader"
+        deadline = time.monotonic() + 5
+        while up.accepts and len(up._connections) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not up._connections, "the upstream connection was released too"
