@@ -814,13 +814,17 @@ class ClientConnection(asyncio.Protocol):
         ex = self.parsing
         assert ex is not None
         ex.method = self.parser.get_method()
-        ex.http11 = self.parser.get_http_version() == "1.1"
+        version = self.parser.get_http_version()
+        ex.http11 = version == "1.1"
         ex.keep_alive = self.parser.should_keep_alive()
         ex.upgrade = self.parser.should_upgrade()
         ex.head_done_at = self._loop.time()
         self.head_raw = 0
         self._disarm()
         try:
+            if version not in ("1.1", "1.0"):
+                # HTTP/0.9 has no headers to check and no way to answer it safely; others: 505.
+                raise _Refuse(400 if version.startswith("0.") else 505, f"HTTP/{version} is not supported")
             validate_headers(ex.headers)
             ex.framing = request_framing(ex.headers, ex.http11)
             ex.had_length = ex.framing >= 0 and get_first(ex.headers, b"content-length") is not None
