@@ -12,8 +12,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from pyproxy import __version__
+
+if TYPE_CHECKING:
+    from pyproxy.config import Config
 
 
 def _listen_address(text: str) -> tuple[str, int]:
@@ -77,41 +81,41 @@ def _demo(listen: tuple[str, int], admin: tuple[str, int]) -> int:
     return 0
 
 
-def _check(path: str) -> int:
+def _load(path: str, refusing: str = "") -> Config | None:
+    """The configuration at ``path``, or ``None`` after listing every problem on stderr."""
     from pyproxy.config import ConfigError, load_config
 
     try:
-        config = load_config(path)
+        return load_config(path)
     except ConfigError as e:
-        print(f"{path}: {len(e.problems)} problem(s)", file=sys.stderr)
+        print(f"{path}: {len(e.problems)} problem(s){refusing}", file=sys.stderr)
         for problem in e.problems:
             print(f"  {problem}", file=sys.stderr)
+        return None
+
+
+def _check(path: str) -> int:
+    config = _load(path)
+    if config is None:
         return 1
-    routes = len(config.routes)
     servers = sum(len(p.servers) for p in config.pools.values())
     print(
         f"{path}: OK ({len(config.listeners)} listener(s), {len(config.pools)} pool(s) with "
-        f"{servers} server(s), {routes} route(s), {config.workers} worker(s))"
+        f"{servers} server(s), {len(config.routes)} route(s), {config.workers} worker(s))"
     )
     return 0
 
 
 def _run(path: str) -> int:
     import logging
-
-    from pyproxy.config import ConfigError, load_config
-    from pyproxy.server import run
-
-    try:
-        config = load_config(path)
-    except ConfigError as e:
-        print(f"{path}: {len(e.problems)} problem(s); not starting", file=sys.stderr)
-        for problem in e.problems:
-            print(f"  {problem}", file=sys.stderr)
-        return 1
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from pathlib import Path
 
+    from pyproxy.server import run
+
+    config = _load(path, "; not starting")
+    if config is None:
+        return 1
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run(config, Path(path))
 
 

@@ -6,23 +6,14 @@ from __future__ import annotations
 import http.client
 import json
 import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+from helpers import eventually, free_port, proxy_process
 from pyproxy.config import load_config
 from pyproxy.sample_server import SampleServer
 from pyproxy.server import ProxyServer
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_config(path: Path, port: int, admin_port: int, servers: list[str], *, workers: int = 1,
@@ -87,21 +78,12 @@ def test_endpoints_token_and_reload_in_one_process(tmp_path: Path) -> None:
             assert json.loads(conn.getresponse().read())["server"] == "b"
 
 
-def eventually(predicate, seconds: float = 10) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
-
-
 def test_reload_across_workers_by_admin_and_sighup(tmp_path: Path) -> None:
     a, b = SampleServer(name="a"), SampleServer(name="b")
     with a.running(), b.running():
         cfg_path = tmp_path / "p.toml"
         port, admin_port = free_port(), free_port()
         write_config(cfg_path, port, admin_port, [a.address], workers=2)
-        proc = subprocess.Popen([sys.executable, "-m", "pyproxy", "run", "--config", str(cfg_path)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
         def served_by() -> set[str]:
             names = set()
@@ -110,27 +92,22 @@ def test_reload_across_workers_by_admin_and_sighup(tmp_path: Path) -> None:
                     names.add(json.loads(resp.read())["server"])
             return names
 
-        try:
-            deadline = time.monotonic() + 15
-            while True:
-                try:
-                    if admin(admin_port, "GET", "/readyz")[0] == 200:
-                        break
-                except OSError:
-                    pass
-                assert time.monotonic() < deadline and proc.poll() is None
-                time.sleep(0.05)
+        def ready() -> bool:
+            try:
+                return admin(admin_port, "GET", "/readyz")[0] == 200
+            except OSError:
+                return False
+
+        with proxy_process(cfg_path, port) as proc:
+            eventually(ready, "both workers up")
             assert served_by() == {"a"}
             write_config(cfg_path, port, admin_port, [b.address], workers=2)
             assert admin(admin_port, "POST", "/reload") == (200, {"reloaded": True})
-            eventually(lambda: served_by() == {"b"})  # workers apply their SIGHUP asynchronously
+            # Workers apply their SIGHUP asynchronously.
+            eventually(lambda: served_by() == {"b"}, "every worker on the new pool")
             write_config(cfg_path, port, admin_port, [a.address], workers=2)
             proc.send_signal(signal.SIGHUP)
-            eventually(lambda: served_by() == {"a"})
+            eventually(lambda: served_by() == {"a"}, "every worker back on the first pool")
             assert a.accepts >= 2 and b.accepts >= 2, "both workers served both configurations"
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=15) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 
-import pytest
+from helpers import accepts_connections, eventually, free_port, proxy_process
+from pyproxy.sample_server import SampleServer
 
 
 def test_demo_answers_and_stops_on_sigint() -> None:
@@ -54,34 +57,21 @@ def test_run_refuses_an_invalid_config(tmp_path: Path) -> None:
     assert "not starting" in out.stderr and "pools.a.servers" in out.stderr
 
 
+def proxy_config(path: Path, port: int, upstream: str, workers: int = 1) -> Path:
+    path.write_text(f"workers = {workers}\n[[listeners]]\nport = {port}\n[admin]\nenabled = false\n"
+                    f'[pools.p]\nservers = ["{upstream}"]\n[[routes]]\npool = "p"\n')
+    return path
+
+
 def test_sigterm_lets_in_flight_requests_finish_then_exits_0(tmp_path: Path) -> None:
-    import socket
-    import time
-
-    from pyproxy.sample_server import SampleServer
-
     slow = SampleServer(latency=1.0)
     with slow.running():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        config = tmp_path / "p.toml"
-        config.write_text(f'[[listeners]]\nport = {port}\n[admin]\nenabled = false\n'
-                          f'[pools.p]\nservers = ["{slow.address}"]\n[[routes]]\npool = "p"\n')
-        proc = subprocess.Popen([sys.executable, "-m", "pyproxy", "run", "--config", str(config)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            deadline = time.monotonic() + 15
-            while True:
-                try:
-                    idle = socket.create_connection(("127.0.0.1", port), timeout=5)
-                    break
-                except OSError:
-                    assert time.monotonic() < deadline and proc.poll() is None
-                    time.sleep(0.05)
+        port = free_port()
+        with proxy_process(proxy_config(tmp_path / "p.toml", port, slow.address), port) as proc:
+            idle = socket.create_connection(("127.0.0.1", port), timeout=5)
             busy = socket.create_connection(("127.0.0.1", port), timeout=5)
             busy.sendall(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
-            time.sleep(0.3)  # the request is at the upstream now
+            eventually(lambda: slow.requests, "the request to reach the upstream")
             proc.send_signal(signal.SIGTERM)
             response = b""
             while chunk := busy.recv(65536):
@@ -90,12 +80,7 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits_0(tmp_path: Path) -> 
             assert b'"/slow"' in response
             assert idle.recv(100) == b"", "an idle keep-alive connection is closed at once"
             assert proc.wait(timeout=15) == 0
-            with pytest.raises(OSError):
-                socket.create_connection(("127.0.0.1", port), timeout=2)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            assert not accepts_connections(port)
 
 
 def _children(pid: int) -> set[int]:
@@ -112,34 +97,14 @@ def _children(pid: int) -> set[int]:
 
 
 def test_workers_share_the_port_and_a_crashed_worker_is_replaced(tmp_path: Path) -> None:
-    import os
-    import socket
-    import time
-    import urllib.request
-
-    from pyproxy.sample_server import SampleServer
-
     up = SampleServer()
     with up.running():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        config = tmp_path / "p.toml"
-        config.write_text(f'workers = 2\n[[listeners]]\nport = {port}\n[admin]\nenabled = false\n'
-                          f'[pools.p]\nservers = ["{up.address}"]\n[[routes]]\npool = "p"\n')
-        proc = subprocess.Popen([sys.executable, "-m", "pyproxy", "run", "--config", str(config)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        port = free_port()
         url = f"http://127.0.0.1:{port}/"
 
         def get() -> int:
             with urllib.request.urlopen(url, timeout=5) as resp:
                 return int(resp.status)
-
-        def wait_for(predicate, what: str) -> None:  # type: ignore[no-untyped-def]
-            deadline = time.monotonic() + 15
-            while not predicate():
-                assert time.monotonic() < deadline, what
-                time.sleep(0.05)
 
         def answers() -> bool:
             try:
@@ -147,21 +112,17 @@ def test_workers_share_the_port_and_a_crashed_worker_is_replaced(tmp_path: Path)
             except OSError:
                 return False
 
-        try:
-            wait_for(lambda: len(_children(proc.pid)) == 2 and answers(), "two workers answering")
+        with proxy_process(proxy_config(tmp_path / "p.toml", port, up.address, workers=2), port) as proc:
+            eventually(lambda: len(_children(proc.pid)) == 2 and answers(), "two workers answering")
             workers = _children(proc.pid)
             assert all(get() == 200 for _ in range(20))
             assert up.accepts >= 2, "both workers took connections (each has its own upstream pool)"
             victim = min(workers)
             os.kill(victim, signal.SIGKILL)
-            wait_for(lambda: len(_children(proc.pid) - {victim}) == 2, "a replacement worker")
+            eventually(lambda: len(_children(proc.pid) - {victim}) == 2, "a replacement worker")
             assert victim not in _children(proc.pid)
-            wait_for(answers, "answering after the crash")
+            eventually(answers, "answering after the crash")
             assert all(get() == 200 for _ in range(20))
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=15) == 0
             assert not _children(proc.pid)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from helpers import eventually
 from pyproxy.config import parse_config
 from pyproxy.sample_server import SampleServer
 from pyproxy.server import ProxyServer
@@ -405,9 +406,8 @@ def test_access_log_writes_one_json_line_per_request(tmp_path) -> None:  # type:
         conn.request("GET", "/nowhere")
         conn.getresponse().read()
         raw(addr, MALFORMED["cl-and-te"])
-        deadline = time.monotonic() + 5
-        while (not log_path.exists() or len(log_path.read_text().splitlines()) < 3) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        eventually(lambda: log_path.exists() and len(log_path.read_text().splitlines()) >= 3,
+                   "three access log lines")
     lines = [json.loads(line) for line in log_path.read_text().splitlines()]
     assert [e["status"] for e in lines] == [200, 404, 400]
     first = lines[0]
@@ -453,7 +453,4 @@ def test_a_client_that_stops_reading_is_dropped_after_send_timeout() -> None:
             pass
         sock.close()
         assert received < 200_000_000, "the proxy gave up on the reader"
-        deadline = time.monotonic() + 5
-        while up.accepts and len(up._connections) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not up._connections, "the upstream connection was released too"
+        eventually(lambda: not up._connections, "the upstream connection to be released too")

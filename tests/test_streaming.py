@@ -8,15 +8,14 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from helpers import free_port, proxy_process
 from pyproxy.sample_server import SampleServer
 
 GIB = 1 << 30
@@ -28,36 +27,16 @@ def rss(pid: int) -> int:
     return int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1)) * 1024  # type: ignore[union-attr]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
-def proxy_process(upstream: SampleServer, tmp: Path) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+def streaming_proxy(upstream: SampleServer, tmp: Path) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
     port = free_port()
     config = tmp / "proxy.toml"
     config.write_text(
         f'[[listeners]]\nport = {port}\n[admin]\nenabled = false\n[limits]\nmax_body_size = "2GiB"\n'
         f'[pools.p]\nservers = ["{upstream.address}"]\n[[routes]]\npool = "p"\n'
     )
-    proc = subprocess.Popen([sys.executable, "-m", "pyproxy", "run", "--config", str(config)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("proxy did not start") from None
-                time.sleep(0.05)
+    with proxy_process(config, port) as proc:
         yield port, proc
-    finally:
-        proc.terminate()
-        proc.wait(timeout=15)
 
 
 class PeakRss:
@@ -84,7 +63,7 @@ class PeakRss:
 @pytest.mark.slow
 def test_one_gib_download_and_upload_keep_rss_growth_bounded(tmp_path: Path) -> None:
     upstream = SampleServer(record_body_limit=0)
-    with upstream.running(), proxy_process(upstream, tmp_path) as (port, proc):
+    with upstream.running(), streaming_proxy(upstream, tmp_path) as (port, proc):
         # Warm up (imports, first connections) before taking the baseline.
         with socket.create_connection(("127.0.0.1", port)) as s:
             s.sendall(b"GET /bytes/10 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
