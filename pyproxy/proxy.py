@@ -262,6 +262,7 @@ class Exchange:
         self.status = 0
         self.bytes_out = 0  # response body bytes sent to the client
         self.started = False
+        self.retried = False
         self.response_started = False
         self.done = False
         self.timer: asyncio.TimerHandle | None = None
@@ -363,6 +364,28 @@ class Exchange:
         timeout = self.route.response_timeout or upstream.pool.pool.response_timeout
         self.timer = asyncio.get_running_loop().call_later(timeout, self._response_timeout, timeout)
 
+    def can_retry_on_new_connection(self) -> bool:
+        """Whether this request may be sent again after a reused connection died unanswered: an
+        idempotent method (RFC 9110 §9.2.2) without a body (so nothing was streamed that we no
+        longer have), tried again only once."""
+        return (
+            not self.retried
+            and self.framing == 0
+            and self.method in (b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE")
+            and not self.response_started
+            and not self.upgrade
+        )
+
+    def retry_on_new_connection(self) -> None:
+        self.retried = True
+        self.upstream = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        assert self.route is not None and self.server is not None
+        pool = self.client.state.pools[self.route.pool]
+        asyncio.get_running_loop().create_task(self._connect(pool, self.server))
+
     def _response_timeout(self, timeout: float) -> None:
         self.timer = None
         if self.done or self.response_started:
@@ -455,9 +478,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.tunnel = False  # after a 101: bytes pass through unparsed, both ways
         self.reading_paused = False  # paused while the client cannot take more of the response
+        self.exchanges_served = 0  # completed before the current one: > 0 means a reused connection
         self._reset()
 
     def _reset(self) -> None:
+        self.received = 0  # bytes of the current response read so far
         self.head_received = False
         self.status = 0
         self.reason = b""
@@ -529,6 +554,7 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes on an idle connection: the server broke the protocol; never reuse it.
             self.close()
             return
+        self.received += len(data)
         try:
             self.parser.feed_data(data)
             if self.head_only and self.head_received and not self.message_done:
@@ -562,6 +588,12 @@ class UpstreamConnection(asyncio.Protocol):
             self.on_message_complete()  # the close is the end of this body
             return
         if not self.head_received:
+            if self.exchanges_served > 0 and self.received == 0 and ex.can_retry_on_new_connection():
+                # A kept-alive connection the server closed as we reused it (its idle timeout
+                # racing ours): nothing was answered and the request can be sent again as it was.
+                self._done()
+                ex.retry_on_new_connection()
+                return
             self._fail(502, f"upstream {self.server.address} closed the connection before answering")
         else:
             # Part of the body was relayed: the client must see a broken response, not a short one.
@@ -640,6 +672,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.chunk_to_client:
             ex.client.write(b"0\r\n\r\n")
         self.message_done = True
+        self.exchanges_served += 1
         reusable = self.framing != UNTIL_CLOSE and ex.request_done and keep_alive
         self._done()
         if reusable:

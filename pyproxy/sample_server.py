@@ -5,6 +5,7 @@ pipelined requests answered in order, Content-Length and chunked bodies) and let
 how it behaves while it runs:
 
 * ``latency`` — seconds to wait before answering each request;
+* ``close_after`` — after that many answers on a connection, drop the next request on it unanswered;
 * ``mode`` — ``"ok"`` (answer), ``"error"`` (500), ``"close"`` (close without answering),
   ``"truncate"`` (promise a body, send half of it, close), ``"silent"`` (read, never answer),
   ``"malformed"`` (answer with bytes that are not HTTP);
@@ -74,6 +75,7 @@ class _Connection(asyncio.Protocol):
         self.head_only = False  # answering a HEAD: heads are written, bodies are not
         self.echo = False  # after a 101 on /upgrade: every byte read is written back
         self.early: bytes = b""  # bytes that came with the Upgrade request's head
+        self.answered = 0
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -158,8 +160,9 @@ class _Connection(asyncio.Protocol):
         mode = server.mode
         if mode == "silent":
             await asyncio.Event().wait()  # until the connection is lost and the task cancelled
-        if mode == "close":
+        if mode == "close" or (server.close_after is not None and self.answered >= server.close_after):
             return False
+        self.answered += 1
         if mode == "malformed":
             self._write(b"HTTP/1.1 OK-ish\r\nthis is not a header line\r\n\r\n")
             return False
@@ -264,6 +267,7 @@ class SampleServer:
         body: bytes | None = None,
         mode: Mode = "ok",
         record_body_limit: int = 1 << 20,
+        close_after: int | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -272,6 +276,9 @@ class SampleServer:
         self.body = body
         self.mode: Mode = mode
         self.record_body_limit = record_body_limit
+        # After this many answers on one connection, the next request on it is read and the
+        # connection closed without an answer: a server whose keep-alive timeout races the client's.
+        self.close_after = close_after
         self.accepts = 0
         self.received = 0
         self.requests: list[RecordedRequest] = []

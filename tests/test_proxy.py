@@ -454,3 +454,23 @@ def test_a_client_that_stops_reading_is_dropped_after_send_timeout() -> None:
         sock.close()
         assert received < 200_000_000, "the proxy gave up on the reader"
         eventually(lambda: not up._connections, "the upstream connection to be released too")
+
+
+def test_reused_connection_closed_by_the_upstream_is_retried_for_idempotent_requests() -> None:
+    up = SampleServer(close_after=1)
+    with proxy(up) as addr:
+        conn = http.client.HTTPConnection(*addr, timeout=10)
+        for i in range(4):
+            conn.request("GET", f"/get{i}")
+            resp = conn.getresponse()
+            assert resp.status == 200 and f"/get{i}".encode() in resp.read()
+        assert up.accepts >= 4  # every second use of a connection was dropped and retried anew
+        statuses = []
+        for _ in range(2):
+            conn.request("POST", "/echo", body=b"payload")  # has a body: never sent twice
+            resp = conn.getresponse()
+            resp.read()
+            statuses.append(resp.status)
+    # One of the two POSTs lands on a reused connection the upstream drops: that one is a 502.
+    assert sorted(statuses) == [200, 502]
+    assert sum(1 for r in up.requests if r.method == b"POST") == 2, "the dropped POST was not retried"
