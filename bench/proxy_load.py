@@ -70,8 +70,11 @@ class Result:
 
 
 def _ms(text: str) -> float:
-    value, unit = re.fullmatch(r"([0-9.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
-    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+    m = re.fullmatch(r"([0-9.]+)(us|ms|s|m)", text)
+    if m is None:
+        raise RuntimeError(f"cannot read wrk's latency {text!r}")
+    value, unit = m.groups()
+    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
 
 
 def run_wrk(url: str, pid: int, duration: int, connections: int) -> Result:

@@ -87,6 +87,11 @@ def _absolute_form(ex: Exchange) -> bytes:
     return authority
 
 
+def _chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body (RFC 9112 §7.1)."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
 # ------------------------------------------------------------------------------ shared state
 
 
@@ -351,16 +356,18 @@ class Exchange:
         upstream.begin(self)
         if self.client.write_paused:
             upstream.pause_reading()  # the client is still draining an earlier response
-        upstream.send_raw(head)
-        if self.expect_continue and not self.request_done:
-            self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        for piece in self.pending:
-            upstream.send_body(piece, self.framing == CHUNKED)
+        # Head, the body read so far and (if complete) its end leave in one send.
+        chunked = self.framing == CHUNKED
+        out = [head]
+        out += [_chunk(piece) for piece in self.pending] if chunked else self.pending
+        if self.request_done and chunked:
+            out.append(b"0\r\n\r\n")
+        upstream.send_raw(out[0] if len(out) == 1 else b"".join(out))
         self.pending.clear()
         self.pending_size = 0
         self.client.resume_reading("pending-body")
-        if self.request_done and self.framing == CHUNKED:
-            upstream.send_raw(b"0\r\n\r\n")
+        if self.expect_continue and not self.request_done:
+            self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         timeout = self.route.response_timeout or upstream.pool.pool.response_timeout
         self.timer = asyncio.get_running_loop().call_later(timeout, self._response_timeout, timeout)
 
@@ -517,10 +524,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.write(data)
 
     def send_body(self, data: bytes, chunked: bool) -> None:
-        if chunked:
-            self.send_raw(b"%x\r\n" % len(data) + data + b"\r\n")
-        else:
-            self.send_raw(data)
+        self.send_raw(_chunk(data) if chunked else data)
 
     def close(self) -> None:
         self.stop_idle_timer()
@@ -555,6 +559,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self.received += len(data)
+        client = self.exchange.client
+        client.cork()
         try:
             self.parser.feed_data(data)
             if self.head_only and self.head_received and not self.message_done:
@@ -571,6 +577,8 @@ class UpstreamConnection(asyncio.Protocol):
         except (httptools.HttpParserError, HeaderError) as e:
             cause = e.__context__ if isinstance(e, httptools.HttpParserCallbackError) else e
             self._fail(502, f"malformed response from upstream {self.server.address}: {cause or e}")
+        finally:
+            client.uncork()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -653,10 +661,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.framing = UNTIL_CLOSE  # a body after a HEAD response: never reuse this connection
             return
         ex.bytes_out += len(body)
-        if self.chunk_to_client:
-            ex.client.write(b"%x\r\n" % len(body) + body + b"\r\n")
-        else:
-            ex.client.write(body)
+        ex.client.write(_chunk(body) if self.chunk_to_client else body)
 
     def on_message_complete(self) -> None:
         ex = self.exchange
@@ -732,6 +737,8 @@ class ClientConnection(asyncio.Protocol):
         self.body_timer: asyncio.TimerHandle | None = None
         self.body_deadline = 0.0
         self.send_timer: asyncio.TimerHandle | None = None
+        self.corked = 0
+        self.out: list[bytes] = []
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -1013,8 +1020,22 @@ class ClientConnection(asyncio.Protocol):
         ex.keep_alive = False
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+        if self.corked:
+            self.out.append(data)
+        elif self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
+
+    def cork(self) -> None:
+        """Collect writes until :meth:`uncork`: a response head and the body that came in the same
+        upstream read leave in one ``send`` instead of one per piece."""
+        self.corked += 1
+
+    def uncork(self) -> None:
+        self.corked -= 1
+        if not self.corked and self.out:
+            data = self.out[0] if len(self.out) == 1 else b"".join(self.out)
+            self.out.clear()
+            self.write(data)
 
     def pause_reading(self, reason: str) -> None:
         if not self.read_pauses and self.transport is not None:
@@ -1030,6 +1051,10 @@ class ClientConnection(asyncio.Protocol):
     def close(self) -> None:
         self.closing = True
         self._disarm()
+        if self.out:  # what was corked still goes out before the close
+            data, self.corked = b"".join(self.out), 0
+            self.out.clear()
+            self.write(data)
         if self.transport is not None:
             self.transport.close()
 
