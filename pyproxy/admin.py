@@ -3,11 +3,11 @@
     GET  /healthz   200 while the process serves
     GET  /readyz    200 when every worker is up, else 503
     GET  /config    the effective configuration as JSON, secrets redacted
+    GET  /metrics   Prometheus text format, summed over the workers
     POST /reload    re-read the configuration file: 200, or 400 listing every problem (the running
                     configuration stays in force)
 
-With ``admin.token`` set, every request needs ``Authorization: Bearer <token>`` (else 401). The
-metrics endpoint arrives with the metrics (native counters aggregated across workers).
+With ``admin.token`` set, every request needs ``Authorization: Bearer <token>`` (else 401).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import logging
 from typing import Protocol, cast
 
 import httptools
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from pyproxy.config import AdminConfig, Config, Problem
 from pyproxy.headers import serialize_response_head
@@ -38,6 +39,8 @@ class Controller(Protocol):
     def ready(self) -> tuple[bool, str]: ...
 
     def reload(self) -> list[Problem]: ...
+
+    def metrics_text(self) -> bytes: ...
 
 
 class _AdminConnection(asyncio.Protocol):
@@ -71,15 +74,22 @@ class _AdminConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         method = self.parser.get_method()
         path = self.url.split(b"?", 1)[0]
-        status, body = self.server.handle(method, path, dict(self.headers))
+        headers = dict(self.headers)
+        if path == b"/metrics" and method == b"GET" and self.server.authorized(headers):
+            self._respond_raw(200, self.server.controller.metrics_text(), CONTENT_TYPE_LATEST.encode())
+            return
+        status, body = self.server.handle(method, path, headers)
         self._respond(status, body)
 
     def _respond(self, status: int, body: dict[str, object]) -> None:
+        payload = (json.dumps(body, indent=2, sort_keys=True) + "\n").encode()
+        self._respond_raw(status, payload, b"application/json")
+
+    def _respond_raw(self, status: int, payload: bytes, content_type: bytes) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        payload = (json.dumps(body, indent=2, sort_keys=True) + "\n").encode()
         headers = [
-            (b"Content-Type", b"application/json"),
+            (b"Content-Type", content_type),
             (b"Content-Length", str(len(payload)).encode()),
             (b"Cache-Control", b"no-store"),
             (b"Connection", b"close"),
@@ -95,7 +105,13 @@ class _AdminConnection(asyncio.Protocol):
 class AdminServer:
     """Serves the admin API for a :class:`Controller`."""
 
-    ROUTES = {b"/healthz": b"GET", b"/readyz": b"GET", b"/config": b"GET", b"/reload": b"POST"}
+    ROUTES = {
+        b"/healthz": b"GET",
+        b"/readyz": b"GET",
+        b"/config": b"GET",
+        b"/metrics": b"GET",
+        b"/reload": b"POST",
+    }
 
     def __init__(self, controller: Controller, config: AdminConfig) -> None:
         self.controller = controller
@@ -124,7 +140,7 @@ class AdminServer:
         self, method: bytes, path: bytes, headers: dict[bytes, bytes]
     ) -> tuple[int, dict[str, object]]:
         """Answer one admin request: (status, JSON body)."""
-        if self.config.token is not None and not self._authorized(headers.get(b"authorization")):
+        if not self.authorized(headers):
             return 401, {"error": "missing or wrong bearer token"}
         expected = self.ROUTES.get(path)
         if expected is None:
@@ -144,8 +160,11 @@ class AdminServer:
             return 400, {"reloaded": False, "problems": [str(p) for p in problems]}
         return 200, {"reloaded": True}
 
-    def _authorized(self, value: bytes | None) -> bool:
+    def authorized(self, headers: dict[bytes, bytes]) -> bool:
+        """No token configured, or the right bearer token sent (compared in constant time)."""
+        if self.config.token is None:
+            return True
+        value = headers.get(b"authorization")
         if value is None or not value.lower().startswith(b"bearer "):
             return False
-        assert self.config.token is not None
         return hmac.compare_digest(value[7:].strip(), self.config.token.encode())

@@ -51,6 +51,7 @@ from pyproxy.headers import (
     validate_headers,
 )
 from pyproxy.observe.access_log import AccessLog
+from pyproxy.observe.metrics import WorkerMetrics
 from pyproxy.routing import Router
 
 __all__ = ["ClientConnection", "ConnectionPool", "Exchange", "ProxyState", "UpstreamConnection"]
@@ -107,6 +108,7 @@ class ProxyState:
     # Shutting down: answer what is in flight with "Connection: close", take nothing new.
     draining: bool = False
     access_log: AccessLog | None = None
+    metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
 
     def open_access_log(self) -> None:
         """Open (or reopen, after a reload) the access log the configuration asks for."""
@@ -267,6 +269,8 @@ class Exchange:
         self.status = 0
         self.bytes_out = 0  # response body bytes sent to the client
         self.started = False
+        self.in_flight = False  # counted in the in-flight gauge
+        self.sent_at = 0.0  # loop time the request went upstream (upstream latency)
         self.retried = False
         self.response_started = False
         self.done = False
@@ -315,10 +319,13 @@ class Exchange:
         route = self.route
         assert route is not None
         state = self.client.state
+        state.metrics.in_flight += 1
+        self.in_flight = True
         pool = state.pools[route.pool]
         self.server = server = state.balancers[route.pool].pick()
         conn = pool.take_idle(server)
         if conn is not None:
+            state.metrics.upstream_connections[(route.pool, "reused")] += 1
             self._attach(conn)
         else:
             asyncio.get_running_loop().create_task(self._connect(pool, server))
@@ -330,6 +337,7 @@ class Exchange:
             why = str(e) or "timed out"
             self.fail(502, f"cannot connect to upstream {server.address}: {why}", close=False)
             return
+        self.client.state.metrics.upstream_connections[(pool.pool.name, "new")] += 1
         if self.done:
             pool.release(conn)  # the client went away meanwhile
         else:
@@ -369,7 +377,9 @@ class Exchange:
         if self.expect_continue and not self.request_done:
             self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         timeout = self.route.response_timeout or upstream.pool.pool.response_timeout
-        self.timer = asyncio.get_running_loop().call_later(timeout, self._response_timeout, timeout)
+        loop = asyncio.get_running_loop()
+        self.sent_at = loop.time()
+        self.timer = loop.call_later(timeout, self._response_timeout, timeout)
 
     def can_retry_on_new_connection(self) -> bool:
         """Whether this request may be sent again after a reused connection died unanswered: an
@@ -410,6 +420,9 @@ class Exchange:
 
     def abandon(self) -> None:
         """The client connection is gone: stop without answering."""
+        if self.in_flight:
+            self.client.state.metrics.in_flight -= 1
+            self.in_flight = False
         self.done = True
         if self.timer is not None:
             self.timer.cancel()
@@ -439,6 +452,8 @@ class Exchange:
             self.timer.cancel()
             self.timer = None
         client = self.client
+        if self.sent_at and self.route is not None:
+            client.state.metrics.upstream_answered(self.route.pool, client._loop.time() - self.sent_at)
         switching = status == 101
         close = not switching and (
             not self.keep_alive or not self.request_done or client.state.draining or self.upgrade
@@ -753,6 +768,8 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
             return
         self.state.clients.add(self)
+        self.state.metrics.connections_total += 1
+        self.state.metrics.connections_open += 1
         self._arm(self.limits.head_timeout, self._head_timeout)
 
     def data_received(self, data: bytes) -> None:
@@ -803,7 +820,9 @@ class ClientConnection(asyncio.Protocol):
         if self.send_timer is not None:
             self.send_timer.cancel()
             self.send_timer = None
-        self.state.clients.discard(self)
+        if self in self.state.clients:
+            self.state.clients.discard(self)
+            self.state.metrics.connections_open -= 1
         while self.queue:
             self.queue.popleft().abandon()
 
@@ -942,6 +961,7 @@ class ClientConnection(asyncio.Protocol):
         """``ex`` was answered: close, or move on to the next pipelined request, or wait idle."""
         if self.queue and self.queue[0] is ex:
             self.queue.popleft()
+        self._count(ex)
         if self.state.access_log is not None:
             self._log(ex, self.state.access_log)
         if not ex.request_done:
@@ -961,6 +981,18 @@ class ClientConnection(asyncio.Protocol):
     def idle(self) -> bool:
         """No request in progress (waiting for one, or between two)."""
         return not self.queue and (self.parsing is None or not self.parsing.method)
+
+    def _count(self, ex: Exchange) -> None:
+        metrics = self.state.metrics
+        if ex.in_flight:
+            metrics.in_flight -= 1
+            ex.in_flight = False
+        if ex.refusal is not None:
+            metrics.refused[str(ex.status)] += 1
+        route = ex.route.name if ex.route else ""
+        pool = ex.route.pool if ex.route else ""
+        took = self._loop.time() - ex.head_done_at if ex.head_done_at else 0.0
+        metrics.request_done(route, pool, ex.status, took)
 
     def _log(self, ex: Exchange, access_log: AccessLog) -> None:
         access_log.record(

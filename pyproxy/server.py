@@ -26,6 +26,14 @@ from pathlib import Path
 from pyproxy.admin import AdminServer
 from pyproxy.config import Config, ConfigError, Problem, load_config, reload_problems
 from pyproxy.loop import in_thread, serve_until_signal
+from pyproxy.observe.metrics import (
+    PUBLISH_INTERVAL,
+    SharedSnapshots,
+    Snapshot,
+    merge,
+    render,
+    without_gauges,
+)
 from pyproxy.proxy import ClientConnection, ProxyState
 
 __all__ = ["ProxyServer", "run"]
@@ -37,9 +45,18 @@ class ProxyServer:
     """The proxy's listeners over one :class:`~pyproxy.proxy.ProxyState`, and (when ``admin``)
     the admin API, for which it is the :class:`~pyproxy.admin.Controller`."""
 
-    def __init__(self, config: Config, config_path: Path | None = None, admin: bool = True) -> None:
+    def __init__(
+        self,
+        config: Config,
+        config_path: Path | None = None,
+        admin: bool = True,
+        publish: tuple[SharedSnapshots, int] | None = None,
+    ) -> None:
         self.config = config
         self.config_path = config_path
+        # Where this worker publishes its metrics for the supervisor (several workers), if anywhere.
+        self.publish = publish
+        self._publisher: asyncio.TimerHandle | None = None
         self.state: ProxyState | None = None
         self._servers: list[asyncio.Server] = []
         self.addresses: list[tuple[str, int]] = []
@@ -67,9 +84,13 @@ class ProxyServer:
             log.info("listening on %s:%d", host, port)
         if self.admin is not None:
             await self.admin.start()
+        if self.publish is not None:
+            self._publish()
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to ``limits.drain_timeout``), close."""
+        if self._publisher is not None:
+            self._publisher.cancel()
         if self.admin is not None:
             await self.admin.stop()
         for server in self._servers:
@@ -79,10 +100,23 @@ class ProxyServer:
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
+        if self.publish is not None and self.state is not None:
+            shared, slot = self.publish
+            shared.write(slot, self.state.metrics.snapshot())
+
+    def _publish(self) -> None:
+        assert self.publish is not None and self.state is not None
+        shared, slot = self.publish
+        shared.write(slot, self.state.metrics.snapshot())
+        self._publisher = asyncio.get_running_loop().call_later(PUBLISH_INTERVAL, self._publish)
 
     # -- admin Controller
     def current_config(self) -> Config:
         return self.state.config if self.state is not None else self.config
+
+    def metrics_text(self) -> bytes:
+        state = self.state
+        return render(lambda: state.metrics.snapshot() if state is not None else merge([]))
 
     def ready(self) -> tuple[bool, str]:
         if self.state is None:
@@ -128,9 +162,14 @@ def run(config: Config, config_path: Path | None = None) -> int:
     return Supervisor(config, config_path).run()
 
 
-def serve_worker(config: Config, config_path: Path | None, admin: bool) -> None:
+def serve_worker(
+    config: Config,
+    config_path: Path | None,
+    admin: bool,
+    publish: tuple[SharedSnapshots, int] | None = None,
+) -> None:
     """One worker: the listeners on one event loop until SIGINT or SIGTERM; SIGHUP reloads."""
-    server = ProxyServer(config, config_path, admin=admin)
+    server = ProxyServer(config, config_path, admin=admin, publish=publish)
     serve_until_signal(server.start, server.stop, on_hangup=server.reload)
 
 
@@ -144,6 +183,9 @@ class Supervisor:
     def __init__(self, config: Config, config_path: Path | None = None) -> None:
         self.config = config
         self.config_path = config_path
+        # Created before any fork, so every worker shares it: one metrics slot per worker.
+        self.snapshots = SharedSnapshots(config.workers)
+        self.retired: Snapshot = merge([])  # what workers that died had counted
         self.children: dict[int, tuple[int, float]] = {}  # pid -> (slot, started at)
         self.stopping = False
         self.restarts = 0
@@ -165,6 +207,13 @@ class Supervisor:
     # -- admin Controller
     def current_config(self) -> Config:
         return self.config
+
+    def metrics_text(self) -> bytes:
+        def snapshot() -> Snapshot:
+            live = [self.snapshots.read(slot) for slot in range(self.config.workers)]
+            return merge([self.retired, *(s for s in live if s is not None)])
+
+        return render(snapshot)
 
     def ready(self) -> tuple[bool, str]:
         alive = len(self.children)
@@ -196,6 +245,10 @@ class Supervisor:
             if pid not in self.children:
                 continue
             slot, started = self.children.pop(pid)
+            last = self.snapshots.read(slot)
+            if last is not None:  # its counts live on in the totals
+                self.retired = merge([self.retired, without_gauges(last)])
+                self.snapshots.clear(slot)
             if self.stopping:
                 continue
             log.error("worker %d (pid %d) exited (%s); starting another", slot, pid, _describe(status))
@@ -212,7 +265,7 @@ class Supervisor:
             try:
                 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                     signal.signal(sig, signal.SIG_DFL)
-                serve_worker(self.config, self.config_path, admin=False)
+                serve_worker(self.config, self.config_path, admin=False, publish=(self.snapshots, slot))
                 code = 0
             except BaseException:  # noqa: BLE001 - reported, then the supervisor replaces us
                 log.exception("worker %d failed", slot)

@@ -54,3 +54,17 @@ def proxy_process(config: Path, port: int, stderr: int | None = subprocess.DEVNU
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def children(pid: int) -> set[int]:
+    """PIDs of the live child processes of ``pid`` (read from /proc)."""
+    kids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+                kids.add(int(entry.name))
+    return kids

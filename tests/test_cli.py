@@ -11,7 +11,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from helpers import accepts_connections, eventually, free_port, proxy_process
+from helpers import accepts_connections, children, eventually, free_port, proxy_process
 from pyproxy.sample_server import SampleServer
 
 
@@ -83,19 +83,6 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits_0(tmp_path: Path) -> 
             assert not accepts_connections(port)
 
 
-def _children(pid: int) -> set[int]:
-    kids = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
-                kids.add(int(entry.name))
-    return kids
-
-
 def test_workers_share_the_port_and_a_crashed_worker_is_replaced(tmp_path: Path) -> None:
     up = SampleServer()
     with up.running():
@@ -113,16 +100,16 @@ def test_workers_share_the_port_and_a_crashed_worker_is_replaced(tmp_path: Path)
                 return False
 
         with proxy_process(proxy_config(tmp_path / "p.toml", port, up.address, workers=2), port) as proc:
-            eventually(lambda: len(_children(proc.pid)) == 2 and answers(), "two workers answering")
-            workers = _children(proc.pid)
+            eventually(lambda: len(children(proc.pid)) == 2 and answers(), "two workers answering")
+            workers = children(proc.pid)
             assert all(get() == 200 for _ in range(20))
             assert up.accepts >= 2, "both workers took connections (each has its own upstream pool)"
             victim = min(workers)
             os.kill(victim, signal.SIGKILL)
-            eventually(lambda: len(_children(proc.pid) - {victim}) == 2, "a replacement worker")
-            assert victim not in _children(proc.pid)
+            eventually(lambda: len(children(proc.pid) - {victim}) == 2, "a replacement worker")
+            assert victim not in children(proc.pid)
             eventually(answers, "answering after the crash")
             assert all(get() == 200 for _ in range(20))
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=15) == 0
-            assert not _children(proc.pid)
+            assert not children(proc.pid)
