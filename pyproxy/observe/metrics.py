@@ -60,7 +60,7 @@ class WorkerMetrics:
     """One worker's counters."""
 
     def __init__(self) -> None:
-        self.requests: dict[tuple[str, str, str], int] = defaultdict(int)
+        self.requests: dict[tuple[str, str, int], int] = defaultdict(int)
         # name -> [count per bucket (+Inf last), sum, count]
         self.request_duration: dict[str, list[float]] = {}
         self.upstream_duration: dict[str, list[float]] = {}
@@ -80,7 +80,7 @@ class WorkerMetrics:
         h[-1] += 1
 
     def request_done(self, route: str, pool: str, status: int, seconds: float) -> None:
-        self.requests[(route, pool, str(status))] += 1
+        self.requests[(route, pool, status)] += 1  # status stays an int: str() at scrape time
         self._observe(self.request_duration, route, seconds)
 
     def upstream_answered(self, pool: str, seconds: float) -> None:
@@ -89,7 +89,7 @@ class WorkerMetrics:
     def snapshot(self) -> Snapshot:
         """Plain data (JSON-able) of every counter."""
         return {
-            "requests": [[*k, v] for k, v in self.requests.items()],
+            "requests": [[route, pool, str(code), v] for (route, pool, code), v in self.requests.items()],
             "request_duration": self.request_duration,
             "upstream_duration": self.upstream_duration,
             "upstream_connections": [[*k, v] for k, v in self.upstream_connections.items()],
