@@ -44,10 +44,13 @@ from pyproxy.headers import (
     CHUNKED,
     UNTIL_CLOSE,
     get_first,
+    new_request_id,
+    reason_phrase,
     request_framing,
     response_framing,
     rewrite_request_head,
     rewrite_response_head,
+    serialize_response_head,
     validate_headers,
 )
 from pyproxy.observe.access_log import AccessLog
@@ -72,6 +75,8 @@ class _Refuse(Exception):
         self.close = close
 
 
+# An id echoed in an error answered before the head was validated: visible ASCII, sane length.
+_REQUEST_ID = re.compile(rb"[!-~]{1,200}")
 _ABSOLUTE_FORM = re.compile(rb"(?i)https?://([^/?#@\s]+)([/?][^#]*)?")
 
 
@@ -1017,15 +1022,17 @@ class ClientConnection(asyncio.Protocol):
         if ex.response_started:
             self.abort()
             return
-        from pyproxy.headers import reason_phrase, serialize_response_head
-
         body = f"{status} {reason_phrase(status).decode()}: {message}\n".encode()
+        if not ex.request_id:
+            # Answered before forwarding: the client's id if it sent a usable one, else a new one,
+            # so every response can be traced.
+            sent = get_first(ex.headers, b"x-request-id") if ex.headers else None
+            ex.request_id = sent if sent and _REQUEST_ID.fullmatch(sent) else new_request_id()
         headers = [
             (b"Content-Type", b"text/plain; charset=utf-8"),
             (b"Content-Length", str(len(body)).encode()),
+            (b"X-Request-ID", ex.request_id),
         ]
-        if ex.request_id:
-            headers.append((b"X-Request-ID", ex.request_id))
         if close or not ex.keep_alive or not ex.request_done or self.state.draining:
             headers.append((b"Connection", b"close"))
             ex.keep_alive = False

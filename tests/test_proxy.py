@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -474,3 +475,15 @@ def test_reused_connection_closed_by_the_upstream_is_retried_for_idempotent_requ
     # One of the two POSTs lands on a reused connection the upstream drops: that one is a 502.
     assert sorted(statuses) == [200, 502]
     assert sum(1 for r in up.requests if r.method == b"POST") == 2, "the dropped POST was not retried"
+
+
+def test_errors_answered_by_the_proxy_carry_a_request_id() -> None:
+    with proxy(SampleServer(), routes=[{"pool": "p", "path_prefix": "/api"}]) as addr:
+        conn = http.client.HTTPConnection(*addr, timeout=10)
+        conn.request("GET", "/nowhere", headers={"X-Request-ID": "client-id-7"})
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 404 and resp.getheader("X-Request-ID") == "client-id-7"
+        out = raw(addr, MALFORMED["cl-and-te"])
+        rid = re.search(rb"X-Request-ID: ([0-9a-f]{32})\r\n", out)
+        assert out.startswith(b"HTTP/1.1 400") and rid, out
