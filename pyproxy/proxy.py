@@ -796,8 +796,9 @@ class ClientConnection(asyncio.Protocol):
                 self._refuse_current(cause)
             elif isinstance(cause, HeaderError):
                 self._refuse_current(_Refuse(cause.status, str(cause)))
-            else:
-                raise
+            else:  # a bug of ours: answer 500 for this request rather than drop the connection
+                log.error("internal error while parsing a request", exc_info=cause)
+                self._refuse_current(_Refuse(500, "internal proxy error"))
         except httptools.HttpParserUpgrade as e:
             # llhttp stops after an Upgrade request's head; what follows is the tunnel's.
             ex = self.queue[-1] if self.queue else None
@@ -807,7 +808,9 @@ class ClientConnection(asyncio.Protocol):
                 if rest:
                     ex.tunnel_out(rest)
             else:
-                self.closing = True  # a refused Upgrade: nothing more is read
+                self.closing = True  # a refused Upgrade: nothing more is read, then close
+                if ex is not None:
+                    ex.keep_alive = False
         except httptools.HttpParserError as e:
             self._refuse_current(_Refuse(400, f"malformed request: {e}"))
         else:
