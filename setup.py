@@ -1,4 +1,5 @@
-"""Cythonize ``cython_ext/`` into ``pyproxy._speedups``.
+"""Cythonize ``cython_ext/`` into ``pyproxy._speedups`` (head helpers) and ``pyproxy._protocol``
+(the data plane's protocol objects).
 
 Everything else (metadata, the Rust extension via setuptools-rust) lives in pyproject.toml; this file
 exists only because Cython extensions still need ``ext_modules``. ``PYPROXY_CYTHON_ANNOTATE=1`` writes
@@ -17,7 +18,14 @@ extensions = [
         "pyproxy._speedups",
         ["cython_ext/_speedups.pyx"],
         extra_compile_args=["-O3"],
-    )
+    ),
+    # The data plane's protocol objects: a module of its own because they import pyproxy.headers,
+    # which imports _speedups (one module would import itself half-initialised).
+    Extension(
+        "pyproxy._protocol",
+        ["cython_ext/_protocol.pyx"],
+        extra_compile_args=["-O3"],
+    ),
 ]
 
 setup(

@@ -37,6 +37,7 @@ def test_wheel_contains_both_extensions_stubs_and_marker(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     assert any(n.startswith("pyproxy/_core.") and n.endswith(".so") for n in names), names
     assert any(n.startswith("pyproxy/_speedups.") and n.endswith(".so") for n in names), names
+    assert any(n.startswith("pyproxy/_protocol.") and n.endswith(".so") for n in names), names
     assert {"pyproxy/_core.pyi", "pyproxy/_speedups.pyi", "pyproxy/py.typed"} <= names
 
 

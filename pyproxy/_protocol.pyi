@@ -1,0 +1,36 @@
+"""Type stubs for ``pyproxy._protocol`` (compiled from ``cython_ext/_protocol.pyx``): the parts the
+Python side uses. The protocol objects are driven by uvloop and httptools through their callbacks; they
+are typed as ``asyncio.Protocol`` because they implement its methods (uvloop needs no base class)."""
+
+import asyncio
+
+from pyproxy.config import Pool, Route, Server
+
+class ConnectionPool:
+    pool: Pool
+    connects: int
+    retired: bool
+    def __init__(self, pool: Pool) -> None: ...
+    def take_idle(self, server: Server) -> UpstreamConnection | None: ...
+    async def connect(self, server: Server) -> UpstreamConnection: ...
+    def release(self, conn: UpstreamConnection) -> None: ...
+    def retire(self) -> None: ...
+    def close(self) -> None: ...
+
+class Exchange:
+    method: bytes
+    target: bytes
+    headers: list[tuple[bytes, bytes]]
+    route: Route | None
+    status: int
+    request_id: bytes
+
+class UpstreamConnection(asyncio.Protocol):
+    server: Server
+    def close(self) -> None: ...
+
+class ClientConnection(asyncio.Protocol):
+    def __init__(self, state: object) -> None: ...
+    def idle(self) -> bool: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
