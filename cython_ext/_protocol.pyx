@@ -107,7 +107,9 @@ def _chunk(data: bytes) -> bytes:
 cdef class ConnectionPool:
     """Kept-alive upstream connections of one pool, per server (most recently used first)."""
 
-    cdef public object connects, idle, pool, retired
+    cdef public object idle, pool
+    cdef public long long connects
+    cdef public bint retired
 
 
     def __init__(self, pool: Pool) -> None:
@@ -175,7 +177,26 @@ cdef class Exchange:
     once, which hands the connection to the next exchange.
     """
 
-    cdef public object body_received, bytes_out, client, done, expect_continue, framing, had_length, head_done_at, head_size, headers, host, http11, in_flight, keep_alive, method, pending, pending_size, refusal, request_done, request_id, response_started, retried, route, sent_at, server, started, status, target, timer, upgrade, upstream
+    cdef public object client, headers, host, method, pending, refusal, request_id, route, server, target, timer, upstream
+    cdef public long long body_received
+    cdef public long long bytes_out
+    cdef public bint done
+    cdef public bint expect_continue
+    cdef public long long framing
+    cdef public bint had_length
+    cdef public double head_done_at
+    cdef public long long head_size
+    cdef public bint http11
+    cdef public bint in_flight
+    cdef public bint keep_alive
+    cdef public long long pending_size
+    cdef public bint request_done
+    cdef public bint response_started
+    cdef public bint retried
+    cdef public double sent_at
+    cdef public bint started
+    cdef public int status
+    cdef public bint upgrade
 
 
     def __init__(self, client: ClientConnection) -> None:
@@ -426,7 +447,18 @@ cdef class Exchange:
 cdef class UpstreamConnection:
     """One connection to an upstream server; carries one exchange at a time."""
 
-    cdef public object chunk_to_client, closed, exchange, exchanges_served, framing, head_only, head_received, headers, idle_timer, message_done, parser, pool, reading_paused, reason, received, server, status, transport, tunnel
+    cdef public object exchange, headers, idle_timer, parser, pool, reason, server, transport
+    cdef public bint chunk_to_client
+    cdef public bint closed
+    cdef public long long exchanges_served
+    cdef public long long framing
+    cdef public bint head_only
+    cdef public bint head_received
+    cdef public bint message_done
+    cdef public bint reading_paused
+    cdef public long long received
+    cdef public int status
+    cdef public bint tunnel
 
 
     def __init__(self, pool: ConnectionPool, server: Server) -> None:
@@ -667,7 +699,13 @@ cdef class UpstreamConnection:
 cdef class ClientConnection:
     """One client connection: parse its requests, queue them, answer them in order."""
 
-    cdef public object _loop, body_deadline, body_timer, closing, corked, feeding, head_raw, limits, out, parser, parsing, peer, queue, read_pauses, send_timer, state, timer, transport, tunnel, write_paused
+    cdef public object _loop, body_timer, limits, out, parser, parsing, peer, queue, read_pauses, send_timer, state, timer, transport, tunnel
+    cdef public double body_deadline
+    cdef public bint closing
+    cdef public int corked
+    cdef public bint feeding
+    cdef public long long head_raw
+    cdef public bint write_paused
 
 
     def __init__(self, state: ProxyState) -> None:
