@@ -1,4 +1,4 @@
-# cython: language_level=3, annotation_typing=False, wraparound=True, boundscheck=True
+# cython: language_level=3, annotation_typing=False, wraparound=True, boundscheck=True, nonecheck=True
 # (Python indexing semantics here: this is Python code compiled, negative indexes included.)
 # The data plane's per-connection protocol objects, compiled (pyproxy._protocol). Same code as plain
 # Python would be, as cdef classes: attribute access and calls between these objects skip the
@@ -67,6 +67,12 @@ log = logging.getLogger("pyproxy.proxy")
 # Bytes of request body buffered for an exchange whose upstream is not connected yet, before
 # reading from the client pauses.
 _PENDING_BODY_LIMIT = 256 * 1024
+
+
+cdef class ConnectionPool
+cdef class Exchange
+cdef class UpstreamConnection
+cdef class ClientConnection
 
 
 class _Refuse(Exception):
@@ -177,7 +183,9 @@ cdef class Exchange:
     once, which hands the connection to the next exchange.
     """
 
-    cdef public object client, headers, host, method, pending, refusal, request_id, route, server, target, timer, upstream
+    cdef public object headers, host, method, pending, refusal, request_id, route, server, target, timer
+    cdef public ClientConnection client
+    cdef public UpstreamConnection upstream
     cdef public long long body_received
     cdef public long long bytes_out
     cdef public bint done
@@ -447,7 +455,9 @@ cdef class Exchange:
 cdef class UpstreamConnection:
     """One connection to an upstream server; carries one exchange at a time."""
 
-    cdef public object exchange, headers, idle_timer, parser, pool, reason, server, transport
+    cdef public object headers, idle_timer, parser, reason, server, transport
+    cdef public Exchange exchange
+    cdef public ConnectionPool pool
     cdef public bint chunk_to_client
     cdef public bint closed
     cdef public long long exchanges_served
@@ -699,7 +709,9 @@ cdef class UpstreamConnection:
 cdef class ClientConnection:
     """One client connection: parse its requests, queue them, answer them in order."""
 
-    cdef public object _loop, body_timer, limits, out, parser, parsing, peer, queue, read_pauses, send_timer, state, timer, transport, tunnel
+    cdef public object _loop, body_timer, limits, out, parser, peer, queue, read_pauses, send_timer, state, timer, transport
+    cdef public Exchange parsing
+    cdef public Exchange tunnel
     cdef public double body_deadline
     cdef public bint closing
     cdef public int corked
