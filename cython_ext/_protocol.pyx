@@ -242,7 +242,7 @@ cdef class Exchange:
         self.timer = None
 
     # -- request body, as the client connection reads it
-    def feed_body(self, data: bytes) -> None:
+    cpdef feed_body(self, data: bytes):
         self.body_received += len(data)
         limit = self.body_limit()
         if self.body_received > limit:
@@ -255,7 +255,7 @@ cdef class Exchange:
             if self.pending_size > _PENDING_BODY_LIMIT:
                 self.client.pause_reading("pending-body")
 
-    def tunnel_out(self, data: bytes) -> None:
+    cpdef tunnel_out(self, data: bytes):
         """Bytes from the client after an Upgrade request's head: relayed as they are."""
         if self.upstream is not None:
             self.upstream.send_raw(data)
@@ -265,12 +265,12 @@ cdef class Exchange:
             if self.pending_size > _PENDING_BODY_LIMIT:
                 self.client.pause_reading("pending-body")
 
-    def end_body(self) -> None:
+    cpdef end_body(self):
         self.request_done = True
         if self.upstream is not None and self.framing == CHUNKED:
             self.upstream.send_raw(b"0\r\n\r\n")
 
-    def body_limit(self) -> int:
+    cpdef body_limit(self):
         route_limit = self.route.max_body_size if self.route else None
         return route_limit or self.client.limits.max_body_size
 
@@ -394,14 +394,14 @@ cdef class Exchange:
             self.timer = None
         self.abandon_upstream()
 
-    def fail(self, status: int, message: str, close: bool) -> None:
+    cpdef fail(self, status: int, message: str, close: bool):
         """Answer with an error (or, once a response has started, break the connection); finish."""
         if self.done:
             return
         self.client.respond_error(self, status, message, close)
         self.finish()
 
-    def finish(self) -> None:
+    cpdef finish(self):
         """This exchange is over (idempotent): the connection moves on."""
         if self.done:
             return
@@ -411,7 +411,7 @@ cdef class Exchange:
             self.timer = None
         self.client.exchange_finished(self)
 
-    def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: int, declared_length: int | None) -> bool:
+    cpdef response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: int, declared_length: int | None):
         """Write the response head to the client; whether its body must be chunk-encoded."""
         if self.timer is not None:
             self.timer.cancel()
@@ -497,7 +497,7 @@ cdef class UpstreamConnection:
         # body its Content-Length announces. We end the message ourselves after its head.
         self.head_only = False
 
-    def usable(self) -> bool:
+    cpdef usable(self):
         return not self.closed and self.transport is not None and not self.transport.is_closing()
 
     # -- pool bookkeeping
@@ -514,12 +514,12 @@ cdef class UpstreamConnection:
         self._reset()
 
     # -- writing the request
-    def send_raw(self, data: bytes) -> None:
+    cpdef send_raw(self, data: bytes):
         if self.usable():
             assert self.transport is not None
             self.transport.write(data)
 
-    def send_body(self, data: bytes, chunked: bool) -> None:
+    cpdef send_body(self, data: bytes, chunked: bool):
         self.send_raw(_chunk(data) if chunked else data)
 
     def close(self) -> None:
@@ -528,13 +528,13 @@ cdef class UpstreamConnection:
             self.transport.close()
         self.closed = True
 
-    def pause_reading(self) -> None:
+    cpdef pause_reading(self):
         if not self.reading_paused and self.usable():
             assert self.transport is not None
             self.transport.pause_reading()
             self.reading_paused = True
 
-    def resume_reading(self) -> None:
+    cpdef resume_reading(self):
         if self.reading_paused and self.usable():
             assert self.transport is not None
             self.transport.resume_reading()
@@ -667,7 +667,7 @@ cdef class UpstreamConnection:
             return  # llhttp ends the 101 "message" at its head; the tunnel goes on
         self._complete(self.parser.should_keep_alive())
 
-    def _complete(self, keep_alive: bool) -> None:
+    cpdef _complete(self, keep_alive: bool):
         ex = self.exchange
         assert ex is not None
         if self.chunk_to_client:
@@ -682,7 +682,7 @@ cdef class UpstreamConnection:
             self.close()
         ex.finish()
 
-    def _done(self) -> None:
+    cpdef _done(self):
         """Detach from the exchange (which the caller then finishes)."""
         ex = self.exchange
         self.exchange = None
@@ -952,7 +952,7 @@ cdef class ClientConnection:
         if len(self.queue) == 1 and not self.feeding:
             ex.start()
 
-    def exchange_finished(self, ex: Exchange) -> None:
+    cpdef exchange_finished(self, ex: Exchange):
         """``ex`` was answered: close, or move on to the next pipelined request, or wait idle."""
         if self.queue and self.queue[0] is ex:
             self.queue.popleft()
@@ -977,7 +977,7 @@ cdef class ClientConnection:
         """No request in progress (waiting for one, or between two)."""
         return not self.queue and (self.parsing is None or not self.parsing.method)
 
-    def _count(self, ex: Exchange) -> None:
+    cpdef _count(self, ex: Exchange):
         metrics = self.state.metrics
         if ex.in_flight:
             metrics.in_flight -= 1
@@ -1003,7 +1003,7 @@ cdef class ClientConnection:
             request_id=ex.request_id,
         )
 
-    def _start_next(self) -> None:
+    cpdef _start_next(self):
         if self.queue and not self.queue[0].started and not self.queue[0].done:
             self.queue[0].start()
 
@@ -1048,30 +1048,30 @@ cdef class ClientConnection:
             ex.refusal = refusal
         ex.keep_alive = False
 
-    def write(self, data: bytes) -> None:
+    cpdef write(self, data: bytes):
         if self.corked:
             self.out.append(data)
         elif self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
-    def cork(self) -> None:
+    cpdef cork(self):
         """Collect writes until :meth:`uncork`: a response head and the body that came in the same
         upstream read leave in one ``send`` instead of one per piece."""
         self.corked += 1
 
-    def uncork(self) -> None:
+    cpdef uncork(self):
         self.corked -= 1
         if not self.corked and self.out:
             data = self.out[0] if len(self.out) == 1 else b"".join(self.out)
             self.out.clear()
             self.write(data)
 
-    def pause_reading(self, reason: str) -> None:
+    cpdef pause_reading(self, reason: str):
         if not self.read_pauses and self.transport is not None:
             self.transport.pause_reading()
         self.read_pauses.add(reason)
 
-    def resume_reading(self, reason: str) -> None:
+    cpdef resume_reading(self, reason: str):
         if reason in self.read_pauses:
             self.read_pauses.discard(reason)
             if not self.read_pauses and self.transport is not None and not self.transport.is_closing():
@@ -1094,11 +1094,11 @@ cdef class ClientConnection:
         if self.transport is not None:
             self.transport.abort()
 
-    def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
+    cpdef _arm(self, seconds: float, callback: Callable[[], None]):
         self._disarm()
         self.timer = asyncio.get_running_loop().call_later(seconds, callback)
 
-    def _disarm(self) -> None:
+    cpdef _disarm(self):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
