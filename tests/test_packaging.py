@@ -39,6 +39,9 @@ def test_wheel_contains_both_extensions_stubs_and_marker(wheel: Path) -> None:
     assert any(n.startswith("pyproxy/_speedups.") and n.endswith(".so") for n in names), names
     assert any(n.startswith("pyproxy/_protocol.") and n.endswith(".so") for n in names), names
     assert {"pyproxy/_core.pyi", "pyproxy/_speedups.pyi", "pyproxy/py.typed"} <= names
+    # Every module of the package, subpackages included (a wheel without them cannot run the proxy).
+    sources = {str(p.relative_to(ROOT)) for p in (ROOT / "pyproxy").rglob("*.py") if "__pycache__" not in p.parts}
+    assert sources and sources <= names, sorted(sources - names)
 
 
 def test_wheel_installs_into_a_fresh_venv_and_imports(wheel: Path, tmp_path: Path) -> None:
