@@ -39,7 +39,7 @@ import logging
 import re
 from collections.abc import Callable
 
-from typing import cast
+from typing import Any, cast
 
 import httptools
 
@@ -60,13 +60,18 @@ from pyproxy.headers import (
 )
 from pyproxy.observe.access_log import AccessLog
 
-__all__ = ["ClientConnection", "ConnectionPool", "Exchange", "UpstreamConnection"]
+__all__ = ["BUCKETS", "ClientConnection", "ConnectionPool", "Exchange", "Histogram", "UpstreamConnection", "WorkerMetrics"]
 
 log = logging.getLogger("pyproxy.proxy")
 
 # Bytes of request body buffered for an exchange whose upstream is not connected yet, before
 # reading from the client pauses.
 _PENDING_BODY_LIMIT = 256 * 1024
+
+
+include "deadline.pxi"
+include "scan.pxi"
+include "counters.pxi"
 
 
 cdef class ConnectionPool
@@ -102,6 +107,11 @@ def _absolute_form(ex: Exchange) -> bytes:
     return authority
 
 
+# Scratch results of the header scans: one each, reused (the event loop runs one callback at a time).
+cdef HeadFields _REQUEST_FIELDS = HeadFields()
+cdef HeadFields _RESPONSE_FIELDS = HeadFields()
+
+
 def _chunk(data: bytes) -> bytes:
     """One chunk of a chunked body (RFC 9112 §7.1)."""
     return b"%x\r\n%b\r\n" % (len(data), data)
@@ -131,7 +141,7 @@ cdef class ConnectionPool:
         idle = self.idle[server]
         while idle:
             conn = idle.pop()
-            conn.stop_idle_timer()
+            conn.deadline.clear()
             if conn.usable():
                 return conn
         return None
@@ -153,7 +163,7 @@ cdef class ConnectionPool:
             conn.close()
             return
         idle.append(conn)
-        conn.start_idle_timer(self.pool.idle_timeout)
+        conn.deadline.set(conn.deadline.loop.time() + self.pool.idle_timeout, conn.close)
 
     def forget(self, conn: UpstreamConnection) -> None:
         idle = self.idle.get(conn.server)
@@ -183,7 +193,8 @@ cdef class Exchange:
     once, which hands the connection to the next exchange.
     """
 
-    cdef public object headers, host, method, pending, refusal, request_id, route, server, target, timer
+    cdef public object headers, host, method, pending, refusal, request_id, route, server, target
+    cdef public double response_timeout
     cdef public ClientConnection client
     cdef public UpstreamConnection upstream
     cdef public long long body_received
@@ -239,7 +250,7 @@ cdef class Exchange:
         self.retried = False
         self.response_started = False
         self.done = False
-        self.timer = None
+        self.response_timeout = 0.0  # seconds to the response head (504 after), once sent
 
     # -- request body, as the client connection reads it
     cpdef feed_body(self, data: bytes):
@@ -290,10 +301,10 @@ cdef class Exchange:
         self.server = server = state.balancers[route.pool].pick()
         conn = pool.take_idle(server)
         if conn is not None:
-            state.metrics.upstream_connections[(route.pool, "reused")] += 1
+            state.metrics.upstream_connection(route.pool, True)
             self._attach(conn)
         else:
-            asyncio.get_running_loop().create_task(self._connect(pool, server))
+            self.client._loop.create_task(self._connect(pool, server))
 
     async def _connect(self, pool: ConnectionPool, server: Server) -> None:
         try:
@@ -302,7 +313,7 @@ cdef class Exchange:
             why = str(e) or "timed out"
             self.fail(502, f"cannot connect to upstream {server.address}: {why}", close=False)
             return
-        self.client.state.metrics.upstream_connections[(pool.pool.name, "new")] += 1
+        self.client.state.metrics.upstream_connection(pool.pool.name, False)
         if self.done:
             pool.release(conn)  # the client went away meanwhile
         else:
@@ -341,10 +352,9 @@ cdef class Exchange:
         self.client.resume_reading("pending-body")
         if self.expect_continue and not self.request_done:
             self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        timeout = self.route.response_timeout or upstream.pool.pool.response_timeout
-        loop = asyncio.get_running_loop()
-        self.sent_at = loop.time()
-        self.timer = loop.call_later(timeout, self._response_timeout, timeout)
+        self.response_timeout = self.route.response_timeout or upstream.pool.pool.response_timeout
+        self.sent_at = self.client._loop.time()
+        upstream.deadline.set(self.sent_at + self.response_timeout, upstream.response_timed_out)
 
     def can_retry_on_new_connection(self) -> bool:
         """Whether this request may be sent again after a reused connection died unanswered: an
@@ -360,16 +370,17 @@ cdef class Exchange:
 
     def retry_on_new_connection(self) -> None:
         self.retried = True
+        self.stop_response_timer()
         self.upstream = None
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         assert self.route is not None and self.server is not None
         pool = self.client.state.pools[self.route.pool]
-        asyncio.get_running_loop().create_task(self._connect(pool, self.server))
+        self.client._loop.create_task(self._connect(pool, self.server))
+
+    cpdef stop_response_timer(self):
+        if self.upstream is not None:
+            self.upstream.deadline.clear()
 
     def _response_timeout(self, timeout: float) -> None:
-        self.timer = None
         if self.done or self.response_started:
             return
         self.abandon_upstream()  # detached first: its close must not answer this exchange too
@@ -389,9 +400,7 @@ cdef class Exchange:
             self.client.state.metrics.in_flight -= 1
             self.in_flight = False
         self.done = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.stop_response_timer()
         self.abandon_upstream()
 
     cpdef fail(self, status: int, message: str, close: bool):
@@ -406,16 +415,12 @@ cdef class Exchange:
         if self.done:
             return
         self.done = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.stop_response_timer()
         self.client.exchange_finished(self)
 
     cpdef response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: int, declared_length: int | None):
         """Write the response head to the client; whether its body must be chunk-encoded."""
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.stop_response_timer()
         client = self.client
         if self.sent_at and self.route is not None:
             client.state.metrics.upstream_answered(self.route.pool, client._loop.time() - self.sent_at)
@@ -455,7 +460,8 @@ cdef class Exchange:
 cdef class UpstreamConnection:
     """One connection to an upstream server; carries one exchange at a time."""
 
-    cdef public object headers, idle_timer, parser, reason, server, transport
+    cdef public object headers, parser, reason, server, transport
+    cdef public Deadline deadline  # idle in the pool → close; busy → response timeout (504)
     cdef public Exchange exchange
     cdef public ConnectionPool pool
     cdef public bint chunk_to_client
@@ -477,7 +483,7 @@ cdef class UpstreamConnection:
         self.transport = None
         self.parser = httptools.HttpResponseParser(self)
         self.exchange = None
-        self.idle_timer = None
+        self.deadline = Deadline(asyncio.get_running_loop())
         self.closed = False
         self.tunnel = False  # after a 101: bytes pass through unparsed, both ways
         self.reading_paused = False  # paused while the client cannot take more of the response
@@ -500,14 +506,9 @@ cdef class UpstreamConnection:
     cpdef usable(self):
         return not self.closed and self.transport is not None and not self.transport.is_closing()
 
-    # -- pool bookkeeping
-    def start_idle_timer(self, seconds: float) -> None:
-        self.idle_timer = asyncio.get_running_loop().call_later(seconds, self.close)
-
-    def stop_idle_timer(self) -> None:
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
+    def response_timed_out(self) -> None:
+        if self.exchange is not None:
+            self.exchange._response_timeout(self.exchange.response_timeout)
 
     def begin(self, exchange: Exchange) -> None:
         self.exchange = exchange
@@ -523,7 +524,7 @@ cdef class UpstreamConnection:
         self.send_raw(_chunk(data) if chunked else data)
 
     def close(self) -> None:
-        self.stop_idle_timer()
+        self.deadline.cancel()
         if self.transport is not None:
             self.transport.close()
         self.closed = True
@@ -578,7 +579,7 @@ cdef class UpstreamConnection:
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.stop_idle_timer()
+        self.deadline.cancel()
         self.pool.forget(self)
         ex = self.exchange
         if self.tunnel and ex is not None:
@@ -639,11 +640,17 @@ cdef class UpstreamConnection:
             self.head_received = True
             return
         http11 = self.parser.get_http_version() == "1.1"
-        self.framing = response_framing(status, self.headers, ex.method, http11)
         declared = None
-        if self.framing == 0:
-            cl = get_first(self.headers, b"content-length")
-            declared = int(cl) if cl is not None and cl.strip().isdigit() else None
+        fields = _RESPONSE_FIELDS
+        fields.scan(self.headers)
+        framing = fields.plain_framing()
+        if framing > 0 and 200 <= status and status not in (204, 304) and ex.method != b"HEAD" and ex.method != b"CONNECT":
+            self.framing = framing  # the plain case; everything else by the full rules
+        else:
+            self.framing = response_framing(status, self.headers, ex.method, http11)
+            if self.framing == 0 and fields.content_length is not None:
+                cl = fields.content_length
+                declared = int(cl) if cl.strip().isdigit() else None
         self.status = status
         self.head_only = ex.method == b"HEAD"
         self.chunk_to_client = ex.response_head(status, self.reason, self.headers, self.framing, declared)
@@ -686,6 +693,7 @@ cdef class UpstreamConnection:
         """Detach from the exchange (which the caller then finishes)."""
         ex = self.exchange
         self.exchange = None
+        self.deadline.clear()
         # A connection paused for a slow client must not go back to the pool paused: the next
         # exchange on it would wait forever.
         self.resume_reading()
@@ -709,7 +717,8 @@ cdef class UpstreamConnection:
 cdef class ClientConnection:
     """One client connection: parse its requests, queue them, answer them in order."""
 
-    cdef public object _loop, body_timer, limits, out, parser, peer, queue, read_pauses, send_timer, state, timer, transport
+    cdef public object _loop, body_timer, limits, out, parser, peer, queue, read_pauses, send_timer, state, transport
+    cdef public Deadline deadline  # head (408) or keep-alive idle timeout
     cdef public Exchange parsing
     cdef public Exchange tunnel
     cdef public double body_deadline
@@ -730,7 +739,7 @@ cdef class ClientConnection:
         self.parsing = None
         self.queue = collections.deque()
         self.head_raw = 0  # bytes read while the current head is incomplete
-        self.timer = None
+        self.deadline = Deadline(self._loop)
         self.read_pauses = set()
         self.write_paused = False
         self.closing = False
@@ -771,7 +780,7 @@ cdef class ClientConnection:
         if self.closing:
             return
         if self.parsing is None or not self.parsing.method:
-            if self.timer is not None and self.parsing is None and not self.queue:
+            if self.deadline.when != 0.0 and self.parsing is None and not self.queue:
                 self._arm(self.limits.head_timeout, self._head_timeout)  # idle → reading a head
             self.head_raw += len(data)
         self.feeding = True
@@ -810,7 +819,7 @@ cdef class ClientConnection:
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
-        self._disarm()
+        self.deadline.cancel()
         self._stop_body_timer()
         if self.send_timer is not None:
             self.send_timer.cancel()
@@ -880,13 +889,17 @@ cdef class ClientConnection:
                 # HTTP/0.9 has no headers to check and no way to answer it safely; others: 505.
                 raise _Refuse(400 if version.startswith("0.") else 505, f"HTTP/{version} is not supported")
             validate_headers(ex.headers)
-            ex.framing = request_framing(ex.headers, ex.http11)
-            ex.had_length = ex.framing >= 0 and get_first(ex.headers, b"content-length") is not None
-            hosts = [v for n, v in ex.headers if n.lower() == b"host"]
-            if len(hosts) > 1:
+            fields = _REQUEST_FIELDS
+            fields.scan(ex.headers)
+            ex.framing = fields.plain_framing()
+            if ex.framing < 0:
+                ex.framing = request_framing(ex.headers, ex.http11)
+            ex.had_length = ex.framing >= 0 and fields.lengths > 0
+            if fields.hosts > 1:
                 raise _Refuse(400, "multiple Host header lines")
-            if ex.http11 and not hosts:
+            if ex.http11 and not fields.hosts:
                 raise _Refuse(400, "missing Host header")
+            hosts = [fields.host] if fields.hosts else []
             if ex.method == b"CONNECT":
                 raise _Refuse(405, "CONNECT is not supported by a reverse proxy")
             if ex.target[:1] != b"/" and ex.target != b"*":
@@ -894,13 +907,13 @@ cdef class ClientConnection:
             host = ex.host = hosts[0] if hosts else None
             if ex.upgrade and ex.framing != 0:
                 raise _Refuse(400, "an Upgrade request with a body")
-            ex.route = self.state.router.match(ex.method.decode("latin-1"), ex.target.decode("latin-1"), host)
+            ex.route = self.state.router.match_raw(ex.method, ex.target, host)
             if ex.route is None:
                 # No route: answered here; a request body would have to be drained, so close then.
                 raise _Refuse(404, "no route for this request", close=ex.framing != 0)
             if ex.framing > ex.body_limit():
                 raise _Refuse(413, f"request body larger than {ex.body_limit()} bytes")
-            expect = get_first(ex.headers, b"expect")
+            expect = fields.expect
             if expect is not None:
                 if expect.strip().lower() != b"100-continue":
                     raise _Refuse(417, "only 'Expect: 100-continue' is supported")
@@ -969,7 +982,7 @@ cdef class ClientConnection:
         self.resume_reading("pipeline")
         if self.queue:
             # Not started from here: a long pipeline answered locally would otherwise recurse.
-            asyncio.get_running_loop().call_soon(self._start_next)
+            self._loop.call_soon(self._start_next)
         elif self.transport is not None and not self.transport.is_closing():
             self._arm(self.limits.keepalive_timeout, self.close)
 
@@ -983,7 +996,7 @@ cdef class ClientConnection:
             metrics.in_flight -= 1
             ex.in_flight = False
         if ex.refusal is not None:
-            metrics.refused[str(ex.status)] += 1
+            metrics.refused_request(ex.status)
         route = ex.route.name if ex.route else ""
         pool = ex.route.pool if ex.route else ""
         took = self._loop.time() - ex.head_done_at if ex.head_done_at else 0.0
@@ -1095,13 +1108,10 @@ cdef class ClientConnection:
             self.transport.abort()
 
     cpdef _arm(self, seconds: float, callback: Callable[[], None]):
-        self._disarm()
-        self.timer = asyncio.get_running_loop().call_later(seconds, callback)
+        self.deadline.set(self._loop.time() + seconds, callback)
 
     cpdef _disarm(self):
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.deadline.clear()
 
     def _send_timeout(self) -> None:
         self.send_timer = None
@@ -1139,7 +1149,6 @@ cdef class ClientConnection:
             self._start_next()
 
     def _head_timeout(self) -> None:
-        self.timer = None
         if self.queue:
             return  # a response is being produced; the head in progress waits its turn
         if self.parsing is None and self.head_raw == 0:

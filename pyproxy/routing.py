@@ -13,7 +13,10 @@ its original target.
 
 Hosts compare case-insensitively, without port and trailing dot. Lookups for a host are cached: the
 list of routes that can match a host is worked out once per distinct host (bounded, so a client
-sending random Host headers cannot grow it without limit).
+sending random Host headers cannot grow it without limit). The data plane asks with the raw bytes
+of the request (:meth:`Router.match_raw`), and whole decisions are remembered per (method, target,
+Host) — the same few URLs are asked for over and over, and a remembered decision costs one dict
+lookup instead of ~1.5 µs of normalising (bounded too: emptied when full).
 """
 
 from __future__ import annotations
@@ -99,8 +102,12 @@ def _prefix_matches(prefix: str, path: str) -> bool:
 class Router:
     """First-match routing over a configuration's routes."""
 
-    def __init__(self, routes: Sequence[Route], host_cache_size: int = 1024) -> None:
+    def __init__(
+        self, routes: Sequence[Route], host_cache_size: int = 1024, decision_cache_size: int = 8192
+    ) -> None:
         self.routes = tuple(routes)
+        self._decisions: dict[tuple[bytes, bytes, bytes | None], Route | None] = {}
+        self._decision_cache_size = decision_cache_size
         self._exact_hosts = {r.host for r in self.routes if r.host and not r.host.startswith("*.")}
         self._has_wildcards = any(r.host and r.host.startswith("*.") for r in self.routes)
         self._candidates = lru_cache(maxsize=host_cache_size)(self._routes_for_host)
@@ -120,6 +127,19 @@ class Router:
             if _prefix_matches(route.path_prefix, path):
                 return route
         return None
+
+    def match_raw(self, method: bytes, target: bytes, host: bytes | None) -> Route | None:
+        """:meth:`match` for the raw bytes of a request head, remembered (see the module doc)."""
+        key = (method, target, host)
+        try:
+            return self._decisions[key]
+        except KeyError:
+            pass
+        route = self.match(method.decode("latin-1"), target.decode("latin-1"), host)
+        if len(self._decisions) >= self._decision_cache_size:
+            self._decisions.clear()  # a flood of distinct URLs must not grow it without limit
+        self._decisions[key] = route
+        return route
 
 
 def _host_matches(pattern: str | None, host: str | None) -> bool:

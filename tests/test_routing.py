@@ -51,6 +51,19 @@ def test_match(method: str, target: str, host: str | None, expected: str) -> Non
     assert got is not None and got.name == expected
 
 
+def test_match_raw_agrees_with_match_and_remembers_bounded() -> None:
+    router = Router(ROUTER.routes, decision_cache_size=8)
+    cases = [("GET", "/api/x", "h"), ("GET", "/apix", "h"), ("POST", "/api/../admin", "agents.example.com"),
+             ("GET", "/%61pi/x", None), ("GET", "/nothing", "elsewhere")]
+    for _ in range(2):  # the second pass answers from the memo
+        for method, target, host in cases:
+            raw_host = host.encode() if host else None
+            assert router.match_raw(method.encode(), target.encode(), raw_host) is router.match(method, target, host)
+    for i in range(100):
+        router.match_raw(b"GET", b"/api/%d" % i, b"h")
+    assert len(router._decisions) <= 8
+
+
 def test_no_route_is_none() -> None:
     router = Router([route("only", host="a.test", path_prefix="/x")])
     assert router.match("GET", "/x", "b.test") is None

@@ -1,7 +1,7 @@
 """Metrics: per-worker counters, shared with the supervisor, rendered by prometheus-client.
 
-Each worker counts in plain Python integers (a dictionary update per event, no lock, no
-``observe()`` object call per request). Every ``PUBLISH_INTERVAL`` seconds it writes a snapshot
+Each worker counts in :class:`WorkerMetrics`, compiled with the data plane (``pyproxy._protocol``:
+C arrays per histogram and per status code, no lock, no ``observe()`` object call per request). Every ``PUBLISH_INTERVAL`` seconds it writes a snapshot
 into its slot of a shared memory region the supervisor created before forking; ``/metrics``
 (served once, by the supervisor) sums the slots, plus what workers that died had counted, and
 renders the Prometheus text format through a prometheus-client custom collector at scrape time.
@@ -22,7 +22,6 @@ Series (``pyproxy_<subsystem>_<what>_<unit>``):
 
 from __future__ import annotations
 
-import bisect
 import json
 import mmap
 import struct
@@ -39,6 +38,8 @@ from prometheus_client.core import (
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
+from pyproxy._protocol import BUCKETS, WorkerMetrics
+
 __all__ = [
     "BUCKETS",
     "PUBLISH_INTERVAL",
@@ -50,54 +51,9 @@ __all__ = [
     "without_gauges",
 ]
 
-BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 PUBLISH_INTERVAL = 1.0
 
 Snapshot = dict[str, Any]
-
-
-class WorkerMetrics:
-    """One worker's counters."""
-
-    def __init__(self) -> None:
-        self.requests: dict[tuple[str, str, int], int] = defaultdict(int)
-        # name -> [count per bucket (+Inf last), sum, count]
-        self.request_duration: dict[str, list[float]] = {}
-        self.upstream_duration: dict[str, list[float]] = {}
-        self.upstream_connections: dict[tuple[str, str], int] = defaultdict(int)
-        self.refused: dict[str, int] = defaultdict(int)
-        self.connections_total = 0
-        self.connections_open = 0
-        self.in_flight = 0
-
-    @staticmethod
-    def _observe(table: dict[str, list[float]], name: str, seconds: float) -> None:
-        h = table.get(name)
-        if h is None:
-            h = table[name] = [0.0] * (len(BUCKETS) + 3)
-        h[bisect.bisect_left(BUCKETS, seconds)] += 1
-        h[-2] += seconds
-        h[-1] += 1
-
-    def request_done(self, route: str, pool: str, status: int, seconds: float) -> None:
-        self.requests[(route, pool, status)] += 1  # status stays an int: str() at scrape time
-        self._observe(self.request_duration, route, seconds)
-
-    def upstream_answered(self, pool: str, seconds: float) -> None:
-        self._observe(self.upstream_duration, pool, seconds)
-
-    def snapshot(self) -> Snapshot:
-        """Plain data (JSON-able) of every counter."""
-        return {
-            "requests": [[route, pool, str(code), v] for (route, pool, code), v in self.requests.items()],
-            "request_duration": self.request_duration,
-            "upstream_duration": self.upstream_duration,
-            "upstream_connections": [[*k, v] for k, v in self.upstream_connections.items()],
-            "refused": dict(self.refused),
-            "connections_total": self.connections_total,
-            "connections_open": self.connections_open,
-            "in_flight": self.in_flight,
-        }
 
 
 def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
