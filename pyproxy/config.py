@@ -23,17 +23,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pyproxy.balance.health import HealthCheckConfig
+from pyproxy.balance.outlier import OutlierConfig
 from pyproxy.errors import PyproxyError
 
 __all__ = [
+    "ALL_UNHEALTHY_MODES",
+    "BALANCE_ALGORITHMS",
     "AccessLogConfig",
     "AdminConfig",
+    "BreakerConfig",
+    "BulkheadConfig",
     "Config",
     "ConfigError",
     "Limits",
     "Listener",
     "Pool",
     "Problem",
+    "RetryConfig",
     "Route",
     "Server",
     "load_config",
@@ -46,7 +53,10 @@ T = TypeVar("T")
 HTTP_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 )
-BALANCE_ALGORITHMS = ("round_robin",)
+BALANCE_ALGORITHMS = (
+    "round_robin", "random", "weighted_round_robin", "least_connections", "consistent_hash"
+)
+ALL_UNHEALTHY_MODES = ("panic", "reject")
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,16 +141,69 @@ class Server:
 
 
 @dataclass(frozen=True, slots=True)
+class BreakerConfig:
+    """Circuit breaker per server (``[pools.NAME.circuit_breaker]``); see
+    :class:`pyproxy.resilience.CircuitBreaker` for the states. ``None`` turns a trip rule off."""
+
+    consecutive_failures: int | None = 5
+    failure_ratio: float | None = 0.5  # of the requests in the rolling window
+    window: float = 10.0
+    min_requests: int = 20  # in the window before the ratio counts
+    base_open_time: float = 5.0  # × 2^(openings-1), capped, ± jitter
+    max_open_time: float = 300.0
+    jitter: float = 0.1
+    success_threshold: int = 3  # successes in half-open that close it again
+    half_open_max_probes: int = 1  # concurrent requests let through in half-open
+
+
+@dataclass(frozen=True, slots=True)
+class BulkheadConfig:
+    """Concurrency limits (``[pools.NAME.bulkhead]``); 0 = unlimited. A request over the pool's
+    limit waits in a bounded queue up to ``queue_timeout``, else 503."""
+
+    max_concurrent: int = 0  # requests in flight to the whole pool
+    max_queue: int = 0  # requests waiting for a pool slot (0: none wait, 503 at once)
+    queue_timeout: float = 1.0
+    max_concurrent_per_server: int = 0  # a full server is skipped by the balancer
+
+
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    """Retries (``[pools.NAME.retry]``): idempotent requests only (or routes marked idempotent),
+    only before anything of the response reached the client, on another server, with full-jitter
+    backoff, within a retry budget (Envoy's ``retry_budget``)."""
+
+    attempts: int = 1  # retries after the first try (0: never retry)
+    on_statuses: frozenset[int] = frozenset({502, 503, 504})  # responses worth another server
+    budget_percent: float = 20.0  # retries ≤ this % of the pool's requests over the window...
+    min_retries_per_window: int = 3  # ...plus this many (so a quiet pool can still retry)
+    budget_window: float = 10.0
+    backoff_base: float = 0.025  # seconds; attempt n waits uniform(0, min(max, base × 2^(n-1)))
+    backoff_max: float = 0.25
+
+
+@dataclass(frozen=True, slots=True)
 class Pool:
     """A named group of upstream servers and how to talk to them."""
 
     name: str
     servers: tuple[Server, ...]
-    balance: str = "round_robin"
+    balance: str = "round_robin"  # one of BALANCE_ALGORITHMS
+    dynamic: bool = False  # weighted_round_robin: weights follow latency and errors
+    hash_key: str = "client_ip"  # consistent_hash: header:NAME, cookie:NAME, query:NAME, client_ip, path
+    balance_factor: float | None = None  # consistent_hash: bounded loads (e.g. 1.25)
+    hash_fallback: str = "round_robin"  # consistent_hash: algorithm for requests without a key
+    slow_start: float = 0.0  # seconds over which a joining/returning server ramps up its share
+    on_all_unhealthy: str = "panic"  # "panic": use them all anyway; "reject": 503 + Retry-After
     connect_timeout: float = 5.0  # → 502
     response_timeout: float = 60.0  # time to the response head → 504; agents can be slow
     max_idle_per_server: int = 32  # kept-alive upstream connections per server
     idle_timeout: float = 60.0  # an idle upstream connection is closed after this
+    health_check: HealthCheckConfig | None = None  # active checks; None: none
+    outlier: OutlierConfig | None = None  # passive ejection; None: off
+    circuit_breaker: BreakerConfig | None = None  # per server; None: off
+    bulkhead: BulkheadConfig = BulkheadConfig()
+    retry: RetryConfig = RetryConfig()
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +224,7 @@ class Route:
     host_header: str | None = None  # replace Host towards the upstream; None passes it through
     response_timeout: float | None = None  # overrides the pool's
     max_body_size: int | None = None  # overrides limits.max_body_size
+    idempotent: bool = False  # retries allowed for every method of this route (e.g. a pure POST API)
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,12 +241,27 @@ class Config:
 
     def redacted(self) -> dict[str, Any]:
         """The effective configuration as plain data, secrets replaced (for ``GET /config``)."""
-        data = asdict(self)
+        data: dict[str, Any] = _plain(asdict(self))
         if data["admin"]["token"] is not None:
             data["admin"]["token"] = "<redacted>"
-        for route in data["routes"]:
-            route["methods"] = sorted(route["methods"])
         return data
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON data: sets → sorted lists, status ranges → ``"200-399"`` (inclusive, as
+    the file writes them), bytes → text, tuples → lists."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, frozenset | set):
+        return sorted(_plain(v) for v in value)
+    if isinstance(value, range):
+        last = value.stop - 1
+        return str(value.start) if last == value.start else f"{value.start}-{last}"
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    return value
 
 
 # ------------------------------------------------------------------------------- value parsers
@@ -210,6 +289,21 @@ class _Invalid(Exception):
 
 def parse_duration(value: object) -> float:
     """Seconds from a number or a string like ``"250ms"``; must be finite and > 0."""
+    seconds = _seconds(value)
+    if seconds <= 0:
+        raise _Invalid(f"must be a duration > 0, got {value!r}")
+    return seconds
+
+
+def _duration_or_zero(value: object) -> float:
+    """A duration where 0 (or ``"0s"``) means "off" / "none"."""
+    seconds = _seconds(value)
+    if seconds < 0:
+        raise _Invalid(f"must be a duration >= 0 (0: off), got {value!r}")
+    return seconds
+
+
+def _seconds(value: object) -> float:
     if isinstance(value, bool):
         raise _Invalid(f"expected a duration (seconds or a string like '10s'), got {value!r}")
     if isinstance(value, int | float):
@@ -222,8 +316,8 @@ def parse_duration(value: object) -> float:
         seconds = float(m.group(1)) * _DURATION_UNITS[unit]
     else:
         raise _Invalid(f"expected a duration (seconds or a string like '10s'), got {value!r}")
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise _Invalid(f"must be a duration > 0, got {value!r}")
+    if not math.isfinite(seconds):
+        raise _Invalid(f"must be a finite duration, got {value!r}")
     return seconds
 
 
@@ -252,6 +346,38 @@ def _int_between(low: int, high: int) -> Callable[[object], int]:
             raise _Invalid(f"expected an integer, got {value!r}")
         if not low <= value <= high:
             raise _Invalid(f"must be between {low} and {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _number(
+    low: float, high: float, *, low_open: bool = False, high_open: bool = False
+) -> Callable[[object], float]:
+    """A finite number in ``[low, high]``; ``low_open`` / ``high_open`` exclude that bound."""
+    if math.isinf(high):
+        interval = f"{'>' if low_open else '>='} {low:g}"
+    else:
+        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+        interval = f"in {lo}{low:g}, {high:g}{hi}"
+
+    def parse(value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _Invalid(f"expected a number {interval}, got {value!r}")
+        x = float(value)
+        below = x <= low if low_open else x < low
+        above = x >= high if high_open else x > high
+        if not math.isfinite(x) or below or above:
+            raise _Invalid(f"must be {interval}, got {value!r}")
+        return x
+
+    return parse
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        if not isinstance(value, str) or value not in options:
+            raise _Invalid(f"expected one of {', '.join(options)}, got {value!r}")
         return value
 
     return parse
@@ -342,6 +468,46 @@ class _Reader:
             return parse(table[key])
         except _Invalid as e:
             self.problem(_join(path, key), str(e))
+            return None
+
+    def items(
+        self,
+        table: Mapping[str, Any],
+        path: str,
+        key: str,
+        parse: Callable[[object], T],
+        default: tuple[T, ...],
+        *,
+        allow_empty: bool = True,
+    ) -> tuple[T, ...]:
+        """An array whose every item is parsed; a bad item is reported as ``key[i]``."""
+        if key not in table:
+            return default
+        raw = table[key]
+        if not isinstance(raw, list) or (not raw and not allow_empty):
+            what = "an array" if allow_empty else "a non-empty array"
+            self.problem(_join(path, key), f"expected {what}, got {raw!r}")
+            return default
+        out, ok = [], True
+        for i, item in enumerate(raw):
+            try:
+                out.append(parse(item))
+            except _Invalid as e:
+                self.problem(f"{_join(path, key)}[{i}]", str(e))
+                ok = False
+        return tuple(out) if ok else default
+
+    def build(self, path: str, make: Callable[[], T]) -> T | None:
+        """``make()``, with a ``ValueError("field: reason")`` from a dataclass's own validation
+        reported as a problem at ``path.field`` instead of escaping."""
+        try:
+            return make()
+        except ValueError as e:
+            name, sep, reason = str(e).partition(": ")
+            if sep and name.isidentifier():
+                self.problem(_join(path, name), reason)
+            else:
+                self.problem(path, str(e))
             return None
 
 
@@ -457,6 +623,340 @@ def _read_server(r: _Reader, raw: object, path: str) -> Server | None:
     return Server(address[0], address[1], weight) if address else None
 
 
+# ---------------------------------------------------------- balancing, health and resilience
+
+_HASH_KEY_FORMS = "'header:NAME', 'cookie:NAME', 'query:NAME', 'client_ip' or 'path'"
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token: header and cookie names
+_STATUS_RANGE = re.compile(r"\s*([0-9]{3})\s*(?:-\s*([0-9]{3})\s*)?")
+
+
+def _hash_key(value: object) -> str:
+    """``header:NAME``, ``cookie:NAME``, ``query:NAME``, ``client_ip`` or ``path``."""
+    key = _text(value)
+    if key in ("client_ip", "path"):
+        return key
+    kind, sep, name = key.partition(":")
+    if not sep or kind not in ("header", "cookie", "query"):
+        raise _Invalid(f"expected {_HASH_KEY_FORMS}, got {value!r}")
+    if kind != "query" and not _TOKEN.fullmatch(name):
+        raise _Invalid(
+            f"{name!r} is not a valid {kind} name (letters, digits and !#$%&'*+-.^_`|~), "
+            f"in {value!r}"
+        )
+    if kind == "query" and (
+        not name or not _printable(name) or any(c in name for c in "=&#?")
+    ):
+        raise _Invalid(
+            f"{name!r} is not a query parameter name (visible ASCII without = & # ?), in {value!r}"
+        )
+    return key
+
+
+def _printable(text: str) -> bool:
+    return text.isascii() and all(0x21 <= ord(c) <= 0x7E for c in text)
+
+
+def _hash_fallback(value: object) -> str:
+    if value == "consistent_hash":
+        raise _Invalid("cannot be consistent_hash: it serves the requests that have no hash key")
+    options = tuple(a for a in BALANCE_ALGORITHMS if a != "consistent_hash")
+    return _choice(options)(value)
+
+
+def _status_range(value: object) -> range:
+    """A status code (``200``, ``"200"``) or an inclusive range (``"200-299"``) → a half-open
+    ``range`` (``range(200, 300)``), as :class:`HealthCheckConfig` takes them."""
+    m = _STATUS_RANGE.fullmatch(value) if isinstance(value, str) else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        low = high = value
+    elif m:
+        low, high = int(m.group(1)), int(m.group(2) or m.group(1))
+    else:
+        raise _Invalid(
+            f"expected a status code (200) or an inclusive range ('200-299'), got {value!r}"
+        )
+    if not 100 <= low <= high <= 599:
+        raise _Invalid(f"must be status codes within 100-599, lowest first, got {value!r}")
+    return range(low, high + 1)
+
+
+def _retry_status(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Invalid(f"expected a status code (an integer), got {value!r}")
+    if not 500 <= value <= 599:
+        raise _Invalid(f"must be a 5xx status (500-599), only server errors are retried: {value}")
+    return value
+
+
+def _check_method(value: object) -> str:
+    method = _text(value).upper()
+    if method not in HTTP_METHODS or method == "CONNECT":
+        raise _Invalid(f"expected an HTTP method such as GET, HEAD or OPTIONS, got {value!r}")
+    return method
+
+
+def _check_path(value: object) -> str:
+    path = _path_prefix(value)
+    if not _printable(path):
+        raise _Invalid(f"must be visible ASCII only (percent-encode the rest), got {value!r}")
+    return path
+
+
+def _check_host_header(value: object) -> str:
+    host = _text(value)
+    if not _printable(host):
+        raise _Invalid(f"must be visible ASCII only, got {value!r}")
+    return host
+
+
+def _check_buffer(value: object) -> int:
+    size = parse_size(value)
+    if size < 1024:
+        raise _Invalid(f"must be at least 1024 bytes (1KiB), got {value!r}")
+    return size
+
+
+def _read_health_check(r: _Reader, raw: object, path: str) -> HealthCheckConfig | None:
+    t = r.table(raw, path)
+    if t is None:
+        return None
+    r.check_keys(t, path, set(HealthCheckConfig.__dataclass_fields__))
+    d = HealthCheckConfig()
+    before = len(r.problems)
+    method = r.get(t, path, "method", _check_method, d.method)
+    check_path = r.get(t, path, "path", _check_path, d.path)
+    statuses = r.items(
+        t, path, "expected_statuses", _status_range, d.expected_statuses, allow_empty=False
+    )
+    body = r.get(t, path, "body_contains", _text, None)
+    interval = r.get(t, path, "interval", parse_duration, d.interval)
+    timeout = r.get(t, path, "timeout", parse_duration, d.timeout)
+    rise = r.get(t, path, "rise", _int_between(1, 1000), d.rise)
+    fall = r.get(t, path, "fall", _int_between(1, 1000), d.fall)
+    jitter = r.get(t, path, "jitter", _number(0.0, 1.0, high_open=True), d.jitter)
+    host_header = r.get(t, path, "host_header", _check_host_header, d.host_header)
+    initial_healthy = r.get(t, path, "initial_healthy", _bool, d.initial_healthy)
+    max_bytes = r.get(t, path, "max_response_bytes", _check_buffer, d.max_response_bytes)
+    if len(r.problems) > before:
+        return None  # cross-field checks on defaults would only add noise
+    if timeout >= interval:
+        r.problem(
+            _join(path, "timeout"),
+            f"must be shorter than interval ({timeout:g}s >= {interval:g}s): "
+            "checks would run back to back",
+        )
+        return None
+    return r.build(
+        path,
+        lambda: HealthCheckConfig(
+            method=method,
+            path=check_path,
+            expected_statuses=statuses,
+            body_contains=None if body is None else body.encode(),
+            interval=interval,
+            timeout=timeout,
+            rise=rise,
+            fall=fall,
+            jitter=jitter,
+            host_header=host_header,
+            initial_healthy=initial_healthy,
+            max_response_bytes=max_bytes,
+        ),
+    )
+
+
+def _read_outlier(r: _Reader, raw: object, path: str) -> OutlierConfig | None:
+    t = r.table(raw, path)
+    if t is None:
+        return None
+    r.check_keys(t, path, set(OutlierConfig.__dataclass_fields__))
+    d = OutlierConfig()
+    before = len(r.problems)
+    count = _int_between(0, 1_000_000)
+    consecutive = r.get(t, path, "consecutive_failures", count, d.consecutive_failures)
+    connect = r.get(
+        t, path, "consecutive_connect_failures", count, d.consecutive_connect_failures
+    )
+    rate = r.get(t, path, "error_rate_threshold", _number(0.0, 1.0), d.error_rate_threshold)
+    window = r.get(t, path, "window", parse_duration, d.window)
+    min_requests = r.get(t, path, "min_requests", _int_between(1, 1_000_000), d.min_requests)
+    base = r.get(t, path, "base_ejection_time", parse_duration, d.base_ejection_time)
+    cap = r.get(t, path, "max_ejection_time", parse_duration, d.max_ejection_time)
+    percent = r.get(t, path, "max_ejection_percent", _int_between(0, 100), d.max_ejection_percent)
+    if len(r.problems) > before:
+        return None
+    off = "; remove the table to turn passive ejection off"
+    if not (consecutive or connect or rate):
+        r.problem(
+            path,
+            "every detector is off (consecutive_failures, consecutive_connect_failures and "
+            f"error_rate_threshold are 0){off}",
+        )
+    if percent == 0:
+        r.problem(_join(path, "max_ejection_percent"), f"0 would never eject a server{off}")
+    if cap < base:
+        r.problem(
+            _join(path, "max_ejection_time"),
+            f"must be >= base_ejection_time ({cap:g}s < {base:g}s)",
+        )
+    if connect and consecutive and connect >= consecutive:
+        r.problem(
+            _join(path, "consecutive_connect_failures"),
+            f"must be below consecutive_failures ({consecutive}) to have any effect: connect "
+            "failures count toward consecutive_failures too",
+        )
+    if len(r.problems) > before:
+        return None
+    return r.build(
+        path,
+        lambda: OutlierConfig(
+            consecutive_failures=consecutive,
+            consecutive_connect_failures=connect,
+            error_rate_threshold=rate,
+            window=window,
+            min_requests=min_requests,
+            base_ejection_time=base,
+            max_ejection_time=cap,
+            max_ejection_percent=percent,
+        ),
+    )
+
+
+def _read_breaker(r: _Reader, raw: object, path: str) -> BreakerConfig | None:
+    t = r.table(raw, path)
+    if t is None:
+        return None
+    r.check_keys(t, path, _field_names(BreakerConfig))
+    d = BreakerConfig()
+    before = len(r.problems)
+    consecutive = r.get(
+        t, path, "consecutive_failures", _int_between(0, 1_000_000), d.consecutive_failures
+    )
+    ratio = r.get(t, path, "failure_ratio", _number(0.0, 1.0), d.failure_ratio)
+    window = r.get(t, path, "window", parse_duration, d.window)
+    min_requests = r.get(t, path, "min_requests", _int_between(1, 1_000_000), d.min_requests)
+    base = r.get(t, path, "base_open_time", parse_duration, d.base_open_time)
+    cap = r.get(t, path, "max_open_time", parse_duration, d.max_open_time)
+    jitter = r.get(t, path, "jitter", _number(0.0, 1.0, high_open=True), d.jitter)
+    successes = r.get(t, path, "success_threshold", _int_between(1, 1_000_000), d.success_threshold)
+    probes = r.get(
+        t, path, "half_open_max_probes", _int_between(1, 1_000_000), d.half_open_max_probes
+    )
+    if len(r.problems) > before:
+        return None
+    if not consecutive and not ratio:
+        r.problem(
+            path,
+            "both trip rules are off (consecutive_failures = 0 and failure_ratio = 0), so the "
+            "breaker could never open; remove the table to turn circuit breakers off",
+        )
+    if cap < base:
+        r.problem(
+            _join(path, "max_open_time"), f"must be >= base_open_time ({cap:g}s < {base:g}s)"
+        )
+    if len(r.problems) > before:
+        return None
+    return BreakerConfig(
+        consecutive_failures=consecutive or None,  # 0: that trip rule is off
+        failure_ratio=ratio or None,
+        window=window,
+        min_requests=min_requests,
+        base_open_time=base,
+        max_open_time=cap,
+        jitter=jitter,
+        success_threshold=successes,
+        half_open_max_probes=probes,
+    )
+
+
+def _read_bulkhead(r: _Reader, raw: object, path: str) -> BulkheadConfig:
+    d = BulkheadConfig()
+    t = r.table(raw, path)
+    if t is None:
+        return d
+    r.check_keys(t, path, _field_names(BulkheadConfig))
+    count = _int_between(0, 10_000_000)
+    bulkhead = BulkheadConfig(
+        max_concurrent=r.get(t, path, "max_concurrent", count, d.max_concurrent),
+        max_queue=r.get(t, path, "max_queue", count, d.max_queue),
+        queue_timeout=r.get(t, path, "queue_timeout", parse_duration, d.queue_timeout),
+        max_concurrent_per_server=r.get(
+            t, path, "max_concurrent_per_server", count, d.max_concurrent_per_server
+        ),
+    )
+    if bulkhead.max_queue and not bulkhead.max_concurrent:
+        r.problem(
+            _join(path, "max_queue"),
+            "needs max_concurrent > 0: requests wait only for a full pool, and 0 is unlimited",
+        )
+    return bulkhead
+
+
+def _read_retry(r: _Reader, raw: object, path: str) -> RetryConfig:
+    d = RetryConfig()
+    t = r.table(raw, path)
+    if t is None:
+        return d
+    r.check_keys(t, path, _field_names(RetryConfig))
+    before = len(r.problems)
+    base = r.get(t, path, "backoff_base", _duration_or_zero, d.backoff_base)
+    cap = r.get(t, path, "backoff_max", _duration_or_zero, d.backoff_max)
+    if len(r.problems) == before and cap < base:
+        r.problem(_join(path, "backoff_max"), f"must be >= backoff_base ({cap:g}s < {base:g}s)")
+    return RetryConfig(
+        attempts=r.get(t, path, "attempts", _int_between(0, 10), d.attempts),
+        on_statuses=frozenset(
+            r.items(t, path, "on_statuses", _retry_status, tuple(sorted(d.on_statuses)))
+        ),
+        budget_percent=r.get(
+            t, path, "budget_percent", _number(0.0, 100.0, low_open=True), d.budget_percent
+        ),
+        min_retries_per_window=r.get(
+            t, path, "min_retries_per_window", _int_between(0, 1_000_000), d.min_retries_per_window
+        ),
+        budget_window=r.get(t, path, "budget_window", parse_duration, d.budget_window),
+        backoff_base=base,
+        backoff_max=cap,
+    )
+
+
+_WEIGHTED = ("random", "weighted_round_robin", "least_connections")  # what slow start scales
+
+
+def _check_balance_options(
+    r: _Reader, p: Mapping[str, Any], path: str, pool: Pool, reported: set[str]
+) -> None:
+    """Options that belong to another algorithm, or that cannot work together (``reported``:
+    key paths that already have a problem)."""
+    algorithm = pool.balance
+    if reported & {_join(path, "balance"), _join(path, "balance_factor")}:
+        return  # they fell back to their defaults: checking against those would only confuse
+    p = {k: v for k, v in p.items() if _join(path, k) not in reported}
+    if "dynamic" in p and algorithm != "weighted_round_robin":
+        r.problem(
+            _join(path, "dynamic"),
+            f"only applies to balance = 'weighted_round_robin' (this pool's is {algorithm!r})",
+        )
+    for key in ("hash_key", "balance_factor", "hash_fallback"):
+        if key in p and algorithm != "consistent_hash":
+            r.problem(
+                _join(path, key),
+                f"only applies to balance = 'consistent_hash' (this pool's is {algorithm!r})",
+            )
+    if pool.slow_start and algorithm == "round_robin":
+        r.problem(
+            _join(path, "slow_start"),
+            "has no effect with balance = 'round_robin', which ignores weights; use one of "
+            f"{', '.join(_WEIGHTED)} (or consistent_hash with balance_factor)",
+        )
+    if pool.slow_start and algorithm == "consistent_hash" and pool.balance_factor is None:
+        r.problem(
+            _join(path, "slow_start"),
+            "with balance = 'consistent_hash' needs balance_factor: slow start scales the "
+            "bounded-load capacity (keys never move)",
+        )
+
+
 def _read_pools(r: _Reader, raw: object) -> dict[str, Pool]:
     if raw is None:
         r.problem("pools", "is required: at least one pool of upstream servers")
@@ -490,15 +990,24 @@ def _read_pools(r: _Reader, raw: object) -> dict[str, Pool]:
                 seen[server.address] = i
                 servers.append(server)
 
-        def balance(value: object) -> str:
-            if value not in BALANCE_ALGORITHMS:
-                raise _Invalid(f"expected one of {', '.join(BALANCE_ALGORITHMS)}, got {value!r}")
-            return str(value)
+        def section(key: str, read: Callable[[_Reader, object, str], T], default: T) -> T:
+            return read(r, p[key], _join(path, key)) if key in p else default
 
-        pools[name] = Pool(
+        before = len(r.problems)
+        pool = Pool(
             name=name,
             servers=tuple(servers),
-            balance=r.get(p, path, "balance", balance, d.balance),
+            balance=r.get(p, path, "balance", _choice(BALANCE_ALGORITHMS), d.balance),
+            dynamic=r.get(p, path, "dynamic", _bool, d.dynamic),
+            hash_key=r.get(p, path, "hash_key", _hash_key, d.hash_key),
+            balance_factor=r.get(
+                p, path, "balance_factor", _number(1.0, math.inf, low_open=True), d.balance_factor
+            ),
+            hash_fallback=r.get(p, path, "hash_fallback", _hash_fallback, d.hash_fallback),
+            slow_start=r.get(p, path, "slow_start", _duration_or_zero, d.slow_start),
+            on_all_unhealthy=r.get(
+                p, path, "on_all_unhealthy", _choice(ALL_UNHEALTHY_MODES), d.on_all_unhealthy
+            ),
             connect_timeout=r.get(p, path, "connect_timeout", parse_duration, d.connect_timeout),
             response_timeout=r.get(
                 p, path, "response_timeout", parse_duration, d.response_timeout
@@ -507,7 +1016,14 @@ def _read_pools(r: _Reader, raw: object) -> dict[str, Pool]:
                 p, path, "max_idle_per_server", _int_between(0, 100_000), d.max_idle_per_server
             ),
             idle_timeout=r.get(p, path, "idle_timeout", parse_duration, d.idle_timeout),
+            health_check=section("health_check", _read_health_check, d.health_check),
+            outlier=section("outlier", _read_outlier, d.outlier),
+            circuit_breaker=section("circuit_breaker", _read_breaker, d.circuit_breaker),
+            bulkhead=section("bulkhead", _read_bulkhead, d.bulkhead),
+            retry=section("retry", _read_retry, d.retry),
         )
+        _check_balance_options(r, p, path, pool, {q.path for q in r.problems[before:]})
+        pools[name] = pool
     return pools
 
 
@@ -570,6 +1086,7 @@ def _read_routes(r: _Reader, raw: object, pools: Mapping[str, Pool]) -> tuple[Ro
                 host_header=r.get(t, path, "host_header", _host, None),
                 response_timeout=r.get(t, path, "response_timeout", parse_duration, None),
                 max_body_size=r.get(t, path, "max_body_size", parse_size, None),
+                idempotent=r.get(t, path, "idempotent", _bool, False),
             )
         )
     return tuple(routes)

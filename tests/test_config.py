@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from pyproxy import config as config_module
+from pyproxy.balance.health import HealthCheckConfig
+from pyproxy.balance.outlier import OutlierConfig
 from pyproxy.config import (
+    BreakerConfig,
+    BulkheadConfig,
     ConfigError,
     Limits,
+    RetryConfig,
     load_config,
     parse_config,
     parse_duration,
@@ -44,6 +53,18 @@ def test_example_file_is_valid_and_complete() -> None:
     ]
     assert config.pools["summarizer"].servers[1].address == "[::1]:9102"
     assert config.limits == Limits(), "the example documents the defaults"
+    assert agents.balance == "weighted_round_robin" and agents.slow_start == 30.0
+    # The example's resilience tables show the defaults (and turn the optional ones on).
+    assert agents.health_check == HealthCheckConfig()
+    assert agents.outlier == OutlierConfig()
+    assert agents.circuit_breaker == BreakerConfig()
+    assert agents.bulkhead == BulkheadConfig() and agents.retry == RetryConfig()
+    summarizer = config.pools["summarizer"]
+    assert (summarizer.balance, summarizer.hash_key, summarizer.balance_factor) == (
+        "consistent_hash", "header:X-User-ID", 1.25
+    )
+    assert summarizer.on_all_unhealthy == "reject" and summarizer.health_check is None
+    assert summarize.idempotent and not config.routes[1].idempotent
 
 
 def test_minimal_config_gets_defaults() -> None:
@@ -169,3 +190,368 @@ def test_version_command() -> None:
 def test_several_workers_need_fixed_ports() -> None:
     assert "fixed listener ports" in problems({**MINIMAL, "workers": 2, "listeners": [{"port": 0}]})["workers"]
     assert parse_config({**MINIMAL, "workers": 2, "listeners": [{"port": 8080}]}).workers == 2
+
+
+# ------------------------------------------------- balancing, health checks and resilience
+
+FULL_POOL = """
+[pools.api]
+servers = ["127.0.0.1:9001", { address = "127.0.0.1:9002", weight = 3 }]
+balance = "consistent_hash"
+hash_key = "cookie:session"
+balance_factor = 1.5
+hash_fallback = "least_connections"
+slow_start = "45s"
+on_all_unhealthy = "reject"
+
+[pools.api.health_check]
+method = "head"
+path = "/status?deep=1"
+expected_statuses = [204, "200-299", "418"]
+body_contains = "ok ✓"
+interval = "3s"
+timeout = "500ms"
+rise = 4
+fall = 2
+jitter = 0
+host_header = "api.internal:8080"
+initial_healthy = false
+max_response_bytes = "2KiB"
+
+[pools.api.outlier]
+consecutive_failures = 7
+consecutive_connect_failures = 2
+error_rate_threshold = 0.25
+window = "30s"
+min_requests = 10
+base_ejection_time = "10s"
+max_ejection_time = "5m"
+max_ejection_percent = 100
+
+[pools.api.circuit_breaker]
+consecutive_failures = 0
+failure_ratio = 0.3
+window = "1m"
+min_requests = 50
+base_open_time = "2s"
+max_open_time = "1m"
+jitter = 0.5
+success_threshold = 1
+half_open_max_probes = 4
+
+[pools.api.bulkhead]
+max_concurrent = 200
+max_queue = 50
+queue_timeout = "250ms"
+max_concurrent_per_server = 30
+
+[pools.api.retry]
+attempts = 3
+on_statuses = [503, 500, 503]
+budget_percent = 12.5
+min_retries_per_window = 0
+budget_window = "1m"
+backoff_base = 0
+backoff_max = "1s"
+
+[[routes]]
+pool = "api"
+idempotent = true
+"""
+
+
+def pool_problems(**keys: Any) -> dict[str, str]:
+    """The problems of the minimal config with ``keys`` added to its pool ``p``."""
+    return problems({**MINIMAL, "pools": {"p": {"servers": ["127.0.0.1:9000"], **keys}}})
+
+
+def pool_with(**keys: Any) -> config_module.Pool:
+    config = parse_config({**MINIMAL, "pools": {"p": {"servers": ["127.0.0.1:9000"], **keys}}})
+    return config.pools["p"]
+
+
+def test_every_balancing_and_resilience_key_is_read() -> None:
+    config = parse_config(tomllib.loads(FULL_POOL))
+    api = config.pools["api"]
+    assert (api.balance, api.hash_key, api.balance_factor, api.hash_fallback) == (
+        "consistent_hash", "cookie:session", 1.5, "least_connections"
+    )
+    assert api.slow_start == 45.0 and api.on_all_unhealthy == "reject" and not api.dynamic
+    assert api.health_check == HealthCheckConfig(
+        method="HEAD",
+        path="/status?deep=1",
+        expected_statuses=(range(204, 205), range(200, 300), range(418, 419)),
+        body_contains="ok ✓".encode(),
+        interval=3.0,
+        timeout=0.5,
+        rise=4,
+        fall=2,
+        jitter=0.0,
+        host_header="api.internal:8080",
+        initial_healthy=False,
+        max_response_bytes=2048,
+    )
+    assert api.health_check.status_expected(299) and not api.health_check.status_expected(300)
+    assert api.outlier == OutlierConfig(
+        consecutive_failures=7,
+        consecutive_connect_failures=2,
+        error_rate_threshold=0.25,
+        window=30.0,
+        min_requests=10,
+        base_ejection_time=10.0,
+        max_ejection_time=300.0,
+        max_ejection_percent=100,
+    )
+    assert api.circuit_breaker == BreakerConfig(
+        consecutive_failures=None,  # 0 in the file: that trip rule is off
+        failure_ratio=0.3,
+        window=60.0,
+        min_requests=50,
+        base_open_time=2.0,
+        max_open_time=60.0,
+        jitter=0.5,
+        success_threshold=1,
+        half_open_max_probes=4,
+    )
+    assert api.bulkhead == BulkheadConfig(
+        max_concurrent=200, max_queue=50, queue_timeout=0.25, max_concurrent_per_server=30
+    )
+    assert api.retry == RetryConfig(
+        attempts=3,
+        on_statuses=frozenset({500, 503}),
+        budget_percent=12.5,
+        min_retries_per_window=0,
+        budget_window=60.0,
+        backoff_base=0.0,
+        backoff_max=1.0,
+    )
+    assert config.routes[0].idempotent
+
+
+def test_balancing_and_resilience_defaults() -> None:
+    config = parse_config(MINIMAL)
+    pool = config.pools["p"]
+    assert (pool.balance, pool.slow_start, pool.on_all_unhealthy) == ("round_robin", 0.0, "panic")
+    assert pool.health_check is None and pool.outlier is None and pool.circuit_breaker is None
+    assert pool.bulkhead == BulkheadConfig() and pool.retry == RetryConfig()
+    assert not config.routes[0].idempotent
+    # An empty table turns the optional features on with their defaults.
+    on = pool_with(health_check={}, outlier={}, circuit_breaker={}, bulkhead={}, retry={})
+    assert on.health_check == HealthCheckConfig() and on.outlier == OutlierConfig()
+    assert on.circuit_breaker == BreakerConfig()
+
+
+@pytest.mark.parametrize("algorithm", ["round_robin", "random", "weighted_round_robin", "least_connections"])
+def test_each_algorithm_and_its_own_options(algorithm: str) -> None:
+    assert pool_with(balance=algorithm).balance == algorithm
+    assert pool_with(balance="consistent_hash", hash_fallback=algorithm).hash_fallback == algorithm
+    assert pool_with(balance="weighted_round_robin", dynamic=True).dynamic
+    if algorithm != "round_robin":
+        assert pool_with(balance=algorithm, slow_start="1m").slow_start == 60.0
+
+
+@pytest.mark.parametrize(
+    "key", ["client_ip", "path", "header:X-User-ID", "cookie:sid", "query:user_id", "query:a.b%5B%5D"]
+)
+def test_hash_keys(key: str) -> None:
+    assert pool_with(balance="consistent_hash", hash_key=key).hash_key == key
+
+
+@pytest.mark.parametrize(
+    ("keys", "path", "reason"),
+    [
+        ({"balance": "least_conn"}, "balance", "expected one of round_robin, random, "),
+        ({"balance": "weighted_round_robin", "dynamic": "yes"}, "dynamic", "true or false"),
+        ({"balance": "consistent_hash", "hash_key": "header"}, "hash_key", "'header:NAME', 'cookie:NAME'"),
+        ({"balance": "consistent_hash", "hash_key": "body:x"}, "hash_key", "'query:NAME', 'client_ip' or 'path'"),
+        ({"balance": "consistent_hash", "hash_key": "header:X User"}, "hash_key", "not a valid header name"),
+        ({"balance": "consistent_hash", "hash_key": "cookie:"}, "hash_key", "not a valid cookie name"),
+        ({"balance": "consistent_hash", "hash_key": "query:a=b"}, "hash_key", "not a query parameter name"),
+        ({"balance": "consistent_hash", "balance_factor": 1}, "balance_factor", "must be > 1, got 1"),
+        ({"balance": "consistent_hash", "balance_factor": "1.5"}, "balance_factor", "expected a number"),
+        ({"balance": "consistent_hash", "hash_fallback": "consistent_hash"}, "hash_fallback", "requests that have no hash key"),
+        ({"balance": "consistent_hash", "hash_fallback": "fastest"}, "hash_fallback", "expected one of round_robin"),
+        ({"balance": "random", "slow_start": "-5s"}, "slow_start", "duration like"),
+        ({"balance": "random", "slow_start": -5}, "slow_start", "must be a duration >= 0 (0: off)"),
+        ({"on_all_unhealthy": "fail"}, "on_all_unhealthy", "expected one of panic, reject, got 'fail'"),
+        ({"health_check": "on"}, "health_check", "expected a table, got str"),
+        ({"health_check": {"method": "CONNECT"}}, "health_check.method", "HTTP method such as GET"),
+        ({"health_check": {"method": "FETCH"}}, "health_check.method", "got 'FETCH'"),
+        ({"health_check": {"path": "healthz"}}, "health_check.path", "must start with '/'"),
+        ({"health_check": {"path": "/a b"}}, "health_check.path", "visible ASCII only"),
+        ({"health_check": {"expected_statuses": []}}, "health_check.expected_statuses", "non-empty array"),
+        ({"health_check": {"expected_statuses": "200"}}, "health_check.expected_statuses", "non-empty array"),
+        ({"health_check": {"expected_statuses": [200, "2xx"]}}, "health_check.expected_statuses[1]", "inclusive range ('200-299')"),
+        ({"health_check": {"expected_statuses": ["299-200"]}}, "health_check.expected_statuses[0]", "lowest first"),
+        ({"health_check": {"expected_statuses": [600]}}, "health_check.expected_statuses[0]", "within 100-599"),
+        ({"health_check": {"body_contains": ""}}, "health_check.body_contains", "non-empty string"),
+        ({"health_check": {"interval": "0s"}}, "health_check.interval", "duration > 0"),
+        ({"health_check": {"timeout": "2 fortnights"}}, "health_check.timeout", "duration like"),
+        ({"health_check": {"rise": 0}}, "health_check.rise", "between 1 and 1000"),
+        ({"health_check": {"fall": 2.5}}, "health_check.fall", "expected an integer"),
+        ({"health_check": {"jitter": 1}}, "health_check.jitter", "must be in [0, 1)"),
+        ({"health_check": {"host_header": "a\nb"}}, "health_check.host_header", "visible ASCII"),
+        ({"health_check": {"initial_healthy": 1}}, "health_check.initial_healthy", "true or false"),
+        ({"health_check": {"max_response_bytes": 512}}, "health_check.max_response_bytes", "at least 1024 bytes"),
+        ({"health_check": {"interval": "2s", "timeout": "2s"}}, "health_check.timeout", "shorter than interval (2s >= 2s)"),
+        ({"health_check": {"intervall": "2s"}}, "health_check.intervall", "did you mean 'interval'"),
+        ({"outlier": {"consecutive_failures": -1}}, "outlier.consecutive_failures", "between 0 and"),
+        ({"outlier": {"error_rate_threshold": 1.5}}, "outlier.error_rate_threshold", "must be in [0, 1]"),
+        ({"outlier": {"window": 0}}, "outlier.window", "duration > 0"),
+        ({"outlier": {"min_requests": 0}}, "outlier.min_requests", "between 1 and"),
+        ({"outlier": {"max_ejection_time": "10s"}}, "outlier.max_ejection_time", ">= base_ejection_time (10s < 30s)"),
+        ({"outlier": {"max_ejection_percent": 101}}, "outlier.max_ejection_percent", "between 0 and 100"),
+        ({"outlier": {"max_ejection_percent": 0}}, "outlier.max_ejection_percent", "never eject"),
+        ({"outlier": {"consecutive_connect_failures": 5}}, "outlier.consecutive_connect_failures", "below consecutive_failures (5)"),
+        ({"outlier": {"consecutive_failures": 0, "error_rate_threshold": 0}}, "outlier", "every detector is off"),
+        ({"circuit_breaker": {"consecutive_failures": 0, "failure_ratio": 0}}, "circuit_breaker", "could never open"),
+        ({"circuit_breaker": {"failure_ratio": -0.1}}, "circuit_breaker.failure_ratio", "must be in [0, 1]"),
+        ({"circuit_breaker": {"min_requests": 0}}, "circuit_breaker.min_requests", "between 1 and"),
+        ({"circuit_breaker": {"max_open_time": "1s"}}, "circuit_breaker.max_open_time", ">= base_open_time (1s < 5s)"),
+        ({"circuit_breaker": {"jitter": 1.0}}, "circuit_breaker.jitter", "must be in [0, 1)"),
+        ({"circuit_breaker": {"success_threshold": 0}}, "circuit_breaker.success_threshold", "between 1 and"),
+        ({"circuit_breaker": {"half_open_max_probes": 0}}, "circuit_breaker.half_open_max_probes", "between 1 and"),
+        ({"circuit_breaker": {"windw": "1s"}}, "circuit_breaker.windw", "did you mean 'window'"),
+        ({"bulkhead": {"max_concurrent": -1}}, "bulkhead.max_concurrent", "between 0 and"),
+        ({"bulkhead": {"queue_timeout": 0}}, "bulkhead.queue_timeout", "duration > 0"),
+        ({"bulkhead": {"max_queue": 10}}, "bulkhead.max_queue", "needs max_concurrent > 0"),
+        ({"bulkhead": {"max_concurrent_per_server": True}}, "bulkhead.max_concurrent_per_server", "expected an integer"),
+        ({"retry": {"attempts": 11}}, "retry.attempts", "between 0 and 10"),
+        ({"retry": {"on_statuses": 503}}, "retry.on_statuses", "expected an array"),
+        ({"retry": {"on_statuses": [503, 404]}}, "retry.on_statuses[1]", "must be a 5xx status (500-599)"),
+        ({"retry": {"on_statuses": ["503"]}}, "retry.on_statuses[0]", "expected a status code"),
+        ({"retry": {"budget_percent": 0}}, "retry.budget_percent", "must be in (0, 100]"),
+        ({"retry": {"budget_percent": 101}}, "retry.budget_percent", "must be in (0, 100]"),
+        ({"retry": {"min_retries_per_window": -1}}, "retry.min_retries_per_window", "between 0 and"),
+        ({"retry": {"budget_window": "0s"}}, "retry.budget_window", "duration > 0"),
+        ({"retry": {"backoff_base": -1}}, "retry.backoff_base", "duration >= 0"),
+        ({"retry": {"backoff_max": "10ms"}}, "retry.backoff_max", ">= backoff_base (0.01s < 0.025s)"),
+    ],
+)
+def test_bad_balancing_and_resilience_values(keys: dict[str, Any], path: str, reason: str) -> None:
+    found = pool_problems(**keys)
+    assert set(found) == {f"pools.p.{path}"}, found
+    assert reason in found[f"pools.p.{path}"]
+
+
+@pytest.mark.parametrize(
+    ("keys", "path", "reason"),
+    [
+        ({"dynamic": True}, "dynamic", "only applies to balance = 'weighted_round_robin' (this pool's is 'round_robin')"),
+        ({"balance": "least_connections", "dynamic": False}, "dynamic", "(this pool's is 'least_connections')"),
+        ({"hash_key": "path"}, "hash_key", "only applies to balance = 'consistent_hash'"),
+        ({"balance": "random", "balance_factor": 1.25}, "balance_factor", "only applies to balance = 'consistent_hash'"),
+        ({"hash_fallback": "random"}, "hash_fallback", "only applies to balance = 'consistent_hash'"),
+        ({"slow_start": "30s"}, "slow_start", "no effect with balance = 'round_robin'"),
+        ({"balance": "consistent_hash", "slow_start": "30s"}, "slow_start", "needs balance_factor"),
+    ],
+)
+def test_options_of_another_algorithm(keys: dict[str, Any], path: str, reason: str) -> None:
+    found = pool_problems(**keys)
+    assert set(found) == {f"pools.p.{path}"}, found
+    assert reason in found[f"pools.p.{path}"]
+
+
+def test_slow_start() -> None:
+    assert pool_with(slow_start=0).slow_start == pool_with(slow_start="0s").slow_start == 0.0
+    bounded = pool_with(balance="consistent_hash", slow_start="30s", balance_factor=1.1)
+    assert bounded.slow_start == 30.0 and bounded.balance_factor == 1.1
+
+
+def test_a_bad_value_is_reported_once() -> None:
+    # The bad hash_key is not also "only for consistent_hash"; a bad balance does not make the
+    # consistent-hash options look misplaced; bad fields skip the cross-field checks they feed.
+    assert set(pool_problems(hash_key="nope")) == {"pools.p.hash_key"}
+    assert set(pool_problems(balance="hash", hash_key="path")) == {"pools.p.balance"}
+    assert set(
+        pool_problems(balance="consistent_hash", balance_factor=0.5, slow_start="1s")
+    ) == {"pools.p.balance_factor"}
+    assert set(pool_problems(health_check={"interval": "1s", "timeout": "x"})) == {
+        "pools.p.health_check.timeout"
+    }
+
+
+def test_route_idempotent() -> None:
+    assert parse_config({**MINIMAL, "routes": [{"pool": "p", "idempotent": True}]}).routes[0].idempotent
+    found = problems({**MINIMAL, "routes": [{"pool": "p", "idempotent": "yes"}]})
+    assert found == {"routes[0].idempotent": "expected true or false, got 'yes'"}
+
+
+def test_every_resilience_problem_is_listed_at_once() -> None:
+    found = problems(
+        {
+            "pools": {
+                "api": {
+                    "servers": ["127.0.0.1:1"],
+                    "balance": "consistent_hash",
+                    "hash_key": "cookie",
+                    "dynamic": True,
+                    "health_check": {"expected_statuses": ["200-299", 99], "rise": 0},
+                    "outlier": {"max_ejection_percent": 150},
+                    "circuit_breaker": {"failure_ratio": 2},
+                    "bulkhead": {"max_queue": 5},
+                    "retry": {"on_statuses": [404], "atempts": 2},
+                },
+                "web": {"servers": ["127.0.0.1:2"], "slow_start": "10s", "health_check": []},
+            },
+            "routes": [{"pool": "api", "idempotent": 1}],
+        }
+    )
+    assert set(found) == {
+        "pools.api.hash_key",
+        "pools.api.dynamic",
+        "pools.api.health_check.expected_statuses[1]",
+        "pools.api.health_check.rise",
+        "pools.api.outlier.max_ejection_percent",
+        "pools.api.circuit_breaker.failure_ratio",
+        "pools.api.bulkhead.max_queue",
+        "pools.api.retry.on_statuses[0]",
+        "pools.api.retry.atempts",
+        "pools.web.slow_start",
+        "pools.web.health_check",
+        "routes[0].idempotent",
+    }
+    assert "did you mean 'attempts'" in found["pools.api.retry.atempts"]
+
+
+def test_a_dataclass_validation_error_becomes_a_problem(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever the config classes' own checks refuse is a problem at its key, never an escape."""
+
+    class Stricter(HealthCheckConfig):
+        def __post_init__(self) -> None:
+            if self.fall == 4:
+                raise ValueError("fall: 4 is unlucky")
+
+    class Odd(OutlierConfig):
+        def __post_init__(self) -> None:
+            if self.window == 1.0:
+                raise ValueError("no field named here")
+
+    monkeypatch.setattr(config_module, "HealthCheckConfig", Stricter)
+    monkeypatch.setattr(config_module, "OutlierConfig", Odd)
+    found = pool_problems(health_check={"fall": 4}, outlier={"window": "1s"})
+    assert found == {
+        "pools.p.health_check.fall": "4 is unlucky",
+        "pools.p.outlier": "no field named here",
+    }
+
+
+def test_redacted_is_plain_json() -> None:
+    config = parse_config(tomllib.loads(FULL_POOL))
+    data = config.redacted()
+    assert json.loads(json.dumps(data)) == data
+    api = data["pools"]["api"]
+    assert api["health_check"]["expected_statuses"] == ["204", "200-299", "418"]
+    assert api["health_check"]["body_contains"] == "ok ✓"
+    assert api["retry"]["on_statuses"] == [500, 503]
+    assert api["circuit_breaker"]["consecutive_failures"] is None
+    assert data["routes"][0]["idempotent"] is True
+    # A status written back as the file writes it reads into the same configuration.
+    statuses = api["health_check"]["expected_statuses"]
+    again = pool_with(health_check={"expected_statuses": statuses}).health_check
+    original = config.pools["api"].health_check
+    assert again is not None and original is not None
+    assert again.expected_statuses == original.expected_statuses
+    defaults = parse_config(MINIMAL).redacted()
+    assert json.loads(json.dumps(defaults)) == defaults
+    assert defaults["pools"]["p"]["retry"]["on_statuses"] == [502, 503, 504]
