@@ -80,6 +80,13 @@ cdef class UpstreamConnection
 cdef class ClientConnection
 
 
+_IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))  # RFC 9110 §9.2.2
+
+
+class _RetryResponse(Exception):
+    """An upstream answered with a status worth another server, and a retry was granted."""
+
+
 class _Refuse(Exception):
     """A request the proxy answers itself (status, reason) and, usually, closes after."""
 
@@ -195,6 +202,11 @@ cdef class Exchange:
 
     cdef public object headers, host, method, pending, refusal, request_id, route, server, target
     cdef public double response_timeout
+    # balancing: the pool's run-time side, the server chosen (UpstreamServer), servers tried so far
+    cdef public object upool, chosen, tried, waiter
+    cdef public bint admitted, connect_failed, upstream_failed
+    cdef public int attempts, upstream_status, retry_after
+    cdef public double upstream_latency
     cdef public ClientConnection client
     cdef public UpstreamConnection upstream
     cdef public long long body_received
@@ -251,6 +263,17 @@ cdef class Exchange:
         self.response_started = False
         self.done = False
         self.response_timeout = 0.0  # seconds to the response head (504 after), once sent
+        self.upool = None
+        self.chosen = None
+        self.tried = []
+        self.waiter = None  # a place in the pool's bulkhead queue
+        self.admitted = False  # holds a slot of the pool's bulkhead
+        self.connect_failed = False  # this attempt could not connect
+        self.upstream_failed = False  # this attempt failed on the server's side (closed, malformed, timed out, cut short)
+        self.attempts = 0  # retries on other servers so far
+        self.upstream_status = 0  # status of the current attempt's response (0: none yet)
+        self.upstream_latency = 0.0  # request sent → response head, this attempt
+        self.retry_after = 0  # seconds, sent as Retry-After with a 503 of our own
 
     # -- request body, as the client connection reads it
     cpdef feed_body(self, data: bytes):
@@ -285,9 +308,14 @@ cdef class Exchange:
         route_limit = self.route.max_body_size if self.route else None
         return route_limit or self.client.limits.max_body_size
 
+    @property
+    def client_ip(self) -> str:
+        """The client's address (balancing key for ``consistent_hash`` with ``client_ip``)."""
+        return self.client.peer.decode("latin-1")
+
     # -- the forward phase
     def start(self) -> None:
-        """Answer this exchange: refuse it, or pick an upstream and forward it."""
+        """Answer this exchange: refuse it, or take a slot of its pool and forward it."""
         self.started = True
         if self.refusal is not None:
             self.fail(self.refusal.status, str(self.refusal), close=self.refusal.close)
@@ -297,21 +325,132 @@ cdef class Exchange:
         state = self.client.state
         state.metrics.in_flight += 1
         self.in_flight = True
-        pool = state.pools[route.pool]
-        self.server = server = state.balancers[route.pool].pick()
-        conn = pool.take_idle(server)
+        self.upool = upool = state.upstreams[route.pool]
+        upool.retry_budget.record_request(self.client._loop.time())
+        verdict = upool.admit(self._admitted)
+        if verdict is True:
+            self.admitted = True
+            self._forward()
+        elif verdict is False:
+            self.fail(503, f"pool {route.pool!r} is at its concurrency limit", close=False)
+        else:
+            self.waiter = verdict  # queued; _admitted follows
+
+    def _admitted(self, ok: bool) -> None:
+        self.waiter = None
+        if self.done:
+            if ok:
+                self.upool.leave()
+            return
+        if ok:
+            self.admitted = True
+            self._forward()
+        else:
+            self.fail(503, f"pool {self.route.pool!r} is at its concurrency limit (queue full or timed out)", close=False)
+
+    cpdef _forward(self):
+        """Choose a server (another one on a retry) and send the request there."""
+        if self.done:
+            return  # the client left during a retry's backoff
+        route = self.route
+        upool = self.upool
+        self.chosen = server = upool.choose(self, self.client._loop.time(), self.tried)
+        if server is None:
+            self.retry_after = upool.retry_after()
+            self.fail(503, f"no server of pool {route.pool!r} can take the request", close=False)
+            return
+        self.tried.append(server)
+        server.started()
+        self.server = server.server
+        self.connect_failed = False
+        self.upstream_failed = False
+        self.upstream_status = 0
+        self.upstream_latency = 0.0
+        self.sent_at = 0.0
+        pool = self.client.state.pools[route.pool]
+        conn = pool.take_idle(self.server)
         if conn is not None:
-            state.metrics.upstream_connection(route.pool, True)
+            self.client.state.metrics.upstream_connection(route.pool, True)
             self._attach(conn)
         else:
-            self.client._loop.create_task(self._connect(pool, server))
+            self.client._loop.create_task(self._connect(pool, self.server))
+
+    cpdef bint claim_retry(self):
+        """Whether this request may go to another server after a failed attempt: nothing of a
+        response was sent yet, an idempotent method (or a route marked idempotent) without a body
+        (nothing streamed that we no longer have), attempts left, another server to try, and the
+        pool's retry budget allows it (counted when it does)."""
+        if self.done or self.response_started or self.upgrade or self.framing != 0 or self.upool is None:
+            return False
+        if self.method not in _IDEMPOTENT and not self.route.idempotent:
+            return False
+        if self.attempts >= self.upool.config.retry.attempts or len(self.tried) >= len(self.upool.states):
+            return False
+        if not self.upool.may_retry(self.client._loop.time()):
+            return False
+        self.attempts += 1
+        return True
+
+    cpdef attempt_failed(self, int status, str message):
+        """This attempt got no usable response: retry elsewhere if allowed, else answer ``status``."""
+        if self.done:
+            return
+        # The server's failure whether or not a retry follows: without this mark a 502/504 that is
+        # not retried (a POST, attempts or budget used up) reached report() with no upstream status
+        # and was fed to the breaker and outlier detector as a success.
+        self.upstream_failed = True
+        if status in self.upool.config.retry.on_statuses and self.claim_retry():
+            self.retry_claimed(status)
+        else:
+            self.fail(status, message, close=False)
+
+    cpdef retry_claimed(self, int status):
+        """Report the failed attempt and send the request again after a jittered backoff."""
+        if self.upstream_status == 0:
+            self.upstream_status = status
+        self.report()
+        self.upstream = None
+        delay = self.upool.retry_delay(self.attempts)
+        self.client._loop.call_later(delay, self._forward)
+
+    cpdef report(self):
+        """Feed the outcome of the current attempt to the pool (EWMA, breaker, ejection)."""
+        cdef object ok  # True, False or None (no verdict): never let Cython infer a bint
+        server = self.chosen
+        if server is None:
+            return
+        self.chosen = None
+        now = self.client._loop.time()
+        latency = self.upstream_latency or (now - self.sent_at if self.sent_at else 0.0)
+        status = self.upstream_status
+        # No response at all (closed, timed out, malformed, cut short) is the server's failure;
+        # an attempt that ended with no response and no such failure (the client left first, or
+        # the proxy refused the request itself) gives no verdict (None) rather than a failure.
+        if self.connect_failed or self.upstream_failed:
+            ok = False
+        elif status == 0:
+            ok = None
+        else:
+            ok = status < 500
+        self.upool.finished(server, latency, ok, self.connect_failed, now)
+
+    cpdef release_pool(self):
+        """Give back what the exchange holds of its pool (bulkhead slot, queue place, server)."""
+        if self.waiter is not None:
+            self.waiter.cancel()
+            self.waiter = None
+        self.report()
+        if self.admitted:
+            self.admitted = False
+            self.upool.leave()
 
     async def _connect(self, pool: ConnectionPool, server: Server) -> None:
         try:
             conn = await pool.connect(server)
         except (OSError, asyncio.TimeoutError) as e:
             why = str(e) or "timed out"
-            self.fail(502, f"cannot connect to upstream {server.address}: {why}", close=False)
+            self.connect_failed = True
+            self.attempt_failed(502, f"cannot connect to upstream {server.address}: {why}")
             return
         self.client.state.metrics.upstream_connection(pool.pool.name, False)
         if self.done:
@@ -385,7 +524,7 @@ cdef class Exchange:
             return
         self.abandon_upstream()  # detached first: its close must not answer this exchange too
         where = self.server.address if self.server else "?"
-        self.fail(504, f"no response from upstream {where} within {timeout:g}s", close=False)
+        self.attempt_failed(504, f"no response from upstream {where} within {timeout:g}s")
 
     def abandon_upstream(self) -> None:
         """Drop the upstream connection of an exchange that cannot complete (never reused)."""
@@ -402,6 +541,7 @@ cdef class Exchange:
         self.done = True
         self.stop_response_timer()
         self.abandon_upstream()
+        self.release_pool()
 
     cpdef fail(self, status: int, message: str, close: bool):
         """Answer with an error (or, once a response has started, break the connection); finish."""
@@ -416,6 +556,7 @@ cdef class Exchange:
             return
         self.done = True
         self.stop_response_timer()
+        self.release_pool()
         self.client.exchange_finished(self)
 
     cpdef response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: int, declared_length: int | None):
@@ -423,7 +564,9 @@ cdef class Exchange:
         self.stop_response_timer()
         client = self.client
         if self.sent_at and self.route is not None:
-            client.state.metrics.upstream_answered(self.route.pool, client._loop.time() - self.sent_at)
+            self.upstream_latency = client._loop.time() - self.sent_at
+            client.state.metrics.upstream_answered(self.route.pool, self.upstream_latency)
+        self.upstream_status = status
         switching = status == 101
         close = not switching and (
             not self.keep_alive or not self.request_done or client.state.draining or self.upgrade
@@ -573,7 +716,15 @@ cdef class UpstreamConnection:
                 self._fail(502, f"upstream {self.server.address} switched protocols unasked")
         except (httptools.HttpParserError, HeaderError) as e:
             cause = e.__context__ if isinstance(e, httptools.HttpParserCallbackError) else e
-            self._fail(502, f"malformed response from upstream {self.server.address}: {cause or e}")
+            if isinstance(cause, _RetryResponse):
+                ex = self.exchange
+                self.message_done = True
+                self._done()
+                self.close()  # its body is not wanted: the connection cannot be reused
+                if ex is not None:
+                    ex.retry_claimed(self.status)
+            else:
+                self._fail(502, f"malformed response from upstream {self.server.address}: {cause or e}")
         finally:
             client.uncork()
 
@@ -602,6 +753,8 @@ cdef class UpstreamConnection:
             self._fail(502, f"upstream {self.server.address} closed the connection before answering")
         else:
             # Part of the body was relayed: the client must see a broken response, not a short one.
+            # A response cut short is the server's failure (breaker, outlier detection).
+            ex.upstream_failed = True
             self._done()
             ex.client.abort()
             ex.finish()
@@ -652,6 +805,9 @@ cdef class UpstreamConnection:
                 cl = fields.content_length
                 declared = int(cl) if cl.strip().isdigit() else None
         self.status = status
+        if ex.upool is not None and status in ex.upool.config.retry.on_statuses and ex.claim_retry():
+            ex.upstream_status = status
+            raise _RetryResponse(status)
         self.head_only = ex.method == b"HEAD"
         self.chunk_to_client = ex.response_head(status, self.reason, self.headers, self.framing, declared)
         self.head_received = True
@@ -708,7 +864,7 @@ cdef class UpstreamConnection:
         self._done()
         self.close()
         if ex is not None:
-            ex.fail(status, message, close=False)
+            ex.attempt_failed(status, message)
 
 
 # --------------------------------------------------------------------------- client side
@@ -1036,6 +1192,8 @@ cdef class ClientConnection:
             (b"Content-Length", str(len(body)).encode()),
             (b"X-Request-ID", ex.request_id),
         ]
+        if status == 503 and ex.retry_after > 0:
+            headers.append((b"Retry-After", str(ex.retry_after).encode()))
         if close or not ex.keep_alive or not ex.request_done or self.state.draining:
             headers.append((b"Connection", b"close"))
             ex.keep_alive = False

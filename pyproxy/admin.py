@@ -6,6 +6,13 @@
     GET  /metrics   Prometheus text format, summed over the workers
     POST /reload    re-read the configuration file: 200, or 400 listing every problem (the running
                     configuration stays in force)
+    GET  /upstreams every pool's servers: state, health, breaker, ejections, weights, EWMA latency,
+                    in-flight requests (summed over the workers), and the pool's counters
+    POST   /upstreams/{pool}/servers          add a server: {"address": "host:port", "weight": 1}
+    PATCH  /upstreams/{pool}/servers/{server} {"weight": 2} and/or {"drain": true|false}
+    DELETE /upstreams/{pool}/servers/{server} drain it (in-flight requests finish), then remove it
+                    Run-time changes apply to every worker and survive reloads that leave the pool's
+                    configuration as it was.
 
 With ``admin.token`` set, every request needs ``Authorization: Bearer <token>`` (else 401).
 """
@@ -16,11 +23,13 @@ import asyncio
 import hmac
 import json
 import logging
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
+from urllib.parse import unquote
 
 import httptools
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from pyproxy.balance.changes import ChangeError
 from pyproxy.config import AdminConfig, Config, Problem
 from pyproxy.headers import serialize_response_head
 
@@ -42,6 +51,12 @@ class Controller(Protocol):
 
     def metrics_text(self) -> bytes: ...
 
+    def upstreams(self) -> dict[str, Any]: ...
+
+    def change_upstreams(self, method: str, pool: str, server: str | None, body: dict[str, Any]) -> dict[str, Any]:
+        """Apply a run-time pool change; :class:`ChangeError` (status, reason) when refused."""
+        ...
+
 
 class _AdminConnection(asyncio.Protocol):
     def __init__(self, server: AdminServer) -> None:
@@ -50,6 +65,7 @@ class _AdminConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
+        self.body = b""
         self.received = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -71,6 +87,9 @@ class _AdminConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name.lower(), value))
 
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
     def on_message_complete(self) -> None:
         method = self.parser.get_method()
         path = self.url.split(b"?", 1)[0]
@@ -78,7 +97,7 @@ class _AdminConnection(asyncio.Protocol):
         if path == b"/metrics" and method == b"GET" and self.server.authorized(headers):
             self._respond_raw(200, self.server.controller.metrics_text(), CONTENT_TYPE_LATEST.encode())
             return
-        status, body = self.server.handle(method, path, headers)
+        status, body = self.server.handle(method, path, headers, self.body)
         self._respond(status, body)
 
     def _respond(self, status: int, body: dict[str, object]) -> None:
@@ -97,7 +116,7 @@ class _AdminConnection(asyncio.Protocol):
         if status == 401:
             headers.append((b"WWW-Authenticate", b'Bearer realm="pyproxy-admin"'))
         if status == 405:
-            headers.append((b"Allow", self.server.allowed(self.url.split(b"?", 1)[0])))
+            headers.append((b"Allow", self.server.allowed(self.url.split(b"?", 1)[0]).replace(b" ", b", ")))
         self.transport.write(serialize_response_head(status, None, headers) + payload)
         self.transport.close()
 
@@ -111,7 +130,11 @@ class AdminServer:
         b"/config": b"GET",
         b"/metrics": b"GET",
         b"/reload": b"POST",
+        b"/upstreams": b"GET",
     }
+    # /upstreams/{pool}/servers (POST) and /upstreams/{pool}/servers/{server} (PATCH, DELETE)
+    SERVERS = b"POST"
+    SERVER = b"PATCH DELETE"
 
     def __init__(self, controller: Controller, config: AdminConfig) -> None:
         self.controller = controller
@@ -134,14 +157,21 @@ class AdminServer:
             self._server = None
 
     def allowed(self, path: bytes) -> bytes:
+        parts = path.split(b"/")
+        if len(parts) == 4 and parts[1] == b"upstreams" and parts[3] == b"servers":
+            return self.SERVERS
+        if len(parts) == 5 and parts[1] == b"upstreams" and parts[3] == b"servers":
+            return self.SERVER
         return self.ROUTES.get(path, b"GET")
 
     def handle(
-        self, method: bytes, path: bytes, headers: dict[bytes, bytes]
+        self, method: bytes, path: bytes, headers: dict[bytes, bytes], body: bytes = b""
     ) -> tuple[int, dict[str, object]]:
         """Answer one admin request: (status, JSON body)."""
         if not self.authorized(headers):
             return 401, {"error": "missing or wrong bearer token"}
+        if path.startswith(b"/upstreams/"):
+            return self._change(method, path, body)
         expected = self.ROUTES.get(path)
         if expected is None:
             return 404, {"error": f"no admin endpoint {path.decode('latin-1')}",
@@ -155,10 +185,31 @@ class AdminServer:
             return (200, {"status": "ready"}) if ready else (503, {"status": "not ready", "why": why})
         if path == b"/config":
             return 200, self.controller.current_config().redacted()
+        if path == b"/upstreams":
+            return 200, self.controller.upstreams()
         problems = self.controller.reload()
         if problems:
             return 400, {"reloaded": False, "problems": [str(p) for p in problems]}
         return 200, {"reloaded": True}
+
+    def _change(self, method: bytes, path: bytes, body: bytes) -> tuple[int, dict[str, object]]:
+        parts = [unquote(p.decode("latin-1")) for p in path.split(b"/")]
+        if len(parts) not in (4, 5) or parts[3] != "servers" or not parts[2] or (len(parts) == 5 and not parts[4]):
+            return 404, {"error": "expected /upstreams/{pool}/servers or /upstreams/{pool}/servers/{server}"}
+        allowed = self.allowed(path).split()
+        if method not in allowed:
+            return 405, {"error": f"{path.decode('latin-1')} takes {' or '.join(m.decode() for m in allowed)}"}
+        try:
+            data = json.loads(body) if body.strip() else {}
+        except ValueError as e:
+            return 400, {"error": f"the body is not JSON: {e}"}
+        if not isinstance(data, dict):
+            return 400, {"error": "the body must be a JSON object"}
+        try:
+            result = self.controller.change_upstreams(method.decode(), parts[2], parts[4] if len(parts) == 5 else None, data)
+        except ChangeError as e:
+            return e.status, {"error": str(e)}
+        return (201 if method == b"POST" else 202 if method == b"DELETE" else 200), result
 
     def authorized(self, headers: dict[bytes, bytes]) -> bool:
         """No token configured, or the right bearer token sent (compared in constant time)."""

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Any
 
 from pyproxy._protocol import ClientConnection, ConnectionPool, Exchange, UpstreamConnection
-from pyproxy.balance import RoundRobin
+from pyproxy.balance.pool import UpstreamPool
 from pyproxy.config import Config
 from pyproxy.observe.access_log import AccessLog
 from pyproxy.observe.metrics import WorkerMetrics
@@ -23,8 +24,8 @@ class ProxyState:
 
     config: Config
     router: Router
-    balancers: dict[str, RoundRobin]
-    pools: dict[str, ConnectionPool]
+    upstreams: dict[str, UpstreamPool]  # balancing, health, resilience per pool
+    pools: dict[str, ConnectionPool]  # kept-alive upstream connections per pool
     clients: set[ClientConnection] = field(default_factory=set)
     # Shutting down: answer what is in flight with "Connection: close", take nothing new.
     draining: bool = False
@@ -45,9 +46,27 @@ class ProxyState:
         return cls(
             config=config,
             router=Router(config.routes),
-            balancers={name: RoundRobin(p.servers) for name, p in config.pools.items()},
+            upstreams={name: UpstreamPool(p) for name, p in config.pools.items()},
             pools={name: ConnectionPool(p) for name, p in config.pools.items()},
         )
+
+    def upstream_view(self) -> dict[str, Any]:
+        """Every pool's servers and counters (``GET /upstreams``, metrics)."""
+        return {
+            name: {"balance": up.config.balance, "servers": up.describe(), "counters": up.counters()}
+            for name, up in self.upstreams.items()
+        }
+
+    def snapshot(self) -> dict[str, Any]:
+        """The worker's metrics snapshot, pools included (published for the supervisor)."""
+        snap = self.metrics.snapshot()
+        snap["upstreams"] = self.upstream_view()
+        return snap
+
+    def start(self) -> None:
+        """Start what runs in the background per pool (health checks, ticks); on the loop."""
+        for upstream in self.upstreams.values():
+            upstream.start()
 
     def apply(self, config: Config) -> None:
         """Switch to a new configuration without dropping a connection (reload).
@@ -58,19 +77,21 @@ class ProxyState:
         their exchange ends.
         """
         pools: dict[str, ConnectionPool] = {}
-        balancers: dict[str, RoundRobin] = {}
+        upstreams: dict[str, UpstreamPool] = {}
         for name, pool in config.pools.items():
             old = self.pools.get(name)
             if old is not None and old.pool == pool:
-                pools[name], balancers[name] = old, self.balancers[name]
+                pools[name], upstreams[name] = old, self.upstreams[name]
             else:
-                pools[name], balancers[name] = ConnectionPool(pool), RoundRobin(pool.servers)
+                pools[name], upstreams[name] = ConnectionPool(pool), UpstreamPool(pool)
+                upstreams[name].start()
         for name, old in self.pools.items():
             if pools.get(name) is not old:
                 old.retire()
+                asyncio.get_running_loop().create_task(self.upstreams[name].stop())
         log_changed = config.access_log != self.config.access_log
         self.config, self.router = config, Router(config.routes)
-        self.pools, self.balancers = pools, balancers
+        self.pools, self.upstreams = pools, upstreams
         if log_changed:
             self.open_access_log()
 
@@ -86,6 +107,8 @@ class ProxyState:
         self.close()
 
     def close(self) -> None:
+        for upstream in self.upstreams.values():
+            upstream.close()
         for client in list(self.clients):
             client.close()
         for pool in self.pools.values():

@@ -10,6 +10,11 @@ for up to ``limits.drain_timeout`` and exit 0; the supervisor passes the signal 
 exits 0 when they have. SIGHUP (or ``POST /reload`` on the admin API) re-reads the configuration
 file: a valid one is applied without dropping a connection (in every worker), an invalid one is
 refused with every problem logged (and returned by the admin API) while the old one keeps running.
+
+Run-time pool changes (admin ``/upstreams``) are validated by whoever serves the admin API (this
+process with one worker, the supervisor with several) and applied in every worker: the supervisor
+writes its change log to a file made before forking and sends the workers SIGUSR1; a worker
+started later applies the whole log at start (see :mod:`pyproxy.balance.changes`).
 """
 
 from __future__ import annotations
@@ -18,12 +23,17 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from pyproxy.admin import AdminServer
+from pyproxy.balance.changes import ChangeError, ChangeLog, PoolChange, apply_change, read_changes
 from pyproxy.config import Config, ConfigError, Problem, load_config, reload_problems
 from pyproxy.loop import in_thread, serve_until_signal
 from pyproxy.observe.metrics import (
@@ -31,6 +41,7 @@ from pyproxy.observe.metrics import (
     SharedSnapshots,
     Snapshot,
     merge,
+    merge_upstreams,
     render,
     without_gauges,
 )
@@ -51,9 +62,15 @@ class ProxyServer:
         config_path: Path | None = None,
         admin: bool = True,
         publish: tuple[SharedSnapshots, int] | None = None,
+        changes_path: Path | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
+        # Run-time pool changes: this process validates them (admin here), or a supervisor wrote
+        # them to ``changes_path`` and signals SIGUSR1.
+        self.changes = ChangeLog(config)
+        self.changes_path = changes_path
+        self._changes_applied = 0
         # Where this worker publishes its metrics for the supervisor (several workers), if anywhere.
         self.publish = publish
         self._publisher: asyncio.TimerHandle | None = None
@@ -69,6 +86,10 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         self.state = state = ProxyState.from_config(self.config)
         state.open_access_log()
+        state.start()
+        if self.changes_path is not None:
+            self.apply_pending_changes()
+            loop.add_signal_handler(signal.SIGUSR1, self.apply_pending_changes)
         for listener in self.config.listeners:
             server = await loop.create_server(
                 lambda: ClientConnection(state),
@@ -102,12 +123,12 @@ class ProxyServer:
         self._servers.clear()
         if self.publish is not None and self.state is not None:
             shared, slot = self.publish
-            shared.write(slot, self.state.metrics.snapshot())
+            shared.write(slot, self.state.snapshot())
 
     def _publish(self) -> None:
         assert self.publish is not None and self.state is not None
         shared, slot = self.publish
-        shared.write(slot, self.state.metrics.snapshot())
+        shared.write(slot, self.state.snapshot())
         self._publisher = asyncio.get_running_loop().call_later(PUBLISH_INTERVAL, self._publish)
 
     # -- admin Controller
@@ -116,7 +137,27 @@ class ProxyServer:
 
     def metrics_text(self) -> bytes:
         state = self.state
-        return render(lambda: state.metrics.snapshot() if state is not None else merge([]))
+        return render(lambda: state.snapshot() if state is not None else merge([]))
+
+    def upstreams(self) -> dict[str, Any]:
+        return self.state.upstream_view() if self.state is not None else {}
+
+    def change_upstreams(self, method: str, pool: str, server: str | None, body: dict[str, Any]) -> dict[str, Any]:
+        change = _record_change(self.changes, method, pool, server, body)
+        if self.state is not None and pool in self.state.upstreams:
+            apply_change(self.state.upstreams[pool], change)
+        return {"change": asdict(change), "servers": self.changes.servers(pool)}
+
+    def apply_pending_changes(self) -> None:
+        """Apply what the supervisor's change log holds beyond what this worker applied."""
+        if self.changes_path is None or self.state is None:
+            return
+        for change in read_changes(self.changes_path):
+            if change.seq > self._changes_applied:
+                upstream = self.state.upstreams.get(change.pool)
+                if upstream is not None:
+                    apply_change(upstream, change)
+                self._changes_applied = change.seq
 
     def ready(self) -> tuple[bool, str]:
         if self.state is None:
@@ -130,6 +171,7 @@ class ProxyServer:
         new, problems = _load_for_reload(self.config_path, self.current_config())
         if new is not None and self.state is not None:
             self.state.apply(new)
+            self.changes.reloaded(new)
             log.info("configuration reloaded from %s", self.config_path)
         else:
             log.error("reload refused: %s", "; ".join(map(str, problems)))
@@ -140,6 +182,19 @@ class ProxyServer:
         """Serve from a background thread (tests, embedding in synchronous code)."""
         with in_thread(self.start, self.stop, "pyproxy"):
             yield self
+
+
+def _record_change(changes: ChangeLog, method: str, pool: str, server: str | None, body: dict[str, Any]) -> PoolChange:
+    """Validate one admin pool change into the log (``ChangeError`` when refused)."""
+    if method == "POST" and server is None:
+        return changes.add(pool, body)
+    if method == "PATCH" and server is not None:
+        return changes.update(pool, server, body)
+    if method == "DELETE" and server is not None:
+        if body:
+            raise ChangeError(400, "DELETE takes no body")
+        return changes.remove(pool, server)
+    raise ChangeError(405, f"{method} is not a pool change")
 
 
 def _load_for_reload(path: Path | None, running: Config) -> tuple[Config | None, list[Problem]]:
@@ -167,9 +222,10 @@ def serve_worker(
     config_path: Path | None,
     admin: bool,
     publish: tuple[SharedSnapshots, int] | None = None,
+    changes_path: Path | None = None,
 ) -> None:
     """One worker: the listeners on one event loop until SIGINT or SIGTERM; SIGHUP reloads."""
-    server = ProxyServer(config, config_path, admin=admin, publish=publish)
+    server = ProxyServer(config, config_path, admin=admin, publish=publish, changes_path=changes_path)
     serve_until_signal(server.start, server.stop, on_hangup=server.reload)
 
 
@@ -187,6 +243,10 @@ class Supervisor:
         self.snapshots = SharedSnapshots(config.workers)
         self.retired: Snapshot = merge([])  # what workers that died had counted
         self.children: dict[int, tuple[int, float]] = {}  # pid -> (slot, started at)
+        self.changes = ChangeLog(config)
+        self._changes_dir = Path(tempfile.mkdtemp(prefix="pyproxy-"))
+        self.changes_path = self._changes_dir / "pool-changes.json"
+        self.changes.write(self.changes_path)
         self.stopping = False
         self.restarts = 0
 
@@ -201,6 +261,7 @@ class Supervisor:
                 # The admin API lives here, once for all workers, on a thread of its own.
                 admin = AdminServer(self, self.config.admin)
                 stack.enter_context(in_thread(admin.start, admin.stop, "pyproxy-admin"))
+            stack.callback(shutil.rmtree, self._changes_dir, True)
             self._supervise()
         return 0
 
@@ -214,6 +275,21 @@ class Supervisor:
             return merge([self.retired, *(s for s in live if s is not None)])
 
         return render(snapshot)
+
+    def upstreams(self) -> dict[str, Any]:
+        live = [self.snapshots.read(slot) for slot in range(self.config.workers)]
+        return merge_upstreams(s.get("upstreams", {}) for s in live if s is not None)
+
+    def change_upstreams(self, method: str, pool: str, server: str | None, body: dict[str, Any]) -> dict[str, Any]:
+        change = _record_change(self.changes, method, pool, server, body)
+        self._broadcast_changes()
+        return {"change": asdict(change), "servers": self.changes.servers(pool)}
+
+    def _broadcast_changes(self) -> None:
+        self.changes.write(self.changes_path)
+        for pid in list(self.children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)
 
     def ready(self) -> tuple[bool, str]:
         alive = len(self.children)
@@ -230,6 +306,8 @@ class Supervisor:
             log.error("reload refused: %s", "; ".join(map(str, problems)))
             return problems
         self.config = new  # workers started from now on get it too
+        self.changes.reloaded(new)
+        self.changes.write(self.changes_path)
         for pid in list(self.children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGHUP)
@@ -265,7 +343,13 @@ class Supervisor:
             try:
                 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                     signal.signal(sig, signal.SIG_DFL)
-                serve_worker(self.config, self.config_path, admin=False, publish=(self.snapshots, slot))
+                # Pool changes may be announced before the loop handles SIGUSR1; the log is read
+                # at start anyway.
+                signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+                serve_worker(
+                    self.config, self.config_path, admin=False, publish=(self.snapshots, slot),
+                    changes_path=self.changes_path,
+                )
                 code = 0
             except BaseException:  # noqa: BLE001 - reported, then the supervisor replaces us
                 log.exception("worker %d failed", slot)

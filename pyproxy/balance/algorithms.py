@@ -23,9 +23,9 @@ Algorithms:
   total, so weights 5, 1, 1 give ``a a b a c a a``. ``dynamic=True`` scales each weight by a latency
   factor ``(best_ewma / ewma) ** exponent`` (peak-EWMA latencies, ``best`` = fastest available
   server), an error factor ``1 - error_rate`` and slow start; the product of the latency and error
-  factors is clamped to ``[floor, 1]``. With the default exponent 1 a server's share is proportional
-  to 1/latency, which by Little's law gives every server about the same number of requests in
-  flight. Identical servers get identical factors, so identical shares — no winner-takes-all
+  factors is clamped to ``[floor, 1]``. With exponent 1 a server's share would be proportional to
+  1/latency (by Little's law, equal requests in flight everywhere); the default 1.5 favours fast
+  servers more, so the slowest few percent of requests — the p99 — stop landing on a slow server. Identical servers get identical factors, so identical shares — no winner-takes-all
   feedback as in traefik#12306, where a server penalised for a few slow responses stopped getting
   the traffic that would have shown it had recovered. Here three things prevent that: the floor
   (every server keeps ``floor`` × its static share, so it keeps being measured), the time-based
@@ -35,9 +35,10 @@ Algorithms:
   only adds and compares floats.
 * ``least_connections`` — power of two choices (Mitzenmacher 2001, "The Power of Two Choices in
   Randomized Load Balancing"; Envoy's ``LEAST_REQUEST``): two distinct servers drawn at random
-  (weighted by weight × slow-start factor), the one with fewer requests in flight per unit of
-  weight wins; ties go to the lower peak-EWMA latency, read decayed toward 0 with the time since
-  its last sample (tower's ``PeakEwma``), so a server nobody has measured lately gets tried again.
+  (weighted by weight × slow-start factor); the lower cost wins, cost = peak-EWMA latency ×
+  (requests in flight + 1) / weight (Finagle's and Linkerd's P2C peak EWMA), the latency read
+  decayed toward 0 with the time since its last sample (tower's ``PeakEwma``), so a server nobody
+  has measured lately gets tried again; equal costs go to fewer requests in flight.
 * ``consistent_hash`` — :class:`pyproxy.core.HashRing` keyed by a header, cookie, query parameter,
   the client IP or the path; an unavailable or excluded owner hands over to the next server in ring
   order (``get_n``) and gets its keys back when it returns. ``balance_factor`` bounds loads
@@ -395,15 +396,19 @@ class LeastConnections(_RandomWeighted):
         if j < 0:
             return servers[i]
         a, b = servers[i], servers[j]
-        # Weights honoured: compare a.in_flight / wa with b.in_flight / wb without dividing.
+        # Finagle/Linkerd's P2C + peak EWMA: cost = latency × (in flight + 1) / weight, so a server
+        # 100× slower loses to a fast one until the fast one has 100× more in flight. Latency is
+        # read decayed toward 0 since its last sample: an unmeasured or long-unused server costs
+        # little and is tried again (exploration). Weights honoured by cross-multiplying.
         eff = self._eff
-        la = a.in_flight * eff[j]
-        lb = b.in_flight * eff[i]
-        if la < lb:
+        ca = a.latency(now) * (a.in_flight + 1) * eff[j]
+        cb = b.latency(now) * (b.in_flight + 1) * eff[i]
+        if ca < cb:
             return a
-        if lb < la:
+        if cb < ca:
             return b
-        return b if b.latency(now) < a.latency(now) else a
+        # Equal costs (both unmeasured): fewer in flight per unit of weight.
+        return a if a.in_flight * eff[j] <= b.in_flight * eff[i] else b
 
 
 # ---------------------------------------------------------------------------- weighted round robin
@@ -443,14 +448,17 @@ class WeightedRoundRobin(_Weighted):
                 if value is not None:
                     raise ValueError(f"{self.name}: option {option!r} needs dynamic = true")
         # floor: lowest latency × error factor, i.e. the smallest fraction of its static share a
-        # server can fall to; 0.1 keeps a slow server of a two-server pool at >= 9% of the traffic.
+        # server can fall to. 0.002 keeps every server measured (a 100× slower server still gets
+        # 0.2% of its share: a sample every few seconds at a few hundred requests per second) while
+        # letting the client-visible p99 leave the slow server's latency (bench/balance_latency.py);
+        # exponent 1.5 still gives a 5× slower server ~8% of a 2-server pool.
         self.floor = (
-            0.1
+            0.002
             if floor is None
             else _number(self.name, "floor", floor, low=0.0, high=1.0, low_open=True)
         )
         self.exponent = (
-            1.0 if exponent is None else _number(self.name, "exponent", exponent, low=0.0)
+            1.5 if exponent is None else _number(self.name, "exponent", exponent, low=0.0)
         )
         self.explore_tau = (
             10.0
@@ -475,9 +483,10 @@ class WeightedRoundRobin(_Weighted):
         servers, eff = self._servers, self._eff
         ss, floor, k, explore = self.slow_start, self.floor, self.exponent, self.explore_tau
         best = _INF
+        # Latencies compared here are the plain average (UpstreamServer.avg), not the peak EWMA.
         for s in servers:
-            if s.available and s.weight > 0.0 and s.sampled and 0.0 < s.ewma < best:
-                best = s.ewma
+            if s.available and s.weight > 0.0 and s.sampled and 0.0 < s.avg < best:
+                best = s.avg
         for i, s in enumerate(servers):
             w = s.weight
             if w <= 0.0:
@@ -486,7 +495,7 @@ class WeightedRoundRobin(_Weighted):
             if ss:
                 w *= s.slow_start_factor(now, ss)
             f = 1.0
-            lat = s.ewma
+            lat = s.avg
             if best < lat and s.sampled:
                 # Exploration: without fresh samples the estimate drifts to the pool's best.
                 age = now - s.stamp

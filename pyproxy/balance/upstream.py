@@ -50,9 +50,12 @@ class UpstreamServer:
         "since",
         "stamp",
         "tau",
+        "avg",
     )
 
     ERROR_ALPHA: ClassVar[float] = 0.05
+    AVG_ALPHA: ClassVar[float] = 0.05
+    """Weight of one request in ``avg``, the plain latency average dynamic weights follow."""
     """Weight of one request in ``error_ewma``."""
 
     server: Server
@@ -65,6 +68,7 @@ class UpstreamServer:
     since: float
     stamp: float
     tau: float
+    avg: float
 
     def __init__(
         self,
@@ -91,6 +95,10 @@ class UpstreamServer:
         self.since = since
         self.stamp = _NEVER  # time of the last latency sample
         self.tau = tau
+        # A plain per-request EWMA of latency (~ the last 20 requests). The peak EWMA above is
+        # right for comparing two servers now (P2C) but a single spike holds it up for ~tau, which
+        # would distort weights derived from ratios of latencies (dynamic WRR uses this one).
+        self.avg = 0.0
 
     def __repr__(self) -> str:
         return (
@@ -122,6 +130,9 @@ class UpstreamServer:
                 self.ewma = ewma * w + latency * (1.0 - w)
         if now > self.stamp:
             self.stamp = now
+        if ok or latency > self.avg:
+            avg = self.avg
+            self.avg = latency if avg == 0.0 else avg + self.AVG_ALPHA * (latency - avg)
         e = self.error_ewma
         self.error_ewma = e + self.ERROR_ALPHA * ((0.0 if ok else 1.0) - e)
 

@@ -17,7 +17,16 @@ Series (``pyproxy_<subsystem>_<what>_<unit>``):
   ``pyproxy_http_connections_total``;
 - ``pyproxy_upstream_connections_total{pool,kind}`` — ``kind`` is ``new`` or ``reused`` (pool reuse);
 - ``pyproxy_http_refused_total{code}`` — requests the proxy refused itself (parse errors and limits:
-  400, 408, 413, 431, ...).
+  400, 408, 413, 431, ...);
+- per upstream server (``{pool,server}``): ``pyproxy_upstream_server_up`` (1 when it takes requests),
+  ``pyproxy_upstream_server_healthy``, ``pyproxy_upstream_server_breaker_state`` (0 closed,
+  1 open, 2 half-open, -1 no breaker), ``pyproxy_upstream_server_ejections_total``,
+  ``pyproxy_upstream_server_effective_weight``, ``pyproxy_upstream_server_latency_ewma_seconds``,
+  ``pyproxy_upstream_server_in_flight``;
+- per pool (``{pool}``): ``pyproxy_upstream_retries_total``,
+  ``pyproxy_upstream_retry_budget_exhausted_total``, ``pyproxy_upstream_rejected_total{reason}``
+  (``unhealthy``: no server could take it; ``bulkhead``: concurrency limit),
+  ``pyproxy_upstream_queue_wait_seconds_total``, ``pyproxy_upstream_panics_total``.
 """
 
 from __future__ import annotations
@@ -58,6 +67,8 @@ Snapshot = dict[str, Any]
 
 def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
     """Sum snapshots of several workers (and of workers that have died)."""
+    snapshots_list = list(snapshots)
+    snapshots = snapshots_list
     requests: dict[tuple[str, ...], int] = defaultdict(int)
     upstream: dict[tuple[str, ...], int] = defaultdict(int)
     refused: dict[str, int] = defaultdict(int)
@@ -83,12 +94,56 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
         "refused": dict(refused),
         **durations,
         **totals,
+        "upstreams": merge_upstreams(snap.get("upstreams", {}) for snap in snapshots_list),
     }
+
+
+_BREAKER_ORDER = {"disabled": 0, "closed": 1, "half_open": 2, "open": 3}
+
+
+def merge_upstreams(views: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """One view of every pool from the workers' views (``ProxyState.upstream_view``): counters and
+    in-flight requests summed; a server is ``up`` when every worker sends to it, ``down`` when
+    none does, ``degraded`` in between; the worst breaker state; the mean latency and weight."""
+    pools: dict[str, dict[str, Any]] = {}
+    for view in views:
+        for name, pool in view.items():
+            acc = pools.setdefault(name, {"balance": pool.get("balance"), "counters": defaultdict(float), "servers": {}})
+            for key, value in pool.get("counters", {}).items():
+                acc["counters"][key] += value
+            for server in pool.get("servers", []):
+                acc["servers"].setdefault(server["id"], []).append(server)
+    out: dict[str, Any] = {}
+    for name, acc in pools.items():
+        servers = []
+        for sid, seen in acc["servers"].items():
+            n = len(seen)
+            states = {s["state"] for s in seen}
+            servers.append({
+                "id": sid,
+                "state": "draining" if "draining" in states else (states.pop() if len(states) == 1 else "degraded"),
+                "healthy": all(s["healthy"] for s in seen),
+                "ejected": any(s["ejected"] for s in seen),
+                "ejections": sum(s["ejections"] for s in seen),
+                "breaker": max((s["breaker"] for s in seen), key=lambda b: _BREAKER_ORDER.get(b, 0)),
+                "weight": seen[0]["weight"],
+                "effective_weight": sum(s["effective_weight"] for s in seen) / n,
+                "ewma_latency_seconds": sum(s["ewma_latency_seconds"] for s in seen) / n,
+                "error_rate": sum(s["error_rate"] for s in seen) / n,
+                "in_flight": sum(s["in_flight"] for s in seen),
+                "workers": n,
+            })
+        out[name] = {"balance": acc["balance"], "counters": dict(acc["counters"]), "servers": servers}
+    return out
 
 
 def without_gauges(snapshot: Snapshot) -> Snapshot:
     """What a dead worker leaves behind: its counters count on, its gauges are gone."""
-    return {**snapshot, "connections_open": 0, "in_flight": 0}
+    upstreams = {
+        name: {"balance": pool.get("balance"), "counters": pool.get("counters", {}), "servers": []}
+        for name, pool in snapshot.get("upstreams", {}).items()
+    }
+    return {**snapshot, "connections_open": 0, "in_flight": 0, "upstreams": upstreams}
 
 
 class _Collector(Collector):
@@ -143,6 +198,61 @@ class _Collector(Collector):
                     buckets.append((bound, cumulative))
                 hist.add_metric([key], buckets, sum_value=h[-2])
             yield hist
+        yield from _upstream_families(snap.get("upstreams", {}))
+
+
+_BREAKER_CODE = {"disabled": -1, "closed": 0, "open": 1, "half_open": 2}
+
+
+def _upstream_families(upstreams: dict[str, Any]) -> Iterator[Any]:
+    """Per-server gauges and per-pool counters of balancing, health and resilience."""
+    labels = ["pool", "server"]
+    gauges = {
+        "up": GaugeMetricFamily("pyproxy_upstream_server_up", "1 when the server takes new requests", labels=labels),
+        "healthy": GaugeMetricFamily("pyproxy_upstream_server_healthy", "1 when active health checks pass", labels=labels),
+        "breaker": GaugeMetricFamily(
+            "pyproxy_upstream_server_breaker_state", "Circuit breaker: 0 closed, 1 open, 2 half-open, -1 none", labels=labels
+        ),
+        "weight": GaugeMetricFamily("pyproxy_upstream_server_effective_weight", "Weight the balancer uses now", labels=labels),
+        "latency": GaugeMetricFamily(
+            "pyproxy_upstream_server_latency_ewma_seconds", "Peak-EWMA response latency", labels=labels
+        ),
+        "in_flight": GaugeMetricFamily("pyproxy_upstream_server_in_flight", "Requests in flight to the server", labels=labels),
+    }
+    ejections = CounterMetricFamily("pyproxy_upstream_server_ejections", "Outlier ejections", labels=labels)
+    retries = CounterMetricFamily("pyproxy_upstream_retries", "Retries sent to another server", labels=["pool"])
+    exhausted = CounterMetricFamily(
+        "pyproxy_upstream_retry_budget_exhausted", "Retries refused by the retry budget", labels=["pool"]
+    )
+    rejected = CounterMetricFamily(
+        "pyproxy_upstream_rejected", "Requests refused with 503 by the pool", labels=["pool", "reason"]
+    )
+    queue_wait = CounterMetricFamily(
+        "pyproxy_upstream_queue_wait_seconds", "Time requests waited in the pool's bulkhead queue", labels=["pool"]
+    )
+    panics = CounterMetricFamily(
+        "pyproxy_upstream_panics", "Requests sent to an unhealthy server because every server was (panic mode)",
+        labels=["pool"],
+    )
+    for pool, view in upstreams.items():
+        for s in view.get("servers", []):
+            key = [pool, s["id"]]
+            gauges["up"].add_metric(key, 1.0 if s["state"] == "up" else 0.0)
+            gauges["healthy"].add_metric(key, 1.0 if s["healthy"] else 0.0)
+            gauges["breaker"].add_metric(key, _BREAKER_CODE.get(s["breaker"], -1))
+            gauges["weight"].add_metric(key, s["effective_weight"])
+            gauges["latency"].add_metric(key, s["ewma_latency_seconds"])
+            gauges["in_flight"].add_metric(key, s["in_flight"])
+            ejections.add_metric(key, s["ejections"])
+        c = view.get("counters", {})
+        retries.add_metric([pool], c.get("retries", 0))
+        exhausted.add_metric([pool], c.get("retries_budget_exhausted", 0))
+        rejected.add_metric([pool, "unhealthy"], c.get("rejected_unhealthy", 0))
+        rejected.add_metric([pool, "bulkhead"], c.get("rejected_bulkhead", 0))
+        queue_wait.add_metric([pool], c.get("queue_wait_seconds", 0.0))
+        panics.add_metric([pool], c.get("panics", 0))
+    yield from gauges.values()
+    yield from (ejections, retries, exhausted, rejected, queue_wait, panics)
 
 
 def render(source: Callable[[], Snapshot]) -> bytes:
