@@ -172,6 +172,13 @@ cdef class ConnectionPool:
         idle.append(conn)
         conn.deadline.set(conn.deadline.loop.time() + self.pool.idle_timeout, conn.close)
 
+    def close_server(self, address: str) -> None:
+        """Close the idle connections to the server at ``address`` (it left the pool)."""
+        for server in [s for s in self.idle if s.address == address]:
+            idle = self.idle.pop(server)
+            while idle:
+                idle.pop().close()
+
     def forget(self, conn: UpstreamConnection) -> None:
         idle = self.idle.get(conn.server)
         if idle and conn in idle:
@@ -433,6 +440,12 @@ cdef class Exchange:
         else:
             ok = status < 500
         self.upool.finished(server, latency, ok, self.connect_failed, now)
+        if server.id not in self.upool.states:
+            # Its last request ended after an admin DELETE: close the connections kept alive to it
+            # now rather than hold them open for idle_timeout to a server that left.
+            pool = self.client.state.pools.get(self.route.pool)
+            if pool is not None:
+                pool.close_server(server.id)
 
     cpdef release_pool(self):
         """Give back what the exchange holds of its pool (bulkhead slot, queue place, server)."""
@@ -792,7 +805,6 @@ cdef class UpstreamConnection:
             ex.response_head(status, self.reason, self.headers, 0, None)
             self.head_received = True
             return
-        http11 = self.parser.get_http_version() == "1.1"
         declared = None
         fields = _RESPONSE_FIELDS
         fields.scan(self.headers)
@@ -800,6 +812,8 @@ cdef class UpstreamConnection:
         if framing > 0 and 200 <= status and status not in (204, 304) and ex.method != b"HEAD" and ex.method != b"CONNECT":
             self.framing = framing  # the plain case; everything else by the full rules
         else:
+            # (get_http_version formats a string: only asked for when the full rules need it)
+            http11 = self.parser.get_http_version() == "1.1"
             self.framing = response_framing(status, self.headers, ex.method, http11)
             if self.framing == 0 and fields.content_length is not None:
                 cl = fields.content_length
@@ -875,6 +889,8 @@ cdef class ClientConnection:
 
     cdef public object _loop, body_timer, limits, out, parser, peer, queue, read_pauses, send_timer, state, transport
     cdef public Deadline deadline  # head (408) or keep-alive idle timeout
+    cdef long long max_head_size, max_header_count
+    cdef double head_timeout, body_timeout, keepalive_timeout
     cdef public Exchange parsing
     cdef public Exchange tunnel
     cdef public double body_deadline
@@ -887,7 +903,13 @@ cdef class ClientConnection:
 
     def __init__(self, state: ProxyState) -> None:
         self.state = state
-        self.limits = state.config.limits
+        self.limits = limits = state.config.limits
+        # The limits read per request, as C values (a dataclass attribute is a descriptor call).
+        self.max_head_size = limits.max_head_size
+        self.max_header_count = limits.max_header_count
+        self.head_timeout = limits.head_timeout
+        self.body_timeout = limits.body_timeout
+        self.keepalive_timeout = limits.keepalive_timeout
         self._loop = asyncio.get_running_loop()
         self.parser = httptools.HttpRequestParser(self)
         self.transport = None
@@ -927,7 +949,7 @@ cdef class ClientConnection:
         self.state.clients.add(self)
         self.state.metrics.connections_total += 1
         self.state.metrics.connections_open += 1
-        self._arm(self.limits.head_timeout, self._head_timeout)
+        self._arm(self.head_timeout, self._head_timeout)
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
@@ -937,7 +959,7 @@ cdef class ClientConnection:
             return
         if self.parsing is None or not self.parsing.method:
             if self.deadline.when != 0.0 and self.parsing is None and not self.queue:
-                self._arm(self.limits.head_timeout, self._head_timeout)  # idle → reading a head
+                self._arm(self.head_timeout, self._head_timeout)  # idle → reading a head
             self.head_raw += len(data)
         self.feeding = True
         try:
@@ -967,7 +989,7 @@ cdef class ClientConnection:
             self._refuse_current(_Refuse(400, f"malformed request: {e}"))
         else:
             if self.parsing is not None and not self.parsing.method:
-                if self.head_raw > self.limits.max_head_size:
+                if self.head_raw > self.max_head_size:
                     self._refuse_current(_Refuse(431, "request head too large"))
         finally:
             self.feeding = False
@@ -1012,8 +1034,8 @@ cdef class ClientConnection:
         assert ex is not None
         ex.target += url
         ex.head_size += len(url)
-        if ex.head_size > self.limits.max_head_size:
-            raise _Refuse(414 if len(ex.target) > self.limits.max_head_size else 431, "request head too large")
+        if ex.head_size > self.max_head_size:
+            raise _Refuse(414 if len(ex.target) > self.max_head_size else 431, "request head too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         ex = self.parsing
@@ -1024,9 +1046,9 @@ cdef class ClientConnection:
             return
         ex.headers.append((name, value))
         ex.head_size += len(name) + len(value) + 4
-        if len(ex.headers) > self.limits.max_header_count:
+        if len(ex.headers) > self.max_header_count:
             raise _Refuse(431, f"more than {self.limits.max_header_count} header lines")
-        if ex.head_size > self.limits.max_head_size:
+        if ex.head_size > self.max_head_size:
             raise _Refuse(431, "request head too large")
 
     def on_headers_complete(self) -> None:
@@ -1090,7 +1112,7 @@ cdef class ClientConnection:
     def on_body(self, body: bytes) -> None:
         ex = self.parsing
         assert ex is not None
-        self.body_deadline = self._loop.time() + self.limits.body_timeout
+        self.body_deadline = self._loop.time() + self.body_timeout
         if ex.refusal is None and not ex.done:
             try:
                 ex.feed_body(body)
@@ -1140,7 +1162,7 @@ cdef class ClientConnection:
             # Not started from here: a long pipeline answered locally would otherwise recurse.
             self._loop.call_soon(self._start_next)
         elif self.transport is not None and not self.transport.is_closing():
-            self._arm(self.limits.keepalive_timeout, self.close)
+            self._arm(self.keepalive_timeout, self.close)
 
     def idle(self) -> bool:
         """No request in progress (waiting for one, or between two)."""
@@ -1277,7 +1299,7 @@ cdef class ClientConnection:
         self.abort()
 
     def _start_body_timer(self) -> None:
-        self.body_deadline = self._loop.time() + self.limits.body_timeout
+        self.body_deadline = self._loop.time() + self.body_timeout
         self.body_timer = self._loop.call_at(self.body_deadline, self._body_timeout)
 
     def _stop_body_timer(self) -> None:
