@@ -69,6 +69,8 @@ log = logging.getLogger("pyproxy.proxy")
 _PENDING_BODY_LIMIT = 256 * 1024
 
 
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+
 include "deadline.pxi"
 include "scan.pxi"
 include "counters.pxi"
@@ -112,6 +114,14 @@ def _absolute_form(ex: Exchange) -> bytes:
     ex.target = rest if rest.startswith(b"/") else b"/" + rest
     ex.headers = [(b"Host", authority)] + [(n, v) for n, v in ex.headers if n.lower() != b"host"]
     return authority
+
+
+cdef inline double _monotonic() noexcept:
+    """Seconds on CLOCK_MONOTONIC at full resolution, for durations: the loop's clock (libuv's)
+    ticks in whole milliseconds, too coarse for the latency of a fast upstream."""
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
 # Scratch results of the header scans: one each, reused (the event loop runs one callback at a time).
@@ -210,7 +220,7 @@ cdef class Exchange:
     cdef public object headers, host, method, pending, refusal, request_id, route, server, target
     cdef public double response_timeout
     # balancing: the pool's run-time side, the server chosen (UpstreamServer), servers tried so far
-    cdef public object upool, chosen, tried, waiter
+    cdef public object upool, chosen, tried, waiter, last_failure
     cdef public bint admitted, connect_failed, upstream_failed
     cdef public int attempts, upstream_status, retry_after
     cdef public double upstream_latency
@@ -260,12 +270,12 @@ cdef class Exchange:
         self.server = None
         self.request_id = b""
         self.host = None
-        self.head_done_at = 0.0  # loop time when the head was parsed (access log duration)
+        self.head_done_at = 0.0  # _monotonic() when the head was parsed (request duration)
         self.status = 0
         self.bytes_out = 0  # response body bytes sent to the client
         self.started = False
         self.in_flight = False  # counted in the in-flight gauge
-        self.sent_at = 0.0  # loop time the request went upstream (upstream latency)
+        self.sent_at = 0.0  # _monotonic() when the request went upstream (upstream latency)
         self.retried = False
         self.response_started = False
         self.done = False
@@ -274,6 +284,7 @@ cdef class Exchange:
         self.chosen = None
         self.tried = []
         self.waiter = None  # a place in the pool's bulkhead queue
+        self.last_failure = None  # (status, message) of the last failed attempt, when retrying
         self.admitted = False  # holds a slot of the pool's bulkhead
         self.connect_failed = False  # this attempt could not connect
         self.upstream_failed = False  # this attempt failed on the server's side (closed, malformed, timed out, cut short)
@@ -363,6 +374,10 @@ cdef class Exchange:
         upool = self.upool
         self.chosen = server = upool.choose(self, self.client._loop.time(), self.tried)
         if server is None:
+            if self.last_failure is not None:
+                # A retry found no other server: the client gets what the last attempt got.
+                self.fail(self.last_failure[0], self.last_failure[1], close=False)
+                return
             self.retry_after = upool.retry_after()
             self.fail(503, f"no server of pool {route.pool!r} can take the request", close=False)
             return
@@ -393,6 +408,8 @@ cdef class Exchange:
             return False
         if self.attempts >= self.upool.config.retry.attempts or len(self.tried) >= len(self.upool.states):
             return False
+        if not self.upool.can_retry_elsewhere(self.tried):
+            return False  # the others are down or draining: answer this failure, keep the budget
         if not self.upool.may_retry(self.client._loop.time()):
             return False
         self.attempts += 1
@@ -407,12 +424,14 @@ cdef class Exchange:
         # and was fed to the breaker and outlier detector as a success.
         self.upstream_failed = True
         if status in self.upool.config.retry.on_statuses and self.claim_retry():
-            self.retry_claimed(status)
+            self.retry_claimed(status, message)
         else:
             self.fail(status, message, close=False)
 
-    cpdef retry_claimed(self, int status):
+    cpdef retry_claimed(self, int status, str message=""):
         """Report the failed attempt and send the request again after a jittered backoff."""
+        where = self.server.address if self.server is not None else "?"
+        self.last_failure = (status, message or f"upstream {where} answered {status}")
         if self.upstream_status == 0:
             self.upstream_status = status
         self.report()
@@ -428,7 +447,7 @@ cdef class Exchange:
             return
         self.chosen = None
         now = self.client._loop.time()
-        latency = self.upstream_latency or (now - self.sent_at if self.sent_at else 0.0)
+        latency = self.upstream_latency or (_monotonic() - self.sent_at if self.sent_at else 0.0)
         status = self.upstream_status
         # No response at all (closed, timed out, malformed, cut short) is the server's failure;
         # an attempt that ended with no response and no such failure (the client left first, or
@@ -505,8 +524,8 @@ cdef class Exchange:
         if self.expect_continue and not self.request_done:
             self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self.response_timeout = self.route.response_timeout or upstream.pool.pool.response_timeout
-        self.sent_at = self.client._loop.time()
-        upstream.deadline.set(self.sent_at + self.response_timeout, upstream.response_timed_out)
+        self.sent_at = _monotonic()
+        upstream.deadline.set(self.client._loop.time() + self.response_timeout, upstream.response_timed_out)
 
     def can_retry_on_new_connection(self) -> bool:
         """Whether this request may be sent again after a reused connection died unanswered: an
@@ -577,7 +596,7 @@ cdef class Exchange:
         self.stop_response_timer()
         client = self.client
         if self.sent_at and self.route is not None:
-            self.upstream_latency = client._loop.time() - self.sent_at
+            self.upstream_latency = _monotonic() - self.sent_at
             client.state.metrics.upstream_answered(self.route.pool, self.upstream_latency)
         self.upstream_status = status
         switching = status == 101
@@ -1059,7 +1078,7 @@ cdef class ClientConnection:
         ex.http11 = version == "1.1"
         ex.keep_alive = self.parser.should_keep_alive()
         ex.upgrade = self.parser.should_upgrade()
-        ex.head_done_at = self._loop.time()
+        ex.head_done_at = _monotonic()
         self.head_raw = 0
         self._disarm()
         try:
@@ -1177,7 +1196,7 @@ cdef class ClientConnection:
             metrics.refused_request(ex.status)
         route = ex.route.name if ex.route else ""
         pool = ex.route.pool if ex.route else ""
-        took = self._loop.time() - ex.head_done_at if ex.head_done_at else 0.0
+        took = _monotonic() - ex.head_done_at if ex.head_done_at else 0.0
         metrics.request_done(route, pool, ex.status, took)
 
     def _log(self, ex: Exchange, access_log: AccessLog) -> None:
@@ -1188,7 +1207,7 @@ cdef class ClientConnection:
             host=ex.host,
             status=ex.status,
             body_bytes=ex.bytes_out,
-            duration=self._loop.time() - ex.head_done_at if ex.head_done_at else 0.0,
+            duration=_monotonic() - ex.head_done_at if ex.head_done_at else 0.0,
             route=ex.route.name if ex.route else None,
             upstream=ex.server.address if ex.server else None,
             request_id=ex.request_id,

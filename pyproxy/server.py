@@ -88,8 +88,11 @@ class ProxyServer:
         state.open_access_log()
         state.start()
         if self.changes_path is not None:
-            self.apply_pending_changes()
+            # Handler first, then read the log: a change announced in between is applied by the
+            # signal (applying is idempotent); the other order would lose it (SIGUSR1 is ignored
+            # until the handler is in place) until the next change.
             loop.add_signal_handler(signal.SIGUSR1, self.apply_pending_changes)
+            self.apply_pending_changes()
         for listener in self.config.listeners:
             server = await loop.create_server(
                 lambda: ClientConnection(state),
@@ -140,13 +143,26 @@ class ProxyServer:
         return render(lambda: state.snapshot() if state is not None else merge([]))
 
     def upstreams(self) -> dict[str, Any]:
-        return self.state.upstream_view() if self.state is not None else {}
+        # Through the same merge as the supervisor's, so GET /upstreams has one shape (with
+        # "workers") whatever the number of workers.
+        return merge_upstreams([self.state.upstream_view()]) if self.state is not None else {}
 
     def change_upstreams(self, method: str, pool: str, server: str | None, body: dict[str, Any]) -> dict[str, Any]:
         change = _record_change(self.changes, method, pool, server, body)
-        if self.state is not None and pool in self.state.upstreams:
-            apply_change(self.state.upstreams[pool], change)
+        self._apply_change(change)
         return {"change": asdict(change), "servers": self.changes.servers(pool)}
+
+    def _apply_change(self, change: PoolChange) -> None:
+        if self.state is None:
+            return
+        upstream = self.state.upstreams.get(change.pool)
+        if upstream is None:
+            return
+        apply_change(upstream, change)
+        if change.op == "remove" and change.server not in upstream.states:
+            # Removed at once (nothing in flight): its kept-alive connections go too, instead of
+            # staying open for idle_timeout. (With requests in flight the last one closes them.)
+            self.state.pools[change.pool].close_server(change.server)
 
     def apply_pending_changes(self) -> None:
         """Apply what the supervisor's change log holds beyond what this worker applied."""
@@ -154,9 +170,7 @@ class ProxyServer:
             return
         for change in read_changes(self.changes_path):
             if change.seq > self._changes_applied:
-                upstream = self.state.upstreams.get(change.pool)
-                if upstream is not None:
-                    apply_change(upstream, change)
+                self._apply_change(change)
                 self._changes_applied = change.seq
 
     def ready(self) -> tuple[bool, str]:

@@ -21,22 +21,24 @@ Algorithms:
   (https://github.com/phusion/nginx/commit/27e94984486058d73157038f7950a0a36ecc6e35): each pick adds
   every eligible server's effective weight to its score, takes the highest score and subtracts the
   total, so weights 5, 1, 1 give ``a a b a c a a``. ``dynamic=True`` scales each weight by a latency
-  factor ``(best_ewma / ewma) ** exponent`` (peak-EWMA latencies, ``best`` = fastest available
+  factor ``(best / latency) ** exponent`` (plain per-request latency averages, ``UpstreamServer.avg``:
+  a peak EWMA holds one spike for ~tau and would skew ratios; ``best`` = fastest available
   server), an error factor ``1 - error_rate`` and slow start; the product of the latency and error
   factors is clamped to ``[floor, 1]``. With exponent 1 a server's share would be proportional to
   1/latency (by Little's law, equal requests in flight everywhere); the default 1.5 favours fast
-  servers more, so the slowest few percent of requests — the p99 — stop landing on a slow server. Identical servers get identical factors, so identical shares — no winner-takes-all
-  feedback as in traefik#12306, where a server penalised for a few slow responses stopped getting
-  the traffic that would have shown it had recovered. Here three things prevent that: the floor
-  (every server keeps ``floor`` × its static share, so it keeps being measured), the time-based
-  decay of the peak EWMA (old samples lose weight with elapsed time, not request count), and
-  exploration (an estimate with no new sample decays toward the pool's best with ``explore_tau``).
+  servers more, so the slowest few percent of requests — the p99 — stop landing on a slow server.
+  Identical servers get identical factors, so identical shares — no winner-takes-all feedback as in
+  traefik#12306, where a server penalised for a few slow responses stopped getting the traffic that
+  would have shown it had recovered. Here two things prevent that: the floor (every server keeps
+  ``floor`` × its static share, so it keeps being measured) and exploration (an estimate with no new
+  sample decays toward the pool's best with ``explore_tau``).
   Effective weights are recomputed at most every ``recompute_interval`` seconds; ``pick`` itself
   only adds and compares floats.
 * ``least_connections`` — power of two choices (Mitzenmacher 2001, "The Power of Two Choices in
   Randomized Load Balancing"; Envoy's ``LEAST_REQUEST``): two distinct servers drawn at random
-  (weighted by weight × slow-start factor); the lower cost wins, cost = peak-EWMA latency ×
-  (requests in flight + 1) / weight (Finagle's and Linkerd's P2C peak EWMA), the latency read
+  (weighted by weight × slow-start factor); the lower cost wins, cost = √(peak-EWMA latency) ×
+  (requests in flight + 1) / weight (Finagle's and Linkerd's P2C peak EWMA with the latency's
+  square root, so a 5× slower server keeps ~8% of a two-server pool instead of ~4%), the latency read
   decayed toward 0 with the time since its last sample (tower's ``PeakEwma``), so a server nobody
   has measured lately gets tried again; equal costs go to fewer requests in flight.
 * ``consistent_hash`` — :class:`pyproxy.core.HashRing` keyed by a header, cookie, query parameter,
@@ -375,7 +377,7 @@ class WeightedRandom(_RandomWeighted):
 
 
 class LeastConnections(_RandomWeighted):
-    """Power of two choices by in-flight requests per unit of weight; ties → lower peak EWMA."""
+    """Power of two choices on √latency × (in flight + 1) per unit of weight (see the module doc)."""
 
     name = "least_connections"
     OPTIONS = frozenset({"slow_start", "recompute_interval", "seed"})
@@ -396,13 +398,15 @@ class LeastConnections(_RandomWeighted):
         if j < 0:
             return servers[i]
         a, b = servers[i], servers[j]
-        # Finagle/Linkerd's P2C + peak EWMA: cost = latency × (in flight + 1) / weight, so a server
-        # 100× slower loses to a fast one until the fast one has 100× more in flight. Latency is
-        # read decayed toward 0 since its last sample: an unmeasured or long-unused server costs
-        # little and is tried again (exploration). Weights honoured by cross-multiplying.
+        # Finagle/Linkerd's P2C + peak EWMA, softened: cost = sqrt(latency) × (in flight + 1) /
+        # weight. With latency itself (Finagle's cost) a server r× slower settles near 1/(1+r²) of
+        # a two-server pool (~4% at r = 5: close to starving); with sqrt near 1/(1+r^1.5) (~8% at
+        # r = 5, ~0.1% at r = 100, so a very slow server stays out of the p99). Latency is read
+        # decayed toward 0 since its last sample: an unmeasured or long-unused server costs little
+        # and is tried again (exploration). Weights honoured by cross-multiplying.
         eff = self._eff
-        ca = a.latency(now) * (a.in_flight + 1) * eff[j]
-        cb = b.latency(now) * (b.in_flight + 1) * eff[i]
+        ca = math.sqrt(a.latency(now)) * (a.in_flight + 1) * eff[j]
+        cb = math.sqrt(b.latency(now)) * (b.in_flight + 1) * eff[i]
         if ca < cb:
             return a
         if cb < ca:

@@ -331,6 +331,17 @@ class UpstreamPool:
         if st.removed_when_idle and server.in_flight == 0:
             self._remove(st)
 
+    def can_retry_elsewhere(self, tried: Sequence[UpstreamServer]) -> bool:
+        """Whether :meth:`choose` could find a server outside ``tried`` (checked before a retry is
+        granted: without it a retry with nowhere to go used up the budget and turned the real
+        failure, say a 502, into a 503 "no server can take the request")."""
+        untried = [st.upstream for st in self.states.values() if st.upstream not in tried and not st.draining]
+        if any(u.available for u in untried):
+            return True
+        if any(st.upstream.available for st in self.states.values()):
+            return False  # only tried servers are available: choose() would refuse
+        return self.config.on_all_unhealthy == "panic" and bool(untried)
+
     def may_retry(self, now: float) -> bool:
         """Whether the retry budget allows one more retry now (counted when it does)."""
         if self.retry_budget.try_acquire(now):

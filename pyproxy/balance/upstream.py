@@ -54,9 +54,9 @@ class UpstreamServer:
     )
 
     ERROR_ALPHA: ClassVar[float] = 0.05
+    """Weight of one request in ``error_ewma``."""
     AVG_ALPHA: ClassVar[float] = 0.05
     """Weight of one request in ``avg``, the plain latency average dynamic weights follow."""
-    """Weight of one request in ``error_ewma``."""
 
     server: Server
     id: str
