@@ -850,6 +850,38 @@ def test_admin_changes_reach_every_worker(tmp_path: Path) -> None:
             assert send(30)["c"] == 0 and counts([c], m) == [0]
 
 
+def test_consistent_hash_affinity_holds_across_workers(tmp_path: Path) -> None:
+    """Placement is a fixed hash of the key (HashRing, MurmurHash64A seed 0): every worker process
+    maps a key to the same server, whichever worker the kernel hands a connection to."""
+    ups = [SampleServer(name=n) for n in "abcd"]
+    with ExitStack() as stack:
+        for u in ups:
+            stack.enter_context(u.running())
+        port, admin_port = free_port(), free_port()
+        cfg = tmp_path / "hash.toml"
+        cfg.write_text(
+            f"workers = 2\n[[listeners]]\nport = {port}\n[admin]\nport = {admin_port}\n"
+            f'[pools.p]\nbalance = "consistent_hash"\nhash_key = "cookie:session"\n'
+            f"servers = {json.dumps([u.address for u in ups])}\n"
+            '[[routes]]\npool = "p"\n'
+        )
+        keys = [f"s{i}" for i in range(40)]
+        with proxy_process(cfg, port):
+            eventually(lambda: admin_call(admin_port, "GET", "/readyz")[0] == 200, "both workers up")
+            seen: dict[str, set[str]] = {k: set() for k in keys}
+            for _ in range(3):
+                for key in keys:  # a new connection per request: both workers take some
+                    req = urllib.request.Request(f"http://127.0.0.1:{port}/", headers={"Cookie": f"a=1; session={key}"})
+                    with urllib.request.urlopen(req, timeout=5) as resp:
+                        seen[key].add(json.loads(resp.read())["server"])
+        assert all(len(servers) == 1 for servers in seen.values()), seen
+        used = {next(iter(v)) for v in seen.values()}
+        assert len(used) >= 3, "keys spread over the servers"
+        # Both workers served: each opens its own kept-alive connections, so the servers saw more
+        # connections than one worker would open (one per server used).
+        assert sum(u.accepts for u in ups) > len(used), [u.accepts for u in ups]
+
+
 # ------------------------------------------------------------------------------------ 11. metrics
 
 
