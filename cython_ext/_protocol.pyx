@@ -221,6 +221,11 @@ cdef class Exchange:
     cdef public double response_timeout
     # balancing: the pool's run-time side, the server chosen (UpstreamServer), servers tried so far
     cdef public object upool, chosen, tried, waiter, last_failure
+    # hedging: the second attempt's connection and server, the timer that starts it
+    cdef public UpstreamConnection hedge
+    cdef public object hedge_chosen, hedge_handle
+    cdef public bint hedged
+    cdef public double hedge_sent_at
     cdef public bint admitted, connect_failed, upstream_failed
     cdef public int attempts, upstream_status, retry_after
     cdef public double upstream_latency
@@ -285,6 +290,11 @@ cdef class Exchange:
         self.tried = []
         self.waiter = None  # a place in the pool's bulkhead queue
         self.last_failure = None  # (status, message) of the last failed attempt, when retrying
+        self.hedge = None
+        self.hedge_chosen = None
+        self.hedge_handle = None
+        self.hedged = False  # a hedge was sent (at most one per request)
+        self.hedge_sent_at = 0.0
         self.admitted = False  # holds a slot of the pool's bulkhead
         self.connect_failed = False  # this attempt could not connect
         self.upstream_failed = False  # this attempt failed on the server's side (closed, malformed, timed out, cut short)
@@ -397,14 +407,19 @@ cdef class Exchange:
         else:
             self.client._loop.create_task(self._connect(pool, self.server))
 
+    cpdef bint replayable(self):
+        """Whether the request may be sent to another server: an idempotent method (or a route
+        marked idempotent) without a body (bodies are streamed, not kept), not an Upgrade."""
+        if self.upgrade or self.framing != 0 or self.upool is None:
+            return False
+        return self.method in _IDEMPOTENT or self.route.idempotent
+
     cpdef bint claim_retry(self):
         """Whether this request may go to another server after a failed attempt: nothing of a
         response was sent yet, an idempotent method (or a route marked idempotent) without a body
         (nothing streamed that we no longer have), attempts left, another server to try, and the
         pool's retry budget allows it (counted when it does)."""
-        if self.done or self.response_started or self.upgrade or self.framing != 0 or self.upool is None:
-            return False
-        if self.method not in _IDEMPOTENT and not self.route.idempotent:
+        if self.done or self.response_started or not self.replayable():
             return False
         if self.attempts >= self.upool.config.retry.attempts or len(self.tried) >= len(self.upool.states):
             return False
@@ -471,6 +486,8 @@ cdef class Exchange:
         if self.waiter is not None:
             self.waiter.cancel()
             self.waiter = None
+        if self.hedge_handle is not None or self.hedge_chosen is not None:
+            self.drop_hedge(None, False)
         self.report()
         if self.admitted:
             self.admitted = False
@@ -526,6 +543,149 @@ cdef class Exchange:
         self.response_timeout = self.route.response_timeout or upstream.pool.pool.response_timeout
         self.sent_at = _monotonic()
         upstream.deadline.set(self.client._loop.time() + self.response_timeout, upstream.response_timed_out)
+        if self.route.hedge_after is not None and not self.hedged and self.hedge_handle is None:
+            self._arm_hedge()
+
+    # -- hedging (routes with hedge_after): a second copy to another server when the first is slow
+    def _arm_hedge(self) -> None:
+        if not self.replayable():
+            return
+        loop = self.client._loop
+        delay = self.upool.hedge_delay(self.route.hedge_after, loop.time())
+        if delay > 0:
+            self.hedge_handle = loop.call_later(delay, self._hedge)
+
+    def _hedge(self) -> None:
+        """No response head yet: send the request to another server too (within the retry budget)."""
+        self.hedge_handle = None
+        if self.done or self.response_started or self.upstream is None or self.hedged:
+            return
+        upool = self.upool
+        now = self.client._loop.time()
+        if not upool.can_retry_elsewhere(self.tried) or not upool.may_retry(now):
+            return
+        server = upool.choose(self, now, self.tried)
+        if server is None:
+            return
+        self.hedged = True
+        upool.hedges += 1
+        self.tried.append(server)
+        server.started()
+        self.hedge_chosen = server
+        pool = self.client.state.pools[self.route.pool]
+        conn = pool.take_idle(server.server)
+        if conn is not None:
+            self.client.state.metrics.upstream_connection(self.route.pool, True)
+            self._attach_hedge(conn)
+        else:
+            self.client._loop.create_task(self._connect_hedge(pool, server))
+
+    async def _connect_hedge(self, pool: ConnectionPool, server: object) -> None:
+        try:
+            conn = await pool.connect(server.server)
+        except (OSError, asyncio.TimeoutError):
+            if self.hedge_chosen is server:
+                self.drop_hedge(False, True)
+            return
+        self.client.state.metrics.upstream_connection(pool.pool.name, False)
+        if self.done or self.response_started or self.hedge_chosen is not server:
+            pool.release(conn)  # the race is over
+            return
+        self._attach_hedge(conn)
+
+    def _attach_hedge(self, UpstreamConnection conn) -> None:
+        head, _ = rewrite_request_head(
+            self.method,
+            self.target,
+            self.headers,
+            client=self.client.peer,
+            host=self.route.host_header.encode() if self.route.host_header else None,
+            request_id=self.request_id,  # the same request, the same id
+            content_length=0 if self.had_length else None,
+        )
+        self.hedge = conn
+        conn.begin(self)
+        if self.client.write_paused:
+            conn.pause_reading()
+        conn.send_raw(head)
+        self.hedge_sent_at = _monotonic()
+        conn.deadline.set(self.client._loop.time() + self.response_timeout, conn.response_timed_out)
+
+    cpdef drop_hedge(self, object ok, bint connect_failure):
+        """End the hedge attempt: its connection closed, its server told ``ok`` (None: no verdict)."""
+        if self.hedge_handle is not None:
+            self.hedge_handle.cancel()
+            self.hedge_handle = None
+        conn = self.hedge
+        if conn is not None:
+            self.hedge = None
+            conn.exchange = None
+            conn.close()
+        server = self.hedge_chosen
+        if server is not None:
+            self.hedge_chosen = None
+            latency = _monotonic() - self.hedge_sent_at if self.hedge_sent_at else 0.0
+            self.upool.finished(server, latency, ok, connect_failure, self.client._loop.time())
+
+    cpdef promote_hedge(self):
+        """The first attempt failed or timed out while the hedge is in flight: the hedge carries on
+        as the request (the first attempt's server is told of its failure)."""
+        old = self.chosen
+        if old is not None:
+            latency = _monotonic() - self.sent_at if self.sent_at else 0.0
+            self.upool.finished(old, latency, False, self.connect_failed, self.client._loop.time())
+        self.chosen, self.hedge_chosen = self.hedge_chosen, None
+        self.upstream, self.hedge = self.hedge, None
+        self.server = self.chosen.server
+        self.sent_at = self.hedge_sent_at
+        self.connect_failed = False
+
+    cpdef claim_response(self, UpstreamConnection conn):
+        """A response head arrived on ``conn``: the first answer wins, the other attempt is cancelled."""
+        if self.hedge_handle is not None:
+            self.hedge_handle.cancel()
+            self.hedge_handle = None
+        if self.hedge_chosen is None:
+            return
+        if conn is self.hedge:
+            loser = self.upstream
+            if loser is not None:
+                self.upstream = None
+                loser.exchange = None
+                loser.close()
+            # The first attempt's server: no verdict (slow is not failed; its EWMA learns from the
+            # requests it does answer).
+            if self.chosen is not None:
+                self.upool.finished(self.chosen, 0.0, None, False, self.client._loop.time())
+            self.chosen, self.hedge_chosen = self.hedge_chosen, None
+            self.upstream, self.hedge = conn, None
+            self.server = self.chosen.server
+            self.sent_at = self.hedge_sent_at
+            self.upool.hedge_wins += 1
+        else:
+            self.drop_hedge(None, False)
+
+    cpdef connection_failed(self, bint was_hedge, int status, str message):
+        """An upstream connection of this exchange failed before a response (after ``_done``)."""
+        if was_hedge:
+            self.drop_hedge(False, False)
+        elif self.hedge is not None and not self.response_started:
+            self.promote_hedge()
+        else:
+            self.attempt_failed(status, message)
+
+    def connection_timed_out(self, UpstreamConnection conn) -> None:
+        if conn is self.hedge:
+            self.drop_hedge(False, False)
+        elif self.hedge is not None and not self.response_started:
+            loser = self.upstream
+            if loser is not None:
+                self.upstream = None
+                loser.exchange = None
+                loser.close()
+            self.promote_hedge()
+        else:
+            self._response_timeout(self.response_timeout)
 
     def can_retry_on_new_connection(self) -> bool:
         """Whether this request may be sent again after a reused connection died unanswered: an
@@ -683,7 +843,7 @@ cdef class UpstreamConnection:
 
     def response_timed_out(self) -> None:
         if self.exchange is not None:
-            self.exchange._response_timeout(self.exchange.response_timeout)
+            self.exchange.connection_timed_out(self)
 
     def begin(self, exchange: Exchange) -> None:
         self.exchange = exchange
@@ -776,7 +936,7 @@ cdef class UpstreamConnection:
             self.on_message_complete()  # the close is the end of this body
             return
         if not self.head_received:
-            if self.exchanges_served > 0 and self.received == 0 and ex.can_retry_on_new_connection():
+            if self.exchanges_served > 0 and self.received == 0 and ex.hedge is not self and ex.can_retry_on_new_connection():
                 # A kept-alive connection the server closed as we reused it (its idle timeout
                 # racing ours): nothing was answered and the request can be sent again as it was.
                 self._done()
@@ -816,6 +976,8 @@ cdef class UpstreamConnection:
             self.reason, self.headers = b"", []
             return
         validate_headers(self.headers)
+        if ex.hedge_chosen is not None or ex.hedge_handle is not None:
+            ex.claim_response(self)  # hedged: the first head wins, the other attempt is cancelled
         if status == 101:
             if not ex.upgrade:
                 raise HeaderError("101 Switching Protocols to a request that did not ask", None, 502)
@@ -887,17 +1049,21 @@ cdef class UpstreamConnection:
         # exchange on it would wait forever.
         self.resume_reading()
         if ex is not None:
-            ex.upstream = None
+            if ex.upstream is self:
+                ex.upstream = None
+            elif ex.hedge is self:
+                ex.hedge = None
             if ex.client.transport is not None:
                 ex.client.resume_reading("upstream-buffer")
 
     def _fail(self, status: int, message: str) -> None:
         ex = self.exchange
+        was_hedge = ex is not None and ex.hedge is self
         self.message_done = True
         self._done()
         self.close()
         if ex is not None:
-            ex.attempt_failed(status, message)
+            ex.connection_failed(was_hedge, status, message)
 
 
 # --------------------------------------------------------------------------- client side

@@ -225,6 +225,10 @@ class Route:
     response_timeout: float | None = None  # overrides the pool's
     max_body_size: int | None = None  # overrides limits.max_body_size
     idempotent: bool = False  # retries allowed for every method of this route (e.g. a pure POST API)
+    # Hedging: no response head after this many seconds → a second copy goes to another server and
+    # the first answer wins. "p95": the pool's recent 95th percentile. None: off. Idempotent,
+    # body-less requests only; hedges count against the pool's retry budget.
+    hedge_after: float | str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -1087,9 +1091,22 @@ def _read_routes(r: _Reader, raw: object, pools: Mapping[str, Pool]) -> tuple[Ro
                 response_timeout=r.get(t, path, "response_timeout", parse_duration, None),
                 max_body_size=r.get(t, path, "max_body_size", parse_size, None),
                 idempotent=r.get(t, path, "idempotent", _bool, False),
+                hedge_after=r.get(t, path, "hedge_after", _hedge_after, None),
             )
         )
     return tuple(routes)
+
+
+def _hedge_after(value: object) -> float | str:
+    if value == "p95":
+        return "p95"
+    try:
+        seconds = parse_duration(value)
+    except _Invalid as e:
+        raise _Invalid(f'expected a duration (e.g. "50ms") or "p95": {e}') from None
+    if seconds <= 0:
+        raise _Invalid(f"must be > 0, got {value!r}")
+    return seconds
 
 
 # ------------------------------------------------------------------------------------ loading

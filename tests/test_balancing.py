@@ -882,6 +882,98 @@ def test_consistent_hash_affinity_holds_across_workers(tmp_path: Path) -> None:
         assert sum(u.accepts for u in ups) > len(used), [u.accepts for u in ups]
 
 
+# --------------------------------------------------------------------------------------- hedging
+
+
+def metrics_text(server: ProxyServer) -> str:
+    status, text = admin_call(server, "GET", "/metrics")
+    assert status == 200
+    return str(text)
+
+
+def test_hedging_sends_a_second_copy_and_the_first_answer_wins() -> None:
+    slow, fast = SampleServer(name="slow", latency=0.4), SampleServer(name="fast")
+    routes = [{"pool": "p", "hedge_after": "50ms"}]
+    # Hedges count against the retry budget: a generous one here, the cap has its own test.
+    pool = {"balance": "round_robin", "retry": {"budget_percent": 100}}
+    with proxy(slow, fast, pool=pool, routes=routes, admin=True) as server:
+        client = Client(server.addresses[0])
+        m = mark(slow, fast)
+        took = []
+        for _ in range(6):
+            start = time.monotonic()
+            status, headers, body = client.request("GET", "/")
+            took.append(time.monotonic() - start)
+            assert status == 200 and json.loads(body)["server"] == "fast", body
+        # Every request answered by the fast server: those sent to the slow one first were hedged
+        # after 50 ms and won, well before the slow server's 400 ms.
+        assert max(took) < 0.3, took
+        first_tries, answered = counts([slow, fast], m)
+        assert answered == 6 and first_tries >= 3, (first_tries, answered)
+        text = metrics_text(server)
+        assert metric(text, "pyproxy_upstream_hedges_total", pool="p") == first_tries
+        assert metric(text, "pyproxy_upstream_hedge_wins_total", pool="p") == first_tries
+        # The slow server's cancelled attempts are no verdict against it: still up, no failures.
+        assert upstream_view(server)[slow.address]["state"] == "up"
+        # A POST is not idempotent: never hedged; the one the slow server gets waits for it.
+        m = mark(slow, fast)
+        for _ in range(2):
+            status, _, body = client.request("POST", "/")
+            assert status == 200
+        assert counts([slow, fast], m) == [1, 1]
+        assert metric(metrics_text(server), "pyproxy_upstream_hedges_total", pool="p") == first_tries
+        client.close()
+
+
+def test_hedges_are_capped_by_the_retry_budget() -> None:
+    slow, fast = SampleServer(name="slow", latency=0.15), SampleServer(name="fast")
+    routes = [{"pool": "p", "hedge_after": "20ms"}]
+    pool = {"balance": "round_robin", "retry": {"budget_percent": 10, "min_retries_per_window": 0}}
+    with proxy(slow, fast, pool=pool, routes=routes, admin=True) as server:
+        client = Client(server.addresses[0])
+        for _ in range(40):
+            assert client.get() == 200
+        hedges = metric(metrics_text(server), "pyproxy_upstream_hedges_total", pool="p")
+        assert 1 <= hedges <= 4, hedges  # 10% of 40 requests
+        client.close()
+
+
+def test_a_hedge_carries_the_request_when_the_first_attempt_fails() -> None:
+    # The first attempt's server closes the connection after 200 ms; the hedge (sent at 50 ms) to a
+    # slower-than-hedge-time but healthy server answers.
+    dying = SampleServer(name="dying", latency=0.2, mode="close")
+    ok = SampleServer(name="ok", latency=0.1)
+    routes = [{"pool": "p", "hedge_after": "50ms"}]
+    pool = {"balance": "round_robin", "retry": {"attempts": 0, "budget_percent": 100}}
+    with proxy(dying, ok, pool=pool, routes=routes) as server:
+        client = Client(server.addresses[0])
+        for _ in range(4):
+            status, _, body = client.request("GET", "/")
+            assert status == 200 and json.loads(body)["server"] == "ok", (status, body)
+        client.close()
+
+
+def test_hedge_after_p95_waits_for_enough_samples_and_follows_the_pool() -> None:
+    a, b = SampleServer(name="a", latency=0.02), SampleServer(name="b", latency=0.02)
+    routes = [{"pool": "p", "hedge_after": "p95"}]
+    pool = {"balance": "round_robin", "retry": {"budget_percent": 100}}
+    with proxy(a, b, pool=pool, routes=routes, admin=True) as server:
+        client = Client(server.addresses[0])
+        for _ in range(30):  # samples at ~20 ms: the p95 settles near 20 ms
+            assert client.get() == 200
+        assert metric(metrics_text(server), "pyproxy_upstream_hedges_total", pool="p") == 0
+        time.sleep(1.1)  # the p95 is recomputed at most once a second
+        b.latency = 0.3  # b turns slow: its requests get hedged to a after ~p95
+        m = mark(a, b)
+        start = time.monotonic()
+        for _ in range(4):
+            assert client.get() == 200
+        assert time.monotonic() - start < 0.8  # not 2 × 300 ms
+        assert metric(metrics_text(server), "pyproxy_upstream_hedges_total", pool="p") >= 2
+        assert counts([a, b], m)[0] == 4  # a answered every one
+        client.close()
+
+
 # ------------------------------------------------------------------------------------ 11. metrics
 
 

@@ -555,3 +555,14 @@ def test_redacted_is_plain_json() -> None:
     defaults = parse_config(MINIMAL).redacted()
     assert json.loads(json.dumps(defaults)) == defaults
     assert defaults["pools"]["p"]["retry"]["on_statuses"] == [502, 503, 504]
+
+
+def test_route_hedge_after_takes_a_duration_or_p95() -> None:
+    base = {"listeners": [{"port": 0}], "pools": {"p": {"servers": ["127.0.0.1:1"]}}}
+    assert parse_config({**base, "routes": [{"pool": "p", "hedge_after": "50ms"}]}).routes[0].hedge_after == 0.05
+    assert parse_config({**base, "routes": [{"pool": "p", "hedge_after": "p95"}]}).routes[0].hedge_after == "p95"
+    assert parse_config({**base, "routes": [{"pool": "p"}]}).routes[0].hedge_after is None
+    for bad in ("soon", 0, "-5ms", "p99"):
+        with pytest.raises(ConfigError) as e:
+            parse_config({**base, "routes": [{"pool": "p", "hedge_after": bad}]})
+        assert [p.path for p in e.value.problems] == ["routes[0].hedge_after"], bad

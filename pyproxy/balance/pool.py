@@ -22,6 +22,7 @@ per request.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import math
 import random
@@ -41,6 +42,10 @@ log = logging.getLogger("pyproxy.balance")
 
 TICK = 0.25
 """Seconds between the pool's checks of open breakers and expired ejections."""
+RECENT = 512
+"""Successful requests whose latency ``hedge_after = "p95"`` looks at."""
+MIN_SAMPLES = 20
+"""Samples needed before a p95 is trusted for hedging."""
 
 
 class ServerState:
@@ -89,6 +94,12 @@ class UpstreamPool:
         self.panics = 0
         self._tick_handle: asyncio.TimerHandle | None = None
         self._panic_next = 0
+        # Hedging: the latencies of recent successful requests, for hedge_after = "p95".
+        self._recent: collections.deque[float] = collections.deque(maxlen=RECENT)
+        self._p95 = 0.0
+        self._p95_at = -math.inf
+        self.hedges = 0
+        self.hedge_wins = 0
 
     @staticmethod
     def _balance_options(pool: Pool) -> dict[str, Any]:
@@ -317,6 +328,8 @@ class UpstreamPool:
                 server.in_flight -= 1
         else:
             server.finished(latency, ok, now)
+            if ok:
+                self._recent.append(latency)
         st = self.states.get(server.id)
         if st is None:
             return
@@ -341,6 +354,18 @@ class UpstreamPool:
         if any(st.upstream.available for st in self.states.values()):
             return False  # only tried servers are available: choose() would refuse
         return self.config.on_all_unhealthy == "panic" and bool(untried)
+
+    def hedge_delay(self, hedge_after: float | str, now: float) -> float:
+        """Seconds to wait for a response head before hedging; ``hedge_after`` is a number or
+        ``"p95"`` (of the last :data:`RECENT` successful requests, recomputed at most once a second;
+        0.0 until :data:`MIN_SAMPLES` are known: no hedging on a guess)."""
+        if not isinstance(hedge_after, str):
+            return hedge_after
+        if now - self._p95_at >= 1.0:
+            self._p95_at = now
+            recent = sorted(self._recent)
+            self._p95 = recent[int(0.95 * (len(recent) - 1))] if len(recent) >= MIN_SAMPLES else 0.0
+        return self._p95
 
     def may_retry(self, now: float) -> bool:
         """Whether the retry budget allows one more retry now (counted when it does)."""
@@ -388,4 +413,6 @@ class UpstreamPool:
             "rejected_bulkhead": self.bulkhead.rejected + self.bulkhead.timeouts,
             "queue_wait_seconds": self.bulkhead.queue_wait_total,
             "panics": self.panics,
+            "hedges": self.hedges,
+            "hedge_wins": self.hedge_wins,
         }

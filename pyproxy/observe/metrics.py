@@ -26,7 +26,9 @@ Series (``pyproxy_<subsystem>_<what>_<unit>``):
 - per pool (``{pool}``): ``pyproxy_upstream_retries_total``,
   ``pyproxy_upstream_retry_budget_exhausted_total``, ``pyproxy_upstream_rejected_total{reason}``
   (``unhealthy``: no server could take it; ``bulkhead``: concurrency limit),
-  ``pyproxy_upstream_queue_wait_seconds_total``, ``pyproxy_upstream_panics_total``.
+  ``pyproxy_upstream_queue_wait_seconds_total``, ``pyproxy_upstream_panics_total``,
+  ``pyproxy_upstream_hedges_total`` and ``pyproxy_upstream_hedge_wins_total`` (hedges that
+  answered first).
 """
 
 from __future__ import annotations
@@ -230,6 +232,10 @@ def _upstream_families(upstreams: dict[str, Any]) -> Iterator[Any]:
     queue_wait = CounterMetricFamily(
         "pyproxy_upstream_queue_wait_seconds", "Time requests waited in the pool's bulkhead queue", labels=["pool"]
     )
+    hedges = CounterMetricFamily("pyproxy_upstream_hedges", "Hedged requests (a second copy sent)", labels=["pool"])
+    hedge_wins = CounterMetricFamily(
+        "pyproxy_upstream_hedge_wins", "Hedged requests the second copy answered first", labels=["pool"]
+    )
     panics = CounterMetricFamily(
         "pyproxy_upstream_panics", "Requests sent to an unhealthy server because every server was (panic mode)",
         labels=["pool"],
@@ -251,8 +257,10 @@ def _upstream_families(upstreams: dict[str, Any]) -> Iterator[Any]:
         rejected.add_metric([pool, "bulkhead"], c.get("rejected_bulkhead", 0))
         queue_wait.add_metric([pool], c.get("queue_wait_seconds", 0.0))
         panics.add_metric([pool], c.get("panics", 0))
+        hedges.add_metric([pool], c.get("hedges", 0))
+        hedge_wins.add_metric([pool], c.get("hedge_wins", 0))
     yield from gauges.values()
-    yield from (ejections, retries, exhausted, rejected, queue_wait, panics)
+    yield from (ejections, retries, exhausted, rejected, queue_wait, panics, hedges, hedge_wins)
 
 
 def render(source: Callable[[], Snapshot]) -> bytes:
