@@ -1,0 +1,153 @@
+"""What a rate-limit check asks and what a limiter answers: backend-neutral value types.
+
+A request is decided by a list of :class:`Check` (one per limit that applies to it: global, route,
+user key, several limits per level), all charged or none. The answer is a :class:`Decision` with a
+:class:`CheckResult` per check, shaped for the IETF httpapi-ratelimit-headers draft:
+
+- ``RateLimit-Policy``: per check ``"<name>";q=<limit>;w=<window seconds>``
+- ``RateLimit``: for the check that binds (``Decision.denied_check`` when denied, else the one with
+  the least ``remaining``) ``"<name>";r=<remaining>;t=<ceil(retry_after) if denied else ceil(reset)>``
+- ``Retry-After``: ``ceil(Decision.retry_after)`` when denied.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Final, Literal
+
+__all__ = ["ALGORITHMS", "Algorithm", "Check", "CheckResult", "Decision", "Penalty"]
+
+Algorithm = Literal["sliding_window_counter", "sliding_log"]
+ALGORITHMS: Final[tuple[Algorithm, ...]] = ("sliding_window_counter", "sliding_log")
+
+_MAX_INT: Final = 2**53  # every count and time stays an exact integer in Redis's Lua (doubles)
+
+
+@dataclass(frozen=True, slots=True)
+class Penalty:
+    """The penalty box for a check's key ("circuit breaker on violations").
+
+    A key whose own limit denies it more than ``max_violations`` times within ``violation_window``
+    seconds (a window that starts at the first violation) is blocked for ``block_for`` seconds;
+    each further block of the same key doubles the duration, up to ``block_max``. A key forgets
+    its blocks ``max(block_max, violation_window)`` seconds after the last one ends. Requests
+    denied because the key is already blocked are not violations (they do not extend the block).
+    """
+
+    max_violations: int
+    violation_window: float
+    block_for: float
+    block_max: float
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_violations, int) or self.max_violations < 0:
+            raise ValueError(f"max_violations must be an int >= 0, got {self.max_violations!r}")
+        for name in ("violation_window", "block_for", "block_max"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 1e-6 <= value <= 1e9:
+                raise ValueError(f"{name} must be seconds in [1e-6, 1e9], got {value!r}")
+        if self.block_max < self.block_for:
+            raise ValueError(f"block_max ({self.block_max!r}) must be >= block_for ({self.block_for!r})")
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One limit applied to one key: at most ``limit`` units of cost per sliding ``window`` seconds.
+
+    ``key`` names what is counted (``"global"``, ``"route:/api"``, ``"user:alice"``): checks with
+    the same key, algorithm, limit and window share one counter (listed twice in one request, they
+    are decided with their combined cost, as ``hit_all`` does). ``name`` labels the check in
+    decisions and headers (defaults to ``key``). ``penalty`` puts the key under the penalty box.
+    """
+
+    key: str
+    limit: int
+    window: float
+    cost: int = 1
+    algorithm: Algorithm = "sliding_window_counter"
+    name: str = ""
+    penalty: Penalty | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.key, str) or not self.key:
+            raise ValueError(f"key must be a non-empty str, got {self.key!r}")
+        if not isinstance(self.limit, int) or not 0 <= self.limit < _MAX_INT // 2:
+            raise ValueError(f"limit must be an int in [0, 2^52), got {self.limit!r}")
+        if not isinstance(self.window, (int, float)) or not 1e-6 <= self.window <= 1e9:
+            raise ValueError(f"window must be seconds in [1e-6, 1e9], got {self.window!r}")
+        if not isinstance(self.cost, int) or not 0 <= self.cost <= 2**31:
+            raise ValueError(f"cost must be an int in [0, 2^31], got {self.cost!r}")
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
+        if not self.name:
+            object.__setattr__(self, "name", self.key)
+
+
+# Results are made per request: plain slotted dataclasses, read-only by convention (a frozen one
+# costs ~0.5 µs more to construct: object.__setattr__ per field; measured 680 vs 160 ns).
+@dataclass(slots=True)
+class CheckResult:
+    """One check's part of a decision.
+
+    ``allowed``: this check alone admits the request (its limit has room and its key is not
+    blocked). ``remaining``: units left after this request when the decision allowed it, else as
+    they stand (nothing was charged). ``retry_after``: seconds until this check would admit the
+    same request if no other came (0.0 when it does now; ``math.inf`` when it never can, cost >
+    limit). ``reset``: seconds until the key's usage has aged out entirely (``remaining`` back to
+    ``limit``). ``blocked``: the key is in the penalty box (before or because of this request).
+    """
+
+    check: Check
+    allowed: bool
+    remaining: int
+    retry_after: float
+    reset: float
+    blocked: bool = False
+
+
+@dataclass(slots=True)
+class Decision:
+    """The answer for a request's checks: all charged (``allowed``) or none.
+
+    ``denied``: index (into the checks as given) of the first check that does not admit the
+    request, ``None`` when allowed. ``retry_after``: the exact wait in seconds until the same
+    request would be allowed if no other came (the largest over the checks; 0.0 when allowed;
+    ``math.inf`` if it never can). ``blocked``: denied by the penalty box; ``newly_blocked``: keys
+    this request put in the penalty box. ``server_time_us``: the Redis ``TIME`` (µs since the
+    epoch) the decision was made at (0 for local limiters).
+    """
+
+    allowed: bool
+    results: tuple[CheckResult, ...]
+    denied: int | None = None
+    retry_after: float = 0.0
+    blocked: bool = False
+    newly_blocked: tuple[str, ...] = ()
+    server_time_us: int = 0
+
+    @property
+    def denied_check(self) -> Check | None:
+        """The first check that does not admit the request (``None`` when allowed)."""
+        return None if self.denied is None else self.results[self.denied].check
+
+    @property
+    def remaining(self) -> int:
+        """The least ``remaining`` over the checks (what the tightest limit still allows)."""
+        return min((r.remaining for r in self.results), default=0)
+
+    @property
+    def binding(self) -> CheckResult | None:
+        """The result to advertise in a ``RateLimit`` header: the denying check, else the tightest."""
+        if not self.results:
+            return None
+        if self.denied is not None:
+            return self.results[self.denied]
+        return min(self.results, key=lambda r: (r.remaining, -r.reset))
+
+    @property
+    def retry_after_header(self) -> int | None:
+        """``Retry-After`` in whole seconds (rounded up; at least 1) when denied and it can pass."""
+        if self.allowed or math.isinf(self.retry_after):
+            return None
+        return max(1, math.ceil(self.retry_after))
