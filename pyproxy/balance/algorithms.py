@@ -377,10 +377,54 @@ class WeightedRandom(_RandomWeighted):
 
 
 class LeastConnections(_RandomWeighted):
-    """Power of two choices on √latency × (in flight + 1) per unit of weight (see the module doc)."""
+    """Power of two choices on √latency × (in flight + 1) per unit of weight (see the module doc).
+
+    The two candidates are drawn by weight × slow start × a latency factor (fastest average /
+    this server's average, never below :data:`DRAW_FLOOR`), so in a large pool a much slower
+    server seldom even gets into the pair; in a pool of two, both are always the pair and the cost
+    alone decides."""
 
     name = "least_connections"
     OPTIONS = frozenset({"slow_start", "recompute_interval", "seed"})
+    DRAW_FLOOR: ClassVar[float] = 0.01
+
+    def __init__(
+        self,
+        servers: Sequence[UpstreamServer],
+        *,
+        slow_start: float = 0.0,
+        recompute_interval: float = _DEFAULT_RECOMPUTE,
+        seed: int | None = None,
+    ) -> None:
+        # weight × slow start per server: the "per unit of weight" of the cost (``_eff``, which
+        # the draws use, also carries the latency factor)
+        self._weights: list[float] = [0.0] * len(servers)
+        super().__init__(servers, slow_start=slow_start, recompute_interval=recompute_interval, seed=seed)
+
+    def _added(self) -> None:
+        super()._added()
+        self._weights.append(0.0)
+
+    def _removed(self, index: int) -> None:
+        super()._removed(index)
+        del self._weights[index]
+
+    def _recompute(self, now: float) -> None:
+        ss, servers, eff, weights = self.slow_start, self._servers, self._eff, self._weights
+        best = _INF
+        for s in servers:
+            if s.available and s.weight > 0.0 and s.sampled and 0.0 < s.avg < best:
+                best = s.avg
+        floor = self.DRAW_FLOOR
+        for i, s in enumerate(servers):
+            w = s.weight
+            if w > 0.0 and ss:
+                w *= s.slow_start_factor(now, ss)
+            w = w if w > 0.0 else 0.0
+            weights[i] = w
+            f = best / s.avg if s.sampled and s.avg > best else 1.0
+            eff[i] = w * (f if f > floor else floor)
+        self._finish_recompute(now)
 
     def pick(
         self,
@@ -404,15 +448,15 @@ class LeastConnections(_RandomWeighted):
         # r = 5, ~0.1% at r = 100, so a very slow server stays out of the p99). Latency is read
         # decayed toward 0 since its last sample: an unmeasured or long-unused server costs little
         # and is tried again (exploration). Weights honoured by cross-multiplying.
-        eff = self._eff
-        ca = math.sqrt(a.latency(now)) * (a.in_flight + 1) * eff[j]
-        cb = math.sqrt(b.latency(now)) * (b.in_flight + 1) * eff[i]
+        w = self._weights
+        ca = math.sqrt(a.latency(now)) * (a.in_flight + 1) * w[j]
+        cb = math.sqrt(b.latency(now)) * (b.in_flight + 1) * w[i]
         if ca < cb:
             return a
         if cb < ca:
             return b
         # Equal costs (both unmeasured): fewer in flight per unit of weight.
-        return a if a.in_flight * eff[j] <= b.in_flight * eff[i] else b
+        return a if a.in_flight * w[j] <= b.in_flight * w[i] else b
 
 
 # ---------------------------------------------------------------------------- weighted round robin
