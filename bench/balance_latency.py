@@ -7,7 +7,9 @@ For each algorithm a pyproxy (1 worker, retries on) balances over them, driven *
 same fixed request rate for every algorithm (a closed-loop tool such as wrk would give the faster
 algorithms more load, not the same load, and compare latencies at different throughputs): a
 request is due every 1/rate s and its latency counts from when it was due, so waiting for a free
-connection counts too (no coordinated omission). Algorithms alternate round by round. Printed per
+connection counts too (no coordinated omission). Each proxy first gets ``--warmup`` seconds of the
+same load, unmeasured (a fresh proxy knows no latencies yet: this measures the steady state, not
+the first second of its life). Algorithms alternate round by round. Printed per
 algorithm: p50, p99, errors and the share of requests each upstream served, and each p99 as a ratio
 to round robin's of the same round (target: latency-aware algorithms ≤ 0.5). Everything listens on
 127.0.0.1; every process started is stopped by its PID.
@@ -167,6 +169,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=int, default=5)
     parser.add_argument("--rate", type=float, default=400.0, help="requests per second, every algorithm")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of unmeasured load first")
     parser.add_argument("--upstream", nargs=3, metavar=("PORT", "LATENCY", "FAILURE_RATE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.upstream:
@@ -195,6 +198,8 @@ def main() -> int:
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     try:
                         wait_ready(f"http://127.0.0.1:{port}/", proc)
+                        if args.warmup > 0:
+                            asyncio.run(_open_loop(port, args.rate, args.warmup))
                         before = counts(ports)
                         latencies, errors = asyncio.run(_open_loop(port, args.rate, args.duration))
                         served = [a - b for a, b in zip(counts(ports), before)]

@@ -196,7 +196,7 @@ class Load:
 
 
 @pytest.mark.parametrize(("pool", "slow_share"), [
-    # Weights ∝ (best / latency) ** 1.5 (the default exponent): a 5× slower server keeps ~8%.
+    # Weights × exp(-(latency/best - 1) / 2): a 5× slower server keeps ~12%.
     ({"balance": "weighted_round_robin", "dynamic": True}, 0.05),
     # Cost √latency × (in flight + 1): a 5× slower server settles near 1 / (1 + 5^1.5) ≈ 8%.
     ({"balance": "least_connections"}, 0.05),

@@ -21,12 +21,15 @@ Algorithms:
   (https://github.com/phusion/nginx/commit/27e94984486058d73157038f7950a0a36ecc6e35): each pick adds
   every eligible server's effective weight to its score, takes the highest score and subtracts the
   total, so weights 5, 1, 1 give ``a a b a c a a``. ``dynamic=True`` scales each weight by a latency
-  factor ``(best / latency) ** exponent`` (plain per-request latency averages, ``UpstreamServer.avg``:
-  a peak EWMA holds one spike for ~tau and would skew ratios; ``best`` = fastest available
-  server), an error factor ``1 - error_rate`` and slow start; the product of the latency and error
-  factors is clamped to ``[floor, 1]``. With exponent 1 a server's share would be proportional to
-  1/latency (by Little's law, equal requests in flight everywhere); the default 1.5 favours fast
-  servers more, so the slowest few percent of requests — the p99 — stop landing on a slow server.
+  factor ``exp(-(latency / best - 1) / temperature)`` (a softmax on latency relative to the
+  fastest available server; latencies are plain per-request averages, ``UpstreamServer.avg``: a
+  peak EWMA holds one spike for ~tau and would skew the ratios), an error factor
+  ``1 - error_rate`` and slow start; the product of the latency and error factors is clamped to
+  ``[floor, 1]``. With the default temperature 2 a server 1.2× slower keeps 90% of its weight, 2×
+  slower 61%, 5× slower 14% (~12% of a two-server pool: measured, never starved), 15× slower
+  0.1% — so under a spread of latencies the slowest few percent of requests, the p99, stop
+  landing on a very slow server, which a power law (``(best/latency)^k``) cannot do without
+  starving a moderately slow one.
   Identical servers get identical factors, so identical shares — no winner-takes-all feedback as in
   traefik#12306, where a server penalised for a few slow responses stopped getting the traffic that
   would have shown it had recovered. Here two things prevent that: the floor (every server keeps
@@ -467,7 +470,7 @@ class WeightedRoundRobin(_Weighted):
 
     name = "weighted_round_robin"
     OPTIONS = frozenset(
-        {"slow_start", "recompute_interval", "dynamic", "floor", "exponent", "explore_tau"}
+        {"slow_start", "recompute_interval", "dynamic", "floor", "temperature", "explore_tau"}
     )
 
     def __init__(
@@ -478,7 +481,7 @@ class WeightedRoundRobin(_Weighted):
         recompute_interval: float = _DEFAULT_RECOMPUTE,
         dynamic: bool = False,
         floor: float | None = None,
-        exponent: float | None = None,
+        temperature: float | None = None,
         explore_tau: float | None = None,
     ) -> None:
         super().__init__(servers, slow_start=slow_start, recompute_interval=recompute_interval)
@@ -490,7 +493,7 @@ class WeightedRoundRobin(_Weighted):
         if not dynamic:
             for option, value in (
                 ("floor", floor),
-                ("exponent", exponent),
+                ("temperature", temperature),
                 ("explore_tau", explore_tau),
             ):
                 if value is not None:
@@ -498,15 +501,16 @@ class WeightedRoundRobin(_Weighted):
         # floor: lowest latency × error factor, i.e. the smallest fraction of its static share a
         # server can fall to. 0.002 keeps every server measured (a 100× slower server still gets
         # 0.2% of its share: a sample every few seconds at a few hundred requests per second) while
-        # letting the client-visible p99 leave the slow server's latency (bench/balance_latency.py);
-        # exponent 1.5 still gives a 5× slower server ~8% of a 2-server pool.
+        # letting the client-visible p99 leave the slow server's latency (bench/balance_latency.py).
         self.floor = (
             0.002
             if floor is None
             else _number(self.name, "floor", floor, low=0.0, high=1.0, low_open=True)
         )
-        self.exponent = (
-            1.5 if exponent is None else _number(self.name, "exponent", exponent, low=0.0)
+        self.temperature = (
+            2.0
+            if temperature is None
+            else _number(self.name, "temperature", temperature, low=0.0, low_open=True)
         )
         self.explore_tau = (
             10.0
@@ -514,6 +518,27 @@ class WeightedRoundRobin(_Weighted):
             else _number(self.name, "explore_tau", explore_tau, low=0.0, low_open=True)
         )
         self._scores: list[float] = [0.0] * len(self._servers)
+        self._rng = random.Random()
+
+    def _draw_excluding(self, exclude: Container[UpstreamServer]) -> UpstreamServer | None:
+        """A pick that must skip some servers (a retry, a hedge, a full or open server): a random
+        draw by effective weight, leaving the smooth sequence alone. Running the smooth sequence
+        with servers left out lets a skipped turn fall to whichever eligible server holds the most
+        credit — often a slow one with a small weight that has been saving it up — so retries
+        would pile onto the slowest server."""
+        eligible = [
+            (w, s)
+            for w, s in zip(self._eff, self._servers)
+            if w > 0.0 and s.available and s not in exclude
+        ]
+        if not eligible:
+            return None
+        x = self._rng.random() * math.fsum(w for w, _ in eligible)
+        for w, s in eligible:
+            x -= w
+            if x < 0.0:
+                return s
+        return eligible[-1][1]
 
     # Scores follow their servers; a new server starts at 0, as in nginx.
     def _added(self) -> None:
@@ -529,7 +554,7 @@ class WeightedRoundRobin(_Weighted):
             super()._recompute(now)
             return
         servers, eff = self._servers, self._eff
-        ss, floor, k, explore = self.slow_start, self.floor, self.exponent, self.explore_tau
+        ss, floor, temp, explore = self.slow_start, self.floor, self.temperature, self.explore_tau
         best = _INF
         # Latencies compared here are the plain average (UpstreamServer.avg), not the peak EWMA.
         for s in servers:
@@ -549,7 +574,7 @@ class WeightedRoundRobin(_Weighted):
                 age = now - s.stamp
                 if age > 0.0:
                     lat = best + (lat - best) * math.exp(-age / explore)
-                f = (best / lat) ** k
+                f = math.exp(-(lat / best - 1.0) / temp)
             f *= 1.0 - s.error_rate(now)
             eff[i] = w * (f if f > floor else floor)
         self._finish_recompute(now)
@@ -562,6 +587,8 @@ class WeightedRoundRobin(_Weighted):
     ) -> UpstreamServer | None:
         if now >= self._due:
             self._recompute(now)
+        if exclude:
+            return self._draw_excluding(exclude)
         servers, eff, scores = self._servers, self._eff, self._scores
         best = -1
         best_score = -_INF
