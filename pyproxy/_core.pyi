@@ -13,6 +13,7 @@ __all__ = [
     "HashRing",
     "SlidingWindow",
     "hit_all",
+    "SharedWindows",
 ]
 
 __version__: Final[str]
@@ -137,3 +138,42 @@ def hit_all(
 
     Returns ``(allowed, first_denied_index_or_-1, retry_after_max, remaining_min)``.
     """
+
+# ----------------------------------------------------------------------------------- SharedWindows
+
+@final
+class SharedWindows:
+    """Sliding-window counters in shared memory, one table for every worker process of a machine.
+
+    Create it **before forking**: processes forked after it share it. Counts exactly as
+    ``SlidingWindow(exact=False)``; a counter is identified by ``(window, key)``, ``limit`` is per
+    call. A new key that finds the table full is allowed uncounted and ``overflows`` goes up.
+    """
+
+    def __new__(cls, capacity: int) -> Self: ...
+    def hit(
+        self,
+        limit: int,
+        window: float,
+        key: str | bytes,
+        cost: int = 1,
+        now: float | None = None,
+    ) -> tuple[bool, int, float]: ...
+    def hit_all(
+        self,
+        checks: Iterable[tuple[int, float, str | bytes]],
+        cost: int = 1,
+        now: float | None = None,
+    ) -> tuple[bool, int, float, int]:
+        """Check several ``(limit, window, key)`` triples; charge all or none.
+
+        Returns ``(allowed, first_denied_index_or_-1, retry_after_max, remaining_min)``.
+        """
+    def live(self, now: float | None = None) -> int: ...
+    @property
+    def capacity(self) -> int: ...
+    @property
+    def overflows(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+    def __len__(self) -> int: ...

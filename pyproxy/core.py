@@ -1,15 +1,23 @@
 """The compiled core structures, as a public library.
 
-``from pyproxy.core import LruCache, HashRing, SlidingWindow`` — implemented in Rust
+``from pyproxy.core import LruCache, HashRing, SlidingWindow, SharedWindows`` — implemented in Rust
 (``pyproxy._core``); see each class's docstring and the README for the API.
 """
 
-from pyproxy._core import ENTRY_OVERHEAD, HashRing, LruCache, SlidingWindow, hit_all
+from pyproxy._core import (
+    ENTRY_OVERHEAD,
+    HashRing,
+    LruCache,
+    SharedWindows,
+    SlidingWindow,
+    hit_all,
+)
 
 __all__ = [
     "ENTRY_OVERHEAD",
     "HashRing",
     "LruCache",
+    "SharedWindows",
     "SlidingWindow",
     "hit_all",
 ]

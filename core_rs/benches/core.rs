@@ -110,5 +110,38 @@ fn window(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, cache, ring, window);
+fn shared_window(c: &mut Criterion) {
+    use _core::shared_window::{Check, SharedWindows};
+    const S: u64 = 1_000_000_000;
+    let keys: Vec<Vec<u8>> = (0..10_000).map(|i| format!("user-{i:08}").into_bytes()).collect();
+    let sw = SharedWindows::new(20_000).unwrap();
+    let (mut i, mut now) = (0usize, S);
+    c.bench_function("shared_window/hit_10k_keys", |b| {
+        b.iter(|| {
+            i = (i + 7919) % keys.len();
+            now += 1_000;
+            black_box(sw.hit(0, 1_000_000, 60 * S, &keys[i], 1, now).unwrap().allowed)
+        })
+    });
+    c.bench_function("shared_window/hit_hot_key_denying", |b| {
+        b.iter(|| {
+            now += 1_000;
+            black_box(sw.hit(0, 100, S, b"hot", 1, now).unwrap().allowed)
+        })
+    });
+    c.bench_function("shared_window/hit_all_3_levels_10k_keys", |b| {
+        b.iter(|| {
+            i = (i + 7919) % keys.len();
+            now += 1_000;
+            let checks = [
+                Check { limiter: 0, limit: u32::MAX as u64, window: S, key: b"*" },
+                Check { limiter: 1, limit: u32::MAX as u64, window: S, key: b"/v1/chat" },
+                Check { limiter: 2, limit: u32::MAX as u64, window: S, key: &keys[i] },
+            ];
+            black_box(sw.hit_all(&checks, 1, now).unwrap().allowed)
+        })
+    });
+}
+
+criterion_group!(benches, cache, ring, window, shared_window);
 criterion_main!(benches);

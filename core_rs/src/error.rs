@@ -11,12 +11,16 @@ pub enum Error {
     InvalidArgument(String),
     /// A lookup on an empty structure (e.g. a ring with no nodes). Maps to `LookupError`.
     Empty(String),
+    /// The operating system refused a resource (e.g. a shared-memory mapping). Maps to `OSError`.
+    System(String),
 }
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::InvalidArgument(msg) | Error::Empty(msg) => f.write_str(msg),
+            Error::InvalidArgument(msg) | Error::Empty(msg) | Error::System(msg) => {
+                f.write_str(msg)
+            }
         }
     }
 }

@@ -12,6 +12,8 @@
 //! the last unit never fits before the window ends (`L − 1` per window, and `limit=1` would pass one
 //! hit every other window). Everything is integer arithmetic (`u128`), so the Python model in
 //! `tests/model_window.py` reproduces every decision, `remaining` and `retry_after` exactly.
+//! That math is one function, [`counter_decide`]; [`crate::shared_window`] (the same counters in
+//! shared memory, for all the worker processes of a machine) calls it too.
 //!
 //! Error bound of counter mode:
 //! - *Uniform traffic*: if the previous window's hits were evenly spread, `P·(W−e)/W` is how many of
@@ -142,57 +144,7 @@ impl KeyState for Counter {
 
     #[inline]
     fn decide(&self, cost: u64, limit: u64, now: Now, window: u64) -> Decision {
-        let e64 = now.e;
-        // ⌊P·(W−e)/W⌋, in u64 when P·W fits (the usual case: divisions by u128 are slow).
-        let weighted = match self.prev.checked_mul(window - e64) {
-            Some(0) => 0,
-            Some(x) => x / window,
-            None => (self.prev as u128 * (window - e64) as u128 / window as u128) as u64,
-        };
-        let w = window as u128;
-        let e = e64 as u128;
-        let (prev, cur) = (self.prev as u128, self.cur as u128);
-        let (cost, limit) = (cost as u128, limit as u128);
-        let used = weighted as u128 + cur;
-        if used + cost <= limit {
-            return Decision {
-                allowed: true,
-                remaining: to_u64(limit - used - cost),
-                retry_after: Some(0),
-            };
-        }
-        let remaining = to_u64(limit.saturating_sub(used));
-        if cost > limit {
-            return Decision {
-                allowed: false,
-                remaining,
-                retry_after: None,
-            };
-        }
-        // First offset e' at which ⌊p·(W−e')/W⌋ <= s, i.e. p·(W−e') < (s+1)·W:
-        // e' = W + 1 − ⌈(s+1)·W / p⌉ (clamped at 0).
-        let first_fit = |p: u128, s: u128| -> u128 {
-            let num = (s + 1).saturating_mul(w);
-            // u64 division when it fits: a u128 one is a slow library call
-            let q = match (u64::try_from(num), u64::try_from(p)) {
-                (Ok(n), Ok(d)) => n.div_ceil(d) as u128,
-                _ => num.div_ceil(p),
-            };
-            (w + 1).saturating_sub(q)
-        };
-        let wait = if cur + cost <= limit {
-            // Later in this window (at worst at its end, where P' = C and C + cost fits).
-            // P > 0 here, else the hit would have fitted.
-            first_fit(prev, limit - cur - cost).saturating_sub(e)
-        } else {
-            // Only the next window can take it; there P' = C, which is > 0 since C > L − cost.
-            (w - e) + first_fit(cur, limit - cost)
-        };
-        Decision {
-            allowed: false,
-            remaining,
-            retry_after: Some(to_u64(wait)),
-        }
+        counter_decide(self.prev, self.cur, cost, limit, now.e, window)
     }
 
     #[inline]
@@ -283,6 +235,66 @@ impl KeyState for Log {
     #[inline]
     fn idle_from(now: Now, window: u64) -> u64 {
         now.ns.saturating_add(window)
+    }
+}
+
+/// Counter mode's decision for a key whose previous and current fixed windows hold `prev` and `cur`,
+/// at offset `e` (`0 ≤ e < window`) into the current one: the estimate `⌊prev·(W−e)/W⌋ + cur`,
+/// its rounding and the exact `retry_after` described in the module doc. The one implementation
+/// of that math: [`SlidingWindow`]'s counter mode and [`crate::shared_window`] both call it, so
+/// the two agree on every answer.
+#[inline]
+pub fn counter_decide(prev: u64, cur: u64, cost: u64, limit: u64, e: u64, window: u64) -> Decision {
+    let e64 = e;
+    // ⌊P·(W−e)/W⌋, in u64 when P·W fits (the usual case: divisions by u128 are slow).
+    let weighted = match prev.checked_mul(window - e64) {
+        Some(0) => 0,
+        Some(x) => x / window,
+        None => (prev as u128 * (window - e64) as u128 / window as u128) as u64,
+    };
+    let w = window as u128;
+    let e = e64 as u128;
+    let (prev, cur) = (prev as u128, cur as u128);
+    let (cost, limit) = (cost as u128, limit as u128);
+    let used = weighted as u128 + cur;
+    if used + cost <= limit {
+        return Decision {
+            allowed: true,
+            remaining: to_u64(limit - used - cost),
+            retry_after: Some(0),
+        };
+    }
+    let remaining = to_u64(limit.saturating_sub(used));
+    if cost > limit {
+        return Decision {
+            allowed: false,
+            remaining,
+            retry_after: None,
+        };
+    }
+    // First offset e' at which ⌊p·(W−e')/W⌋ <= s, i.e. p·(W−e') < (s+1)·W:
+    // e' = W + 1 − ⌈(s+1)·W / p⌉ (clamped at 0).
+    let first_fit = |p: u128, s: u128| -> u128 {
+        let num = (s + 1).saturating_mul(w);
+        // u64 division when it fits: a u128 one is a slow library call
+        let q = match (u64::try_from(num), u64::try_from(p)) {
+            (Ok(n), Ok(d)) => n.div_ceil(d) as u128,
+            _ => num.div_ceil(p),
+        };
+        (w + 1).saturating_sub(q)
+    };
+    let wait = if cur + cost <= limit {
+        // Later in this window (at worst at its end, where P' = C and C + cost fits).
+        // P > 0 here, else the hit would have fitted.
+        first_fit(prev, limit - cur - cost).saturating_sub(e)
+    } else {
+        // Only the next window can take it; there P' = C, which is > 0 since C > L − cost.
+        (w - e) + first_fit(cur, limit - cost)
+    };
+    Decision {
+        allowed: false,
+        remaining,
+        retry_after: Some(to_u64(wait)),
     }
 }
 

@@ -1,6 +1,6 @@
 //! Python exceptions, declared once, and the one `From<Error> for PyErr`.
 
-use pyo3::exceptions::{PyException, PyLookupError, PyValueError};
+use pyo3::exceptions::{PyException, PyLookupError, PyOSError, PyValueError};
 use pyo3::prelude::*;
 
 use crate::error::Error;
@@ -17,6 +17,7 @@ impl From<Error> for PyErr {
         match err {
             Error::InvalidArgument(msg) => PyValueError::new_err(msg),
             Error::Empty(msg) => PyLookupError::new_err(msg),
+            Error::System(msg) => PyOSError::new_err(msg),
         }
     }
 }

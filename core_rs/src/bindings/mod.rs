@@ -8,6 +8,7 @@ mod errors;
 mod gil_cell;
 mod keys;
 mod ring;
+mod shared_window;
 mod window;
 
 // `gil_used`: the structures use the GIL as their lock (`gil_cell.rs`), so a free-threaded
@@ -22,5 +23,6 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     cache::register(m)?;
     ring::register(m)?;
     window::register(m)?;
+    shared_window::register(m)?;
     Ok(())
 }

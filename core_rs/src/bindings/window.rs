@@ -52,7 +52,7 @@ pub struct SlidingWindow {
 
 /// `now` argument → nanoseconds: finite and >= 0, default the monotonic clock.
 #[inline]
-fn now_ns(now: Option<f64>) -> PyResult<u64> {
+pub(super) fn now_ns(now: Option<f64>) -> PyResult<u64> {
     match now {
         None => Ok(clock::monotonic_ns()),
         Some(s) => Ok(clock::secs_to_ns(check_seconds("now", s, true)?)),
@@ -60,17 +60,17 @@ fn now_ns(now: Option<f64>) -> PyResult<u64> {
 }
 
 #[inline]
-fn cost_arg(cost: i64) -> PyResult<u64> {
+pub(super) fn cost_arg(cost: i64) -> PyResult<u64> {
     at_least("cost", cost, 0)
 }
 
 #[inline]
-fn retry_secs(retry: Option<u64>) -> f64 {
+pub(super) fn retry_secs(retry: Option<u64>) -> f64 {
     retry.map_or(f64::INFINITY, clock::ns_to_secs)
 }
 
 #[inline]
-fn decision_tuple(d: Decision) -> (bool, u64, f64) {
+pub(super) fn decision_tuple(d: Decision) -> (bool, u64, f64) {
     (d.allowed, d.remaining, retry_secs(d.retry_after))
 }
 
