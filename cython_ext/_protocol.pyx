@@ -355,6 +355,9 @@ cdef class Exchange:
         self.in_flight = True
         self.upool = upool = state.upstreams[route.pool]
         upool.retry_budget.record_request(self.client._loop.time())
+        if upool.unlimited:
+            self._forward()  # no concurrency limit on the pool: nothing to take or give back
+            return
         verdict = upool.admit(self._admitted)
         if verdict is True:
             self.admitted = True

@@ -78,6 +78,8 @@ class UpstreamPool:
         self.bulkhead = Bulkhead(b.max_concurrent, b.max_queue, b.queue_timeout)
         self._per_server_limit = b.max_concurrent_per_server or math.inf
         self._plain = not b.max_concurrent_per_server and pool.circuit_breaker is None
+        # No pool-wide limit: the data plane skips admit()/leave() (the bulkhead would only count).
+        self.unlimited = b.max_concurrent == 0
         self.outlier = (
             OutlierDetector(pool.outlier, on_change=self._on_ejection) if pool.outlier else None
         )
