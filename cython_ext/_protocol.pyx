@@ -351,7 +351,7 @@ cdef class Exchange:
         route = self.route
         assert route is not None
         state = self.client.state
-        state.metrics.in_flight += 1
+        self.client.metrics.in_flight += 1
         self.in_flight = True
         self.upool = upool = state.upstreams[route.pool]
         upool.retry_budget.record_request(self.client._loop.time())
@@ -405,7 +405,7 @@ cdef class Exchange:
         pool = self.client.state.pools[route.pool]
         conn = pool.take_idle(self.server)
         if conn is not None:
-            self.client.state.metrics.upstream_connection(route.pool, True)
+            self.client.metrics.upstream_connection(route.pool, True)
             self._attach(conn)
         else:
             self.client._loop.create_task(self._connect(pool, self.server))
@@ -504,7 +504,7 @@ cdef class Exchange:
             self.connect_failed = True
             self.attempt_failed(502, f"cannot connect to upstream {server.address}: {why}")
             return
-        self.client.state.metrics.upstream_connection(pool.pool.name, False)
+        self.client.metrics.upstream_connection(pool.pool.name, False)
         if self.done:
             pool.release(conn)  # the client went away meanwhile
         else:
@@ -578,7 +578,7 @@ cdef class Exchange:
         pool = self.client.state.pools[self.route.pool]
         conn = pool.take_idle(server.server)
         if conn is not None:
-            self.client.state.metrics.upstream_connection(self.route.pool, True)
+            self.client.metrics.upstream_connection(self.route.pool, True)
             self._attach_hedge(conn)
         else:
             self.client._loop.create_task(self._connect_hedge(pool, server))
@@ -590,7 +590,7 @@ cdef class Exchange:
             if self.hedge_chosen is server:
                 self.drop_hedge(False, True)
             return
-        self.client.state.metrics.upstream_connection(pool.pool.name, False)
+        self.client.metrics.upstream_connection(pool.pool.name, False)
         if self.done or self.response_started or self.hedge_chosen is not server:
             pool.release(conn)  # the race is over
             return
@@ -731,7 +731,7 @@ cdef class Exchange:
     def abandon(self) -> None:
         """The client connection is gone: stop without answering."""
         if self.in_flight:
-            self.client.state.metrics.in_flight -= 1
+            self.client.metrics.in_flight -= 1
             self.in_flight = False
         self.done = True
         self.stop_response_timer()
@@ -760,7 +760,7 @@ cdef class Exchange:
         client = self.client
         if self.sent_at and self.route is not None:
             self.upstream_latency = _monotonic() - self.sent_at
-            client.state.metrics.upstream_answered(self.route.pool, self.upstream_latency)
+            client.metrics.upstream_answered(self.route.pool, self.upstream_latency)
         self.upstream_status = status
         switching = status == 101
         close = not switching and (
@@ -1077,6 +1077,7 @@ cdef class ClientConnection:
 
     cdef public object _loop, body_timer, limits, out, parser, peer, queue, read_pauses, send_timer, state, transport
     cdef public Deadline deadline  # head (408) or keep-alive idle timeout
+    cdef public WorkerMetrics metrics  # the worker's counters (typed: C calls)
     cdef long long max_head_size, max_header_count
     cdef double head_timeout, body_timeout, keepalive_timeout
     cdef public Exchange parsing
@@ -1092,6 +1093,7 @@ cdef class ClientConnection:
     def __init__(self, state: ProxyState) -> None:
         self.state = state
         self.limits = limits = state.config.limits
+        self.metrics = state.metrics
         # The limits read per request, as C values (a dataclass attribute is a descriptor call).
         self.max_head_size = limits.max_head_size
         self.max_header_count = limits.max_header_count
@@ -1135,8 +1137,8 @@ cdef class ClientConnection:
             self.transport.close()
             return
         self.state.clients.add(self)
-        self.state.metrics.connections_total += 1
-        self.state.metrics.connections_open += 1
+        self.metrics.connections_total += 1
+        self.metrics.connections_open += 1
         self._arm(self.head_timeout, self._head_timeout)
 
     def data_received(self, data: bytes) -> None:
@@ -1192,7 +1194,7 @@ cdef class ClientConnection:
             self.send_timer = None
         if self in self.state.clients:
             self.state.clients.discard(self)
-            self.state.metrics.connections_open -= 1
+            self.metrics.connections_open -= 1
         while self.queue:
             self.queue.popleft().abandon()
 
@@ -1357,7 +1359,7 @@ cdef class ClientConnection:
         return not self.queue and (self.parsing is None or not self.parsing.method)
 
     cpdef _count(self, ex: Exchange):
-        metrics = self.state.metrics
+        cdef WorkerMetrics metrics = self.metrics
         if ex.in_flight:
             metrics.in_flight -= 1
             ex.in_flight = False
