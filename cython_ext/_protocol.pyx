@@ -221,6 +221,7 @@ cdef class Exchange:
     cdef public double response_timeout
     # balancing: the pool's run-time side, the server chosen (UpstreamServer), servers tried so far
     cdef public object upool, chosen, tried, waiter, last_failure
+    cdef public object extra_headers  # fields the response gets (rate-limit state), or None
     # hedging: the second attempt's connection and server, the timer that starts it
     cdef public UpstreamConnection hedge
     cdef public object hedge_chosen, hedge_handle
@@ -290,6 +291,7 @@ cdef class Exchange:
         self.tried = []
         self.waiter = None  # a place in the pool's bulkhead queue
         self.last_failure = None  # (status, message) of the last failed attempt, when retrying
+        self.extra_headers = None
         self.hedge = None
         self.hedge_chosen = None
         self.hedge_handle = None
@@ -353,7 +355,45 @@ cdef class Exchange:
         state = self.client.state
         self.client.metrics.in_flight += 1
         self.in_flight = True
-        self.upool = upool = state.upstreams[route.pool]
+        limits = state.ratelimit
+        if limits is not None and route.name in limits.routes:
+            # Phase 3, rate limits: decided here (shared memory) or after a round trip (Redis).
+            if limits.synchronous:
+                if not self.rate_limited(limits.decide_sync(route.name, self.headers, self.target, self.client_ip)):
+                    return
+            else:
+                self.client._loop.create_task(self._limit_then_forward(limits))
+                return
+        self._admit()
+
+    async def _limit_then_forward(self, limits: object) -> None:
+        try:
+            outcome = await limits.decide(self.route.name, self.headers, self.target, self.client_ip)
+        except Exception:  # noqa: BLE001 - a bug of ours must not leave the request hanging
+            log.exception("rate-limit phase failed")
+            self.fail(500, "internal proxy error", close=False)
+            return
+        if self.done:
+            return  # the client left meanwhile
+        if self.rate_limited(outcome):
+            self._admit()
+
+    cpdef bint rate_limited(self, outcome):
+        """Apply a rate-limit outcome: ``True`` to go on (keeping the response fields to add),
+        ``False`` when the limiter's own answer was sent."""
+        if outcome.allowed:
+            if outcome.headers:
+                self.extra_headers = outcome.headers
+            return True
+        response = outcome.response
+        self.client.respond_local(self, response.status, response.headers, response.body, False)
+        self.finish()
+        return False
+
+    def _admit(self) -> None:
+        """Phase 5 starts: a slot of the pool's bulkhead, then a server."""
+        route = self.route
+        self.upool = upool = self.client.state.upstreams[route.pool]
         upool.retry_budget.record_request(self.client._loop.time())
         if upool.unlimited:
             self._forward()  # no concurrency limit on the pool: nothing to take or give back
@@ -754,6 +794,11 @@ cdef class Exchange:
         self.release_pool()
         self.client.exchange_finished(self)
 
+    cdef object _extra_fields(self, bint close):
+        if self.extra_headers is None:
+            return [(b"Connection", b"close")] if close else ()
+        return self.extra_headers + [(b"Connection", b"close")] if close else self.extra_headers
+
     cpdef response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: int, declared_length: int | None):
         """Write the response head to the client; whether its body must be chunk-encoded."""
         self.stop_response_timer()
@@ -782,7 +827,7 @@ cdef class Exchange:
             content_length=length,
             chunked=chunked,
             upgrade=switching,
-            extra=[(b"Connection", b"close")] if close else (),
+            extra=self._extra_fields(close),
         )
         if close:
             self.keep_alive = False
@@ -1390,22 +1435,28 @@ cdef class ClientConnection:
 
     def respond_error(self, ex: Exchange, status: int, message: str, close: bool) -> None:
         """Answer ``ex`` with ``status`` and a one-line plain-text body naming the problem."""
+        body = f"{status} {reason_phrase(status).decode()}: {message}\n".encode()
+        headers = [(b"Content-Type", b"text/plain; charset=utf-8")]
+        if status == 503 and ex.retry_after > 0:
+            headers.append((b"Retry-After", str(ex.retry_after).encode()))
+        self.respond_local(ex, status, headers, body, close)
+
+    def respond_local(self, ex: Exchange, status: int, fields: list, body: bytes, close: bool) -> None:
+        """Answer ``ex`` from the proxy itself: ``fields`` (no framing), ``body``, and the
+        request id; closes when asked, or when the request was not all read."""
         if ex.response_started:
             self.abort()
             return
-        body = f"{status} {reason_phrase(status).decode()}: {message}\n".encode()
         if not ex.request_id:
             # Answered before forwarding: the client's id if it sent a usable one, else a new one,
             # so every response can be traced.
             sent = get_first(ex.headers, b"x-request-id") if ex.headers else None
             ex.request_id = sent if sent and _REQUEST_ID.fullmatch(sent) else new_request_id()
         headers = [
-            (b"Content-Type", b"text/plain; charset=utf-8"),
+            *fields,
             (b"Content-Length", str(len(body)).encode()),
             (b"X-Request-ID", ex.request_id),
         ]
-        if status == 503 and ex.retry_after > 0:
-            headers.append((b"Retry-After", str(ex.retry_after).encode()))
         if close or not ex.keep_alive or not ex.request_done or self.state.draining:
             headers.append((b"Connection", b"close"))
             ex.keep_alive = False

@@ -15,33 +15,47 @@ where they have one; each is named in ``deploy/example.toml``.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from dataclasses import replace as replace_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pyproxy.balance.health import HealthCheckConfig
 from pyproxy.balance.outlier import OutlierConfig
 from pyproxy.errors import PyproxyError
+from pyproxy.ratelimit.checks import ALGORITHMS as RATELIMIT_ALGORITHMS
+from pyproxy.ratelimit.checks import Algorithm, Penalty
 
 __all__ = [
     "ALL_UNHEALTHY_MODES",
     "BALANCE_ALGORITHMS",
+    "JWT_ALGORITHMS",
+    "MISSING_KEY_POLICIES",
+    "RATELIMIT_MODES",
+    "REDIS_ERROR_POLICIES",
     "AccessLogConfig",
+    "AdaptiveLimitConfig",
     "AdminConfig",
     "BreakerConfig",
     "BulkheadConfig",
     "Config",
     "ConfigError",
+    "JwtConfig",
     "Limits",
     "Listener",
     "Pool",
     "Problem",
+    "RateLimitConfig",
+    "RateLimitRule",
     "RetryConfig",
     "Route",
+    "RouteRateLimit",
     "Server",
     "load_config",
     "parse_config",
@@ -57,6 +71,16 @@ BALANCE_ALGORITHMS = (
     "round_robin", "random", "weighted_round_robin", "least_connections", "consistent_hash"
 )
 ALL_UNHEALTHY_MODES = ("panic", "reject")
+RATELIMIT_MODES = ("local", "redis", "hybrid")
+REDIS_ERROR_POLICIES = ("local", "deny", "allow")
+MISSING_KEY_POLICIES = ("client_ip", "skip")
+JWT_ALGORITHMS = (
+    "HS256", "HS384", "HS512",
+    "RS256", "RS384", "RS512",
+    "PS256", "PS384", "PS512",
+    "ES256", "ES384", "ES512",
+    "EdDSA",
+)  # "none" is not one: an unsigned token proves nothing
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +231,99 @@ class Pool:
 
 
 @dataclass(frozen=True, slots=True)
+class AdaptiveLimitConfig:
+    """An AIMD limit (``adaptive = {...}`` on a global or route limit) that follows a pool's
+    health; see :class:`pyproxy.ratelimit.adaptive.AdaptiveLimit`. The rule's ``limit`` is where
+    it starts (default ``max``)."""
+
+    min: int
+    max: int
+    target_p99: float | None = None  # seconds; slower than this → decrease
+    target_error_rate: float | None = None  # in (0, 1]; more errors than this → decrease
+    decrease: float = 0.7  # × on an unhealthy interval, in (0, 1)
+    increase: int = 1  # + on a healthy interval (the file's default: 5% of max, at least 1)
+    interval: float = 1.0  # at most one adjustment per interval
+    pool: str = ""  # whose health; a route's limits default to the route's pool
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitRule:
+    """At most ``limit`` units of cost per sliding ``window`` seconds (one level's limit)."""
+
+    limit: int
+    window: float
+    algorithm: Algorithm = "sliding_window_counter"
+    adaptive: AdaptiveLimitConfig | None = None  # global and route limits only
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRateLimit:
+    """A route's rate limits (``ratelimit = {...}`` on a route, over ``[ratelimit.defaults]``).
+
+    ``limits``: counted once for the whole route; ``key_limits``: counted per route and value of
+    ``key`` (``header:NAME``, ``cookie:NAME``, ``query:NAME``, ``client_ip``, ``jwt`` or
+    ``jwt:CLAIM``). A request without the key is counted by its client IP
+    (``on_missing_key = "client_ip"``) or not at the key level (``"skip"``). ``cost``: units
+    each request of the route takes from every limit that applies (global ones included).
+    """
+
+    cost: int = 1
+    limits: tuple[RateLimitRule, ...] = ()
+    key: str = "client_ip"
+    key_limits: tuple[RateLimitRule, ...] = ()
+    on_missing_key: str = "client_ip"  # one of MISSING_KEY_POLICIES
+
+
+@dataclass(frozen=True, slots=True)
+class JwtConfig:
+    """How ``jwt:CLAIM`` key sources verify bearer tokens (``[ratelimit.jwt]``, PyJWT).
+
+    ``key`` holds the HMAC secret or the PEM public key (read from ``key_file`` when that is
+    given); tokens must carry a valid signature by one of ``algorithms``, be within ``exp`` /
+    ``nbf`` (± ``leeway``), and match ``audience`` (any of them) and ``issuer`` when set.
+    Verified tokens are cached (``cache_size`` entries, at most ``cache_ttl`` and never past
+    ``exp``).
+    """
+
+    key: str = field(default="", repr=False)
+    key_file: str | None = None
+    algorithms: tuple[str, ...] = ()
+    audience: tuple[str, ...] = ()  # empty: not checked
+    issuer: str | None = None
+    claim: str = "sub"  # what a bare "jwt" key source takes
+    leeway: float = 0.0
+    cache_size: int = 10_000  # 0: verify every request
+    cache_ttl: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    """The top-level ``[ratelimit]`` table: where counters live and what applies to everything.
+
+    ``mode``: ``local`` (this machine's workers share counters), ``redis`` (every instance shares
+    them through Redis / Redis Cluster at ``redis_url``), ``hybrid`` (decided locally, reconciled
+    with Redis every ``sync_interval``). ``on_redis_error``: what a request gets while Redis is
+    unavailable (``local`` limits, ``deny`` → 503, ``allow``). ``global_limits`` (TOML
+    ``[[ratelimit.global]]``) count every request of every route; ``defaults`` is what each route's
+    own ``ratelimit`` table starts from; ``penalty`` puts key-level keys under the penalty box.
+    """
+
+    mode: str = "local"  # one of RATELIMIT_MODES
+    redis_url: str | None = field(default=None, repr=False)  # may hold a password
+    cluster: bool = False
+    timeout: float = 0.05
+    on_redis_error: str = "local"  # one of REDIS_ERROR_POLICIES
+    sync_interval: float = 0.05  # hybrid only
+    headers_on_allowed: bool = True  # RateLimit-Policy / RateLimit on allowed responses too
+    trusted_proxies: tuple[str, ...] = ()  # networks ("10.0.0.0/8", "::1/128") whose XFF is believed
+    algorithm: Algorithm = "sliding_window_counter"  # for limits that do not name their own
+    jwt: JwtConfig | None = None
+    penalty: Penalty | None = None
+    global_limits: tuple[RateLimitRule, ...] = ()
+    defaults: RouteRateLimit = RouteRateLimit()
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """Which requests go to which pool, with per-route overrides.
 
@@ -229,6 +346,8 @@ class Route:
     # the first answer wins. "p95": the pool's recent 95th percentile. None: off. Idempotent,
     # body-less requests only; hedges count against the pool's retry budget.
     hedge_after: float | str | None = None
+    # Rate limits of this route (its own ratelimit table over [ratelimit.defaults]); empty: none.
+    ratelimit: RouteRateLimit = RouteRateLimit()
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,13 +361,40 @@ class Config:
     limits: Limits = Limits()
     access_log: AccessLogConfig = AccessLogConfig()
     workers: int = 1
+    ratelimit: RateLimitConfig = RateLimitConfig()
 
     def redacted(self) -> dict[str, Any]:
-        """The effective configuration as plain data, secrets replaced (for ``GET /config``)."""
+        """The effective configuration as plain data, secrets replaced (for ``GET /config``):
+        the admin token, the JWT key and the password in the Redis URL."""
         data: dict[str, Any] = _plain(asdict(self))
         if data["admin"]["token"] is not None:
             data["admin"]["token"] = "<redacted>"
+        ratelimit = data["ratelimit"]
+        ratelimit["global"] = ratelimit.pop("global_limits")  # as the file names it
+        if ratelimit["redis_url"] is not None:
+            ratelimit["redis_url"] = redact_url(ratelimit["redis_url"])
+        if ratelimit["jwt"] is not None:
+            ratelimit["jwt"]["key"] = "<redacted>"
         return data
+
+
+_PASSWORD_PARAM = re.compile(r"((?:^|&)password=)[^&]*", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password of its user info and any ``password=`` query value replaced
+    (wholly replaced when it does not even split as a URL)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<redacted>"
+    netloc = parts.netloc
+    userinfo, at, hostport = netloc.rpartition("@")
+    if at:
+        user, colon, _password = userinfo.partition(":")
+        netloc = f"{user}:<redacted>@{hostport}" if colon else netloc
+    query = _PASSWORD_PARAM.sub(r"\1<redacted>", parts.query)
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def _plain(value: Any) -> Any:
@@ -1055,7 +1201,9 @@ def _methods(value: object) -> frozenset[str]:
     return frozenset(m.upper() for m in value)
 
 
-def _read_routes(r: _Reader, raw: object, pools: Mapping[str, Pool]) -> tuple[Route, ...]:
+def _read_routes(
+    r: _Reader, raw: object, pools: Mapping[str, Pool], ratelimit: _RateLimitContext | None = None
+) -> tuple[Route, ...]:
     if raw is None:
         r.problem("routes", "is required: at least one [[routes]] entry")
         return ()
@@ -1080,6 +1228,13 @@ def _read_routes(r: _Reader, raw: object, pools: Mapping[str, Pool]) -> tuple[Ro
             close = difflib.get_close_matches(pool, sorted(pools), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             r.problem(_join(path, "pool"), f"no pool named {pool!r}{hint}")
+        rl = ratelimit or _RateLimitContext(RateLimitConfig(), False, _RouteLimitsRead(), [])
+        own = _RouteLimitsRead()
+        if "ratelimit" in t:
+            own = _read_route_limits(
+                r, t["ratelimit"], _join(path, "ratelimit"), pools,
+                algorithm=rl.config.algorithm, jwt_present=rl.jwt_present,
+            )
         routes.append(
             Route(
                 name=name,
@@ -1092,8 +1247,13 @@ def _read_routes(r: _Reader, raw: object, pools: Mapping[str, Pool]) -> tuple[Ro
                 max_body_size=r.get(t, path, "max_body_size", parse_size, None),
                 idempotent=r.get(t, path, "idempotent", _bool, False),
                 hedge_after=r.get(t, path, "hedge_after", _hedge_after, None),
+                ratelimit=_route_rate_limit(r, own, rl, pool or ""),
             )
         )
+    if ratelimit is not None and not any(route.ratelimit.key_limits for route in routes):
+        for key in ("key", "on_missing_key"):
+            if key in ratelimit.defaults.paths:
+                r.problem(ratelimit.defaults.paths[key], "has no effect: no route has key_limits")
     return tuple(routes)
 
 
@@ -1109,9 +1269,565 @@ def _hedge_after(value: object) -> float | str:
     return seconds
 
 
+# -------------------------------------------------------------------------------- rate limits
+
+_KEY_SOURCE_FORMS = "'header:NAME', 'cookie:NAME', 'query:NAME', 'client_ip', 'jwt' or 'jwt:CLAIM'"
+_MAX_RATE = 2**32 - 1  # the shared-memory counters' ceiling (core_rs SharedWindows)
+_MAX_WINDOW = 366 * 86400.0
+_RULE_KEYS = {"limit", "window", "algorithm", "adaptive"}
+_ADAPTIVE_KEYS = set(AdaptiveLimitConfig.__dataclass_fields__)
+_ROUTE_RATELIMIT_KEYS = set(RouteRateLimit.__dataclass_fields__)
+_RATELIMIT_KEYS = (set(RateLimitConfig.__dataclass_fields__) - {"global_limits"}) | {"global"}
+_REDIS_OPTIONS = ("redis_url", "cluster", "timeout", "on_redis_error")
+_PENALTY_DEFAULTS = Penalty(max_violations=10, violation_window=60.0, block_for=60.0, block_max=3600.0)
+
+_rate = _int_between(1, _MAX_RATE)
+
+
+def _key_source(value: object) -> str:
+    """A rate-limit key source: ``header:NAME``, ``cookie:NAME``, ``query:NAME``, ``client_ip``,
+    ``jwt`` (the claim named by ``[ratelimit.jwt] claim``) or ``jwt:CLAIM``."""
+    key = _text(value)
+    if key in ("client_ip", "jwt"):
+        return key
+    kind, sep, name = key.partition(":")
+    if not sep or kind not in ("header", "cookie", "query", "jwt"):
+        raise _Invalid(f"unknown key source; expected {_KEY_SOURCE_FORMS}, got {value!r}")
+    if kind == "jwt":
+        if not name or not _printable(name):
+            raise _Invalid(f"{name!r} is not a claim name (visible ASCII), in {value!r}")
+        return key
+    return _hash_key(key)  # the same names as consistent_hash keys
+
+
+def _window(value: object) -> float:
+    seconds = parse_duration(value)
+    if not 0.001 <= seconds <= _MAX_WINDOW:
+        raise _Invalid(f"must be between 1ms and 366 days, got {value!r}")
+    return seconds
+
+
+def _long_duration(value: object) -> float:
+    seconds = parse_duration(value)
+    if not 0.001 <= seconds <= 1e9:
+        raise _Invalid(f"must be between 1ms and 1e9 seconds, got {value!r}")
+    return seconds
+
+
+def _redis_url(value: object) -> str:
+    url = _text(value)
+    shown = redact_url(url)  # problems are printed: never with the password
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise _Invalid(f"not a valid URL ({e}): {shown!r}") from None
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise _Invalid(f"expected a redis://, rediss:// or unix:// URL, got {shown!r}")
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise _Invalid(f"a unix:// URL needs the socket's path, got {shown!r}")
+        return url
+    if not parts.hostname:
+        raise _Invalid(f"needs a host (redis://host:6379/0), got {shown!r}")
+    if port == 0:
+        raise _Invalid(f"port must be between 1 and 65535, in {shown!r}")
+    if parts.path.strip("/") and not parts.path.strip("/").isdigit():
+        raise _Invalid(f"the path must be a database number (redis://host:6379/0), got {shown!r}")
+    return url
+
+
+def _redis_db(url: str) -> int:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "unix":
+        return 0
+    db = parts.path.strip("/")
+    for k, v in urllib.parse.parse_qsl(parts.query):
+        if k == "db" and v.isdigit():
+            db = v
+    return int(db) if db.isdigit() else 0
+
+
+def _network(value: object) -> str:
+    """An IP address or CIDR network, normalized (``"10.0.0.0/8"``, ``"::1/128"``)."""
+    text = _text(value).strip()
+    try:
+        return str(ipaddress.ip_network(text, strict=True))
+    except ValueError:
+        pass
+    try:
+        loose = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise _Invalid(
+            f"expected an IP address or a CIDR network ('10.0.0.0/8', '::1'), got {value!r}"
+        ) from None
+    raise _Invalid(f"{value!r} has host bits set; did you mean {str(loose)!r}?")
+
+
+def _audience(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (_text(value),)
+    if isinstance(value, list) and value and all(isinstance(a, str) and a for a in value):
+        return tuple(value)
+    raise _Invalid(f"expected a string or a non-empty array of strings, got {value!r}")
+
+
+def _claim(value: object) -> str:
+    claim = _text(value)
+    if not _printable(claim):
+        raise _Invalid(f"expected a claim name (visible ASCII), got {value!r}")
+    return claim
+
+
+def _pool_ref(r: _Reader, t: Mapping[str, Any], path: str, pools: Mapping[str, Pool]) -> str:
+    pool = r.get(t, path, "pool", _text, "")
+    if pool and pools and pool not in pools:
+        close = difflib.get_close_matches(pool, sorted(pools), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        r.problem(_join(path, "pool"), f"no pool named {pool!r}{hint}")
+    return pool
+
+
+def _read_adaptive(
+    r: _Reader, raw: object, path: str, pools: Mapping[str, Pool], *, pool_required: bool
+) -> AdaptiveLimitConfig | None:
+    t = r.table(raw, path)
+    if t is None:
+        return None
+    r.check_keys(t, path, _ADAPTIVE_KEYS)
+    before = len(r.problems)
+    low = r.require(t, path, "min", _rate)
+    high = r.require(t, path, "max", _rate)
+    p99 = r.get(t, path, "target_p99", parse_duration, None)
+    error_rate = r.get(t, path, "target_error_rate", _number(0.0, 1.0, low_open=True), None)
+    decrease = r.get(t, path, "decrease", _number(0.0, 1.0, low_open=True, high_open=True), 0.7)
+    increase = r.get(t, path, "increase", _rate, None)
+    interval = r.get(t, path, "interval", parse_duration, 1.0)
+    pool = _pool_ref(r, t, path, pools)
+    if pool_required and "pool" not in t:
+        r.problem(_join(path, "pool"), "is required: the pool whose health a global limit follows")
+    if "target_p99" not in t and "target_error_rate" not in t:
+        r.problem(path, "needs target_p99 and/or target_error_rate: the health it follows")
+    if len(r.problems) > before or low is None or high is None:
+        return None
+    if high < low:
+        r.problem(_join(path, "max"), f"must be >= min ({high} < {low})")
+        return None
+    return AdaptiveLimitConfig(
+        min=low,
+        max=high,
+        target_p99=p99,
+        target_error_rate=error_rate,
+        decrease=decrease,
+        increase=increase if increase is not None else max(1, high // 20),
+        interval=interval,
+        pool=pool,
+    )
+
+
+def _read_rule(
+    r: _Reader,
+    raw: object,
+    path: str,
+    pools: Mapping[str, Pool],
+    *,
+    algorithm: Algorithm,
+    level: str,
+) -> RateLimitRule | None:
+    """One ``{limit = 20, window = "1s"}``; ``level``: "global", "route" or "key" (what may
+    adapt, and whether an adaptive limit must name its pool)."""
+    t = r.table(raw, path)
+    if t is None:
+        return None
+    r.check_keys(t, path, _RULE_KEYS)
+    before = len(r.problems)
+    window = r.require(t, path, "window", _window)
+    algo: Algorithm = r.get(t, path, "algorithm", _algorithm, algorithm)
+    adaptive = None
+    if "adaptive" in t:
+        if level == "key":
+            r.problem(
+                _join(path, "adaptive"),
+                "only global and route limits adapt to a pool's health (key limits are per client)",
+            )
+        else:
+            adaptive = _read_adaptive(
+                r, t["adaptive"], _join(path, "adaptive"), pools, pool_required=level == "global"
+            )
+    if adaptive is None and ("adaptive" not in t or level == "key"):
+        limit = r.require(t, path, "limit", _rate)
+    elif adaptive is None:  # a bad adaptive table: its problems say enough
+        limit = r.get(t, path, "limit", _rate, None)
+    else:
+        limit = r.get(t, path, "limit", _rate, adaptive.max)
+        if not adaptive.min <= limit <= adaptive.max:
+            r.problem(
+                _join(path, "limit"),
+                f"an adaptive limit starts within [min, max] = [{adaptive.min}, {adaptive.max}], "
+                f"got {limit}",
+            )
+    if len(r.problems) > before or window is None or limit is None:
+        return None
+    return RateLimitRule(limit=limit, window=window, algorithm=algo, adaptive=adaptive)
+
+
+def _algorithm(value: object) -> Algorithm:
+    for algorithm in RATELIMIT_ALGORITHMS:
+        if value == algorithm:
+            return algorithm
+    raise _Invalid(f"expected one of {', '.join(RATELIMIT_ALGORITHMS)}, got {value!r}")
+
+
+def _read_rules(
+    r: _Reader,
+    t: Mapping[str, Any],
+    path: str,
+    key: str,
+    pools: Mapping[str, Pool],
+    *,
+    algorithm: Algorithm,
+    level: str,
+) -> tuple[tuple[RateLimitRule, ...], list[str]] | None:
+    """An array of limits (``None`` if any is bad), and each one's key path."""
+    raw = t[key]
+    where = _join(path, key)
+    if not isinstance(raw, list):
+        r.problem(
+            where, f'expected an array of limits like [{{limit = 20, window = "1s"}}], got {raw!r}'
+        )
+        return None
+    rules: list[RateLimitRule] = []
+    paths: list[str] = []
+    windows: dict[float, int] = {}
+    ok = True
+    for i, item in enumerate(raw):
+        item_path = f"{where}[{i}]"
+        rule = _read_rule(r, item, item_path, pools, algorithm=algorithm, level=level)
+        if rule is None:
+            ok = False
+            continue
+        if rule.window in windows:
+            r.problem(
+                _join(item_path, "window"),
+                f"same window as {where}[{windows[rule.window]}]: keep one limit per window "
+                "(the tighter one decides anyway)",
+            )
+            ok = False
+        windows.setdefault(rule.window, i)
+        rules.append(rule)
+        paths.append(item_path)
+    return (tuple(rules), paths) if ok else None
+
+
+@dataclass(slots=True)
+class _RouteLimitsRead:
+    """A route-level ratelimit table as read: the keys it set (valid ones), with their paths."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    paths: dict[str, str] = field(default_factory=dict)
+    rule_paths: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _RateLimitContext:
+    """What routes need from ``[ratelimit]`` to read and check their own ``ratelimit``."""
+
+    config: RateLimitConfig
+    jwt_present: bool  # [ratelimit.jwt] was written (even if it has problems)
+    defaults: _RouteLimitsRead
+    global_paths: list[str]
+    reported: set[tuple[str, str]] = field(default_factory=set)
+
+    def problem(self, r: _Reader, path: str, reason: str) -> None:
+        """A problem found through a route that may come from the shared defaults: once."""
+        if (path, reason) not in self.reported:
+            self.reported.add((path, reason))
+            r.problem(path, reason)
+
+
+def _read_route_limits(
+    r: _Reader,
+    raw: object,
+    path: str,
+    pools: Mapping[str, Pool],
+    *,
+    algorithm: Algorithm,
+    jwt_present: bool,
+) -> _RouteLimitsRead:
+    read = _RouteLimitsRead()
+    t = r.table(raw, path)
+    if t is None:
+        return read
+    r.check_keys(t, path, _ROUTE_RATELIMIT_KEYS)
+    parsers: dict[str, Callable[[object], Any]] = {
+        "cost": _int_between(0, 2**31),
+        "key": _key_source,
+        "on_missing_key": _choice(MISSING_KEY_POLICIES),
+    }
+    for key, parse in parsers.items():
+        if key not in t:
+            continue
+        before = len(r.problems)
+        value = r.get(t, path, key, parse, None)
+        if len(r.problems) == before:
+            read.values[key] = value
+            read.paths[key] = _join(path, key)
+    key_source = read.values.get("key")
+    if isinstance(key_source, str) and key_source.startswith("jwt") and not jwt_present:
+        r.problem(
+            _join(path, "key"),
+            f"{key_source!r} needs a [ratelimit.jwt] table (the key tokens are verified with)",
+        )
+        del read.values["key"], read.paths["key"]
+    for key, level in (("limits", "route"), ("key_limits", "key")):
+        if key not in t:
+            continue
+        got = _read_rules(r, t, path, key, pools, algorithm=algorithm, level=level)
+        if got is not None:
+            read.values[key], read.rule_paths[key] = got
+            read.paths[key] = _join(path, key)
+    return read
+
+
+def _route_rate_limit(
+    r: _Reader, own: _RouteLimitsRead, ctx: _RateLimitContext, route_pool: str
+) -> RouteRateLimit:
+    """A route's effective limits: its own keys over ``[ratelimit.defaults]``, adaptive limits
+    bound to the route's pool, and the checks that need both (cost vs. limits, a key without
+    key limits)."""
+    d = ctx.defaults
+    values = {**d.values, **own.values}
+    paths = {**d.paths, **own.paths}
+    rule_paths = {**d.rule_paths, **own.rule_paths}
+    limits = tuple(
+        replace_dataclass(rule, adaptive=replace_dataclass(rule.adaptive, pool=route_pool))
+        if rule.adaptive is not None and not rule.adaptive.pool
+        else rule
+        for rule in values.get("limits", ())
+    )
+    limits_out = RouteRateLimit(
+        cost=values.get("cost", 1),
+        limits=limits,
+        key=values.get("key", "client_ip"),
+        key_limits=values.get("key_limits", ()),
+        on_missing_key=values.get("on_missing_key", "client_ip"),
+    )
+    if not limits_out.key_limits:
+        for key in ("key", "on_missing_key"):
+            if key in own.paths:  # the defaults' are judged over all routes (_read_routes)
+                ctx.problem(r, own.paths[key], "has no effect without key_limits")
+    cost = limits_out.cost
+    if cost > 1:
+        levels = (
+            (ctx.config.global_limits, ctx.global_paths),
+            (limits_out.limits, rule_paths.get("limits", [])),
+            (limits_out.key_limits, rule_paths.get("key_limits", [])),
+        )
+        for rules, where in levels:
+            for rule, rule_path in zip(rules, where, strict=True):
+                floor = rule.adaptive.min if rule.adaptive is not None else rule.limit
+                if cost > floor:
+                    what = "adaptive min " if rule.adaptive is not None else ""
+                    ctx.problem(
+                        r,
+                        paths["cost"],
+                        f"a request of cost {cost} could never pass {rule_path} "
+                        f"({what}{floor} per {rule.window:g}s)",
+                    )
+    return limits_out
+
+
+def _read_penalty(r: _Reader, raw: object, path: str) -> Penalty | None:
+    t = r.table(raw, path)
+    if t is None:
+        return None
+    r.check_keys(t, path, set(Penalty.__dataclass_fields__))
+    d = _PENALTY_DEFAULTS
+    before = len(r.problems)
+    violations = r.get(t, path, "max_violations", _int_between(0, 1_000_000), d.max_violations)
+    window = r.get(t, path, "violation_window", _long_duration, d.violation_window)
+    block_for = r.get(t, path, "block_for", _long_duration, d.block_for)
+    block_max = r.get(t, path, "block_max", _long_duration, d.block_max)
+    if len(r.problems) > before:
+        return None
+    if block_max < block_for:
+        r.problem(_join(path, "block_max"), f"must be >= block_for ({block_max:g}s < {block_for:g}s)")
+        return None
+    return r.build(
+        path,
+        lambda: Penalty(
+            max_violations=violations,
+            violation_window=window,
+            block_for=block_for,
+            block_max=block_max,
+        ),
+    )
+
+
+def _read_jwt(r: _Reader, raw: object, path: str) -> JwtConfig | None:
+    t = r.table(raw, path)
+    if t is None:
+        return None
+    r.check_keys(t, path, set(JwtConfig.__dataclass_fields__))
+    d = JwtConfig()
+    before = len(r.problems)
+    key = r.get(t, path, "key", _text, None)
+    key_file = r.get(t, path, "key_file", _text, None)
+    if "algorithms" not in t:
+        r.problem(
+            _join(path, "algorithms"),
+            "is required: the algorithms tokens may be signed with (e.g. ['RS256'])",
+        )
+    algorithms = tuple(
+        dict.fromkeys(
+            r.items(t, path, "algorithms", _choice(JWT_ALGORITHMS), (), allow_empty=False)
+        )
+    )
+    audience = r.get(t, path, "audience", _audience, d.audience)
+    issuer = r.get(t, path, "issuer", _text, d.issuer)
+    claim = r.get(t, path, "claim", _claim, d.claim)
+    leeway = r.get(t, path, "leeway", _duration_or_zero, d.leeway)
+    cache_size = r.get(t, path, "cache_size", _int_between(0, 10_000_000), d.cache_size)
+    cache_ttl = r.get(t, path, "cache_ttl", parse_duration, d.cache_ttl)
+    key_path = _join(path, "key")
+    if "key" in t and "key_file" in t:
+        r.problem(_join(path, "key_file"), "give key or key_file, not both")
+    elif "key" not in t and "key_file" not in t:
+        r.problem(path, "needs key (an HMAC secret or a PEM public key) or key_file (a PEM file)")
+    elif key_file is not None:
+        key_path = _join(path, "key_file")
+        try:
+            key = Path(key_file).read_text(encoding="utf-8")
+        except OSError as e:
+            r.problem(key_path, f"cannot read {key_file!r}: {e.strerror or e}")
+        except UnicodeDecodeError:
+            r.problem(key_path, f"{key_file!r} is not a PEM text file")
+    if len(r.problems) > before or key is None or not algorithms:
+        return None
+    problem = _jwt_key_problem(key, algorithms)
+    if problem is not None:
+        r.problem(_join(path, "algorithms") if problem.startswith("mixes") else key_path, problem)
+        return None
+    return JwtConfig(
+        key=key,
+        key_file=key_file,
+        algorithms=algorithms,
+        audience=audience,
+        issuer=issuer,
+        claim=claim,
+        leeway=leeway,
+        cache_size=cache_size,
+        cache_ttl=cache_ttl,
+    )
+
+
+def _jwt_key_problem(key: str, algorithms: tuple[str, ...]) -> str | None:
+    """Why ``key`` cannot verify tokens of every one of ``algorithms`` (``None``: it can)."""
+    hmac = [a for a in algorithms if a.startswith("HS")]
+    if hmac and len(hmac) != len(algorithms):
+        return (
+            f"mixes HMAC ({', '.join(hmac)}) and public-key algorithms: one key cannot be both "
+            "a shared secret and a public key"
+        )
+    if not hmac and "PRIVATE KEY" in key:
+        return "is a private key; give the public key (the proxy only verifies tokens)"
+    try:
+        from jwt.algorithms import get_default_algorithms
+        from jwt.exceptions import PyJWTError
+    except ImportError:  # pragma: no cover - a dependency of pyproxy
+        return "needs PyJWT (pip install 'pyjwt[crypto]')"
+    known = get_default_algorithms()
+    for name in algorithms:
+        algorithm = known.get(name)
+        if algorithm is None:  # pragma: no cover - PyJWT without cryptography
+            return f"{name} needs the cryptography package (pip install 'pyjwt[crypto]')"
+        try:
+            prepared = algorithm.prepare_key(key)
+        except (PyJWTError, ValueError, TypeError) as e:
+            what = "an HMAC secret" if hmac else f"a PEM public key for {name}"
+            return f"is not {what}: {e}"
+        short = algorithm.check_key_length(prepared)
+        if short:
+            return f"too weak for {name}: {short}"
+    return None
+
+
+def _read_ratelimit(r: _Reader, raw: object, pools: Mapping[str, Pool]) -> _RateLimitContext:
+    path = "ratelimit"
+    d = RateLimitConfig()
+    empty = _RateLimitContext(d, False, _RouteLimitsRead(), [])
+    if raw is None:
+        return empty
+    t = r.table(raw, path)
+    if t is None:
+        return empty
+    r.check_keys(t, path, _RATELIMIT_KEYS)
+    before = len(r.problems)
+    mode = r.get(t, path, "mode", _choice(RATELIMIT_MODES), d.mode)
+    mode_ok = len(r.problems) == before
+    redis_url = r.get(t, path, "redis_url", _redis_url, d.redis_url)
+    cluster = r.get(t, path, "cluster", _bool, d.cluster)
+    timeout = r.get(t, path, "timeout", parse_duration, d.timeout)
+    on_error = r.get(t, path, "on_redis_error", _choice(REDIS_ERROR_POLICIES), d.on_redis_error)
+    sync_interval = r.get(t, path, "sync_interval", _long_duration, d.sync_interval)
+    headers = r.get(t, path, "headers_on_allowed", _bool, d.headers_on_allowed)
+    trusted = r.items(t, path, "trusted_proxies", _network, d.trusted_proxies)
+    algorithm: Algorithm = r.get(t, path, "algorithm", _algorithm, d.algorithm)
+    jwt = _read_jwt(r, t["jwt"], _join(path, "jwt")) if "jwt" in t else None
+    penalty = _read_penalty(r, t["penalty"], _join(path, "penalty")) if "penalty" in t else None
+    global_limits: tuple[RateLimitRule, ...] = ()
+    global_paths: list[str] = []
+    if "global" in t:
+        got = _read_rules(r, t, path, "global", pools, algorithm=algorithm, level="global")
+        if got is not None:
+            global_limits, global_paths = got
+    defaults = _RouteLimitsRead()
+    if "defaults" in t:
+        defaults = _read_route_limits(
+            r, t["defaults"], _join(path, "defaults"), pools,
+            algorithm=algorithm, jwt_present="jwt" in t,
+        )
+    if mode_ok:
+        if mode == "local":
+            for key in (*_REDIS_OPTIONS, "sync_interval"):
+                if key in t:
+                    where = "'hybrid'" if key == "sync_interval" else "'redis' or 'hybrid'"
+                    r.problem(_join(path, key), f"only applies to mode = {where} (mode is 'local')")
+        elif "redis_url" not in t:
+            r.problem(_join(path, "redis_url"), f"is required with mode = {mode!r}")
+        if mode == "redis" and "sync_interval" in t:
+            r.problem(_join(path, "sync_interval"), "only applies to mode = 'hybrid' (mode is 'redis')")
+    if cluster and redis_url is not None:
+        if redis_url.startswith("unix:"):
+            r.problem(
+                _join(path, "cluster"),
+                "needs a redis:// or rediss:// URL (a cluster is reached over TCP)",
+            )
+        elif _redis_db(redis_url) != 0:
+            r.problem(_join(path, "redis_url"), "Redis Cluster has only database 0")
+    config = RateLimitConfig(
+        mode=mode,
+        redis_url=redis_url,
+        cluster=cluster,
+        timeout=timeout,
+        on_redis_error=on_error,
+        sync_interval=sync_interval,
+        headers_on_allowed=headers,
+        trusted_proxies=trusted,
+        algorithm=algorithm,
+        jwt=jwt,
+        penalty=penalty,
+        global_limits=global_limits,
+        defaults=RouteRateLimit(**defaults.values),
+    )
+    return _RateLimitContext(config, "jwt" in t, defaults, global_paths)
+
+
 # ------------------------------------------------------------------------------------ loading
 
-TOP_LEVEL_KEYS = {"listeners", "admin", "limits", "access_log", "pools", "routes", "workers"}
+TOP_LEVEL_KEYS = {
+    "listeners", "admin", "limits", "access_log", "pools", "routes", "workers", "ratelimit"
+}
 
 
 def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
@@ -1124,7 +1840,8 @@ def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
     access_log = _read_access_log(r, data.get("access_log"))
     limits = _read_limits(r, data.get("limits"))
     pools = _read_pools(r, data.get("pools"))
-    routes = _read_routes(r, data.get("routes"), pools)
+    ratelimit = _read_ratelimit(r, data.get("ratelimit"), pools)
+    routes = _read_routes(r, data.get("routes"), pools, ratelimit)
     workers = r.get(data, "", "workers", _int_between(1, 1024), 1)
     if workers > 1 and any(lst.port == 0 for lst in listeners):
         r.problem("workers", "several workers need fixed listener ports (port 0 would differ per worker)")
@@ -1142,6 +1859,7 @@ def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
         limits=limits,
         access_log=access_log,
         workers=workers,
+        ratelimit=ratelimit.config,
     )
 
 

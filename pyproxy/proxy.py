@@ -10,12 +10,18 @@ from typing import Any
 
 from pyproxy._protocol import ClientConnection, ConnectionPool, Exchange, UpstreamConnection
 from pyproxy.balance.pool import UpstreamPool
+from pyproxy.core import SharedWindows
 from pyproxy.config import Config
 from pyproxy.observe.access_log import AccessLog
 from pyproxy.observe.metrics import WorkerMetrics
+from pyproxy.ratelimit.phase import TABLE_CAPACITY, RateLimitPhase, needs_ratelimit
 from pyproxy.routing import Router
 
 __all__ = ["ClientConnection", "ConnectionPool", "Exchange", "ProxyState", "UpstreamConnection"]
+
+ADAPT_INTERVAL = 0.25
+"""Seconds between two feeds of pool health to adaptive rate limits (each limit moves at most once
+per its own ``interval``)."""
 
 
 @dataclass
@@ -31,6 +37,11 @@ class ProxyState:
     draining: bool = False
     access_log: AccessLog | None = None
     metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
+    # Rate limits (None: no route has any). The counter table is shared by the machine's workers
+    # when the supervisor made it before forking; it outlives reloads.
+    ratelimit: RateLimitPhase | None = None
+    ratelimit_table: SharedWindows | None = None
+    _adapt_handle: asyncio.TimerHandle | None = None
 
     def open_access_log(self) -> None:
         """Open (or reopen, after a reload) the access log the configuration asks for."""
@@ -42,13 +53,42 @@ class ProxyState:
             self.access_log.start()
 
     @classmethod
-    def from_config(cls, config: Config) -> ProxyState:
-        return cls(
+    def from_config(cls, config: Config, ratelimit_table: SharedWindows | None = None) -> ProxyState:
+        state = cls(
             config=config,
             router=Router(config.routes),
             upstreams={name: UpstreamPool(p) for name, p in config.pools.items()},
             pools={name: ConnectionPool(p) for name, p in config.pools.items()},
+            ratelimit_table=ratelimit_table,
         )
+        state._configure_ratelimit(config)
+        return state
+
+    def _configure_ratelimit(self, config: Config) -> None:
+        """Build (or, on a reload, keep and reconfigure) the rate-limit phase."""
+        if not needs_ratelimit(config):
+            self._close_ratelimit()
+            return
+        if self.ratelimit_table is None:
+            self.ratelimit_table = SharedWindows(TABLE_CAPACITY)
+        old = self.ratelimit
+        where = ("mode", "redis_url", "cluster", "timeout", "sync_interval")
+        if old is not None and all(
+            getattr(config.ratelimit, k) == getattr(self.config.ratelimit, k) for k in where
+        ):
+            old.reconfigure(config)
+            return
+        self._close_ratelimit()
+        self.ratelimit = RateLimitPhase(config, self.ratelimit_table)
+
+    def _close_ratelimit(self) -> None:
+        old, self.ratelimit = self.ratelimit, None
+        if old is not None and old.shared is not None:
+            try:
+                asyncio.get_running_loop().create_task(old.aclose())
+            except RuntimeError:
+                pass  # no loop any more: the process is ending
+
 
     def upstream_view(self) -> dict[str, Any]:
         """Every pool's servers and counters (``GET /upstreams``, metrics)."""
@@ -61,12 +101,23 @@ class ProxyState:
         """The worker's metrics snapshot, pools included (published for the supervisor)."""
         snap = self.metrics.snapshot()
         snap["upstreams"] = self.upstream_view()
+        if self.ratelimit is not None:
+            snap["ratelimit"] = self.ratelimit.snapshot()
         return snap
 
     def start(self) -> None:
         """Start what runs in the background per pool (health checks, ticks); on the loop."""
         for upstream in self.upstreams.values():
             upstream.start()
+        self._adapt_handle = asyncio.get_running_loop().call_later(ADAPT_INTERVAL, self._adapt)
+
+    def _adapt(self) -> None:
+        """Feed every pool's recent health to the adaptive rate limits that follow it."""
+        if self.ratelimit is not None and self.ratelimit.policy.adaptive:
+            for name, upstream in self.upstreams.items():
+                p99, error_rate = upstream.recent_health()
+                self.ratelimit.policy.observe(name, p99, error_rate)
+        self._adapt_handle = asyncio.get_running_loop().call_later(ADAPT_INTERVAL, self._adapt)
 
     def apply(self, config: Config) -> None:
         """Switch to a new configuration without dropping a connection (reload).
@@ -90,6 +141,7 @@ class ProxyState:
                 old.retire()
                 asyncio.get_running_loop().create_task(self.upstreams[name].stop())
         log_changed = config.access_log != self.config.access_log
+        self._configure_ratelimit(config)
         self.config, self.router = config, Router(config.routes)
         self.pools, self.upstreams = pools, upstreams
         if log_changed:
@@ -104,9 +156,16 @@ class ProxyState:
         deadline = asyncio.get_running_loop().time() + timeout
         while self.clients and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
+        phase, self.ratelimit = self.ratelimit, None
+        if phase is not None:
+            await phase.aclose()  # the Redis connections, while the loop still runs
         self.close()
 
     def close(self) -> None:
+        if self._adapt_handle is not None:
+            self._adapt_handle.cancel()
+            self._adapt_handle = None
+        self._close_ratelimit()
         for upstream in self.upstreams.values():
             upstream.close()
         for client in list(self.clients):

@@ -35,6 +35,7 @@ from typing import Any
 from pyproxy.admin import AdminServer
 from pyproxy.balance.changes import ChangeError, ChangeLog, PoolChange, apply_change, read_changes
 from pyproxy.config import Config, ConfigError, Problem, load_config, reload_problems
+from pyproxy.core import SharedWindows
 from pyproxy.loop import in_thread, serve_until_signal
 from pyproxy.observe.metrics import (
     PUBLISH_INTERVAL,
@@ -46,6 +47,7 @@ from pyproxy.observe.metrics import (
     without_gauges,
 )
 from pyproxy.proxy import ClientConnection, ProxyState
+from pyproxy.ratelimit.phase import TABLE_CAPACITY
 
 __all__ = ["ProxyServer", "run"]
 
@@ -63,8 +65,12 @@ class ProxyServer:
         admin: bool = True,
         publish: tuple[SharedSnapshots, int] | None = None,
         changes_path: Path | None = None,
+        ratelimit_table: SharedWindows | None = None,
     ) -> None:
         self.config = config
+        # The machine-wide rate-limit counters: made by the supervisor before forking (None: this
+        # process makes its own when a configuration needs one).
+        self.ratelimit_table = ratelimit_table
         self.config_path = config_path
         # Run-time pool changes: this process validates them (admin here), or a supervisor wrote
         # them to ``changes_path`` and signals SIGUSR1.
@@ -84,7 +90,7 @@ class ProxyServer:
     async def start(self) -> None:
         """Bind every listener (port 0 takes a free port: see :attr:`addresses`)."""
         loop = asyncio.get_running_loop()
-        self.state = state = ProxyState.from_config(self.config)
+        self.state = state = ProxyState.from_config(self.config, self.ratelimit_table)
         state.open_access_log()
         state.start()
         if self.changes_path is not None:
@@ -237,9 +243,13 @@ def serve_worker(
     admin: bool,
     publish: tuple[SharedSnapshots, int] | None = None,
     changes_path: Path | None = None,
+    ratelimit_table: SharedWindows | None = None,
 ) -> None:
     """One worker: the listeners on one event loop until SIGINT or SIGTERM; SIGHUP reloads."""
-    server = ProxyServer(config, config_path, admin=admin, publish=publish, changes_path=changes_path)
+    server = ProxyServer(
+        config, config_path, admin=admin, publish=publish, changes_path=changes_path,
+        ratelimit_table=ratelimit_table,
+    )
     serve_until_signal(server.start, server.stop, on_hangup=server.reload)
 
 
@@ -258,6 +268,9 @@ class Supervisor:
         self.retired: Snapshot = merge([])  # what workers that died had counted
         self.children: dict[int, tuple[int, float]] = {}  # pid -> (slot, started at)
         self.changes = ChangeLog(config)
+        # Rate-limit counters every worker shares (made now, before any fork; 4 MiB, so always:
+        # a reload may turn limits on).
+        self.ratelimit_table = SharedWindows(TABLE_CAPACITY)
         self._changes_dir = Path(tempfile.mkdtemp(prefix="pyproxy-"))
         self.changes_path = self._changes_dir / "pool-changes.json"
         self.changes.write(self.changes_path)
@@ -362,7 +375,7 @@ class Supervisor:
                 signal.signal(signal.SIGUSR1, signal.SIG_IGN)
                 serve_worker(
                     self.config, self.config_path, admin=False, publish=(self.snapshots, slot),
-                    changes_path=self.changes_path,
+                    changes_path=self.changes_path, ratelimit_table=self.ratelimit_table,
                 )
                 code = 0
             except BaseException:  # noqa: BLE001 - reported, then the supervisor replaces us

@@ -566,3 +566,470 @@ def test_route_hedge_after_takes_a_duration_or_p95() -> None:
         with pytest.raises(ConfigError) as e:
             parse_config({**base, "routes": [{"pool": "p", "hedge_after": bad}]})
         assert [p.path for p in e.value.problems] == ["routes[0].hedge_after"], bad
+
+
+# ------------------------------------------------------------------------------- rate limits
+
+HMAC_SECRET = "0123456789abcdef" * 4  # 64 bytes: HS512's minimum (HS256 needs 32)
+
+FULL_RATELIMIT = f"""
+[ratelimit]
+mode = "hybrid"
+redis_url = "redis://proxy:s3cret@127.0.0.1:6379/2"
+cluster = false
+timeout = "20ms"
+on_redis_error = "deny"
+sync_interval = "25ms"
+headers_on_allowed = false
+trusted_proxies = ["10.0.0.0/8", "192.168.1.7", "::1", "2001:db8::/32"]
+algorithm = "sliding_log"
+
+[ratelimit.jwt]
+key = "{HMAC_SECRET}"
+algorithms = ["HS256", "HS512", "HS256"]
+audience = ["api", "admin"]
+issuer = "https://auth.example.com"
+claim = "tenant"
+leeway = "5s"
+cache_size = 500
+cache_ttl = "30s"
+
+[ratelimit.penalty]
+max_violations = 3
+violation_window = "30s"
+block_for = "10s"
+block_max = "10m"
+
+[[ratelimit.global]]
+limit = 5000
+window = "1s"
+algorithm = "sliding_window_counter"
+
+[[ratelimit.global]]
+window = "1m"
+adaptive = {{ pool = "api", min = 1000, max = 100000, target_p99 = "500ms" }}
+
+[ratelimit.defaults]
+key = "client_ip"
+key_limits = [{{ limit = 20, window = "1s" }}]
+on_missing_key = "skip"
+
+[pools.api]
+servers = ["127.0.0.1:9001"]
+
+[pools.other]
+servers = ["127.0.0.1:9002"]
+
+[[routes]]
+name = "agents"
+pool = "api"
+[routes.ratelimit]
+cost = 5
+key = "jwt:sub"
+key_limits = [{{ limit = 20, window = "1s" }}, {{ limit = 1000, window = "1h", algorithm = "sliding_window_counter" }}]
+limits = [
+    {{ limit = 200, window = "100ms", adaptive = {{ min = 10, max = 400, target_p99 = "250ms", target_error_rate = 0.05, decrease = 0.5, increase = 7, interval = "2s" }} }},
+    {{ window = "1h", adaptive = {{ min = 100, max = 200, target_error_rate = 0.1, pool = "other" }} }},
+]
+
+[[routes]]
+name = "inherits"
+pool = "other"
+ratelimit = {{ limits = [{{ limit = 50, window = "1s", adaptive = {{ min = 5, max = 50, target_p99 = 1 }} }}] }}
+
+[[routes]]
+name = "header"
+pool = "api"
+ratelimit = {{ key = "header:X-User-ID", on_missing_key = "client_ip" }}
+
+[[routes]]
+name = "off"
+pool = "api"
+ratelimit = {{ key_limits = [] }}
+"""
+
+
+def rl_problems(ratelimit: dict[str, Any] | None = None, route: dict[str, Any] | None = None) -> dict[str, str]:
+    """Problems of the minimal config with a [ratelimit] table and/or a route ratelimit table."""
+    data: dict[str, Any] = {**MINIMAL}
+    if ratelimit is not None:
+        data["ratelimit"] = ratelimit
+    if route is not None:
+        data["routes"] = [{"pool": "p", "ratelimit": route}]
+    return problems(data)
+
+
+def rl_config(ratelimit: dict[str, Any] | None = None, route: dict[str, Any] | None = None) -> config_module.Config:
+    data: dict[str, Any] = {**MINIMAL}
+    if ratelimit is not None:
+        data["ratelimit"] = ratelimit
+    if route is not None:
+        data["routes"] = [{"pool": "p", "ratelimit": route}]
+    return parse_config(data)
+
+
+def test_every_ratelimit_key_is_read() -> None:
+    from pyproxy.config import AdaptiveLimitConfig, JwtConfig, RateLimitRule, RouteRateLimit
+    from pyproxy.ratelimit import Penalty
+
+    config = parse_config(tomllib.loads(FULL_RATELIMIT))
+    rl = config.ratelimit
+    assert (rl.mode, rl.redis_url, rl.cluster, rl.timeout, rl.on_redis_error, rl.sync_interval) == (
+        "hybrid", "redis://proxy:s3cret@127.0.0.1:6379/2", False, 0.02, "deny", 0.025
+    )
+    assert rl.headers_on_allowed is False and rl.algorithm == "sliding_log"
+    assert rl.trusted_proxies == ("10.0.0.0/8", "192.168.1.7/32", "::1/128", "2001:db8::/32")
+    assert rl.jwt == JwtConfig(
+        key=HMAC_SECRET,
+        key_file=None,
+        algorithms=("HS256", "HS512"),
+        audience=("api", "admin"),
+        issuer="https://auth.example.com",
+        claim="tenant",
+        leeway=5.0,
+        cache_size=500,
+        cache_ttl=30.0,
+    )
+    assert rl.penalty == Penalty(max_violations=3, violation_window=30.0, block_for=10.0, block_max=600.0)
+    # limits without their own algorithm take [ratelimit] algorithm
+    assert rl.global_limits == (
+        RateLimitRule(5000, 1.0, "sliding_window_counter"),
+        RateLimitRule(
+            100000, 60.0, "sliding_log",
+            AdaptiveLimitConfig(min=1000, max=100000, target_p99=0.5, increase=5000, pool="api"),
+        ),
+    )
+    key_default = (RateLimitRule(20, 1.0, "sliding_log"),)
+    assert rl.defaults == RouteRateLimit(key="client_ip", key_limits=key_default, on_missing_key="skip")
+    agents, inherits, header, off = (r.ratelimit for r in config.routes)
+    assert agents == RouteRateLimit(
+        cost=5,
+        limits=(
+            RateLimitRule(
+                200, 0.1, "sliding_log",
+                AdaptiveLimitConfig(
+                    min=10, max=400, target_p99=0.25, target_error_rate=0.05,
+                    decrease=0.5, increase=7, interval=2.0, pool="api",  # the route's pool
+                ),
+            ),
+            RateLimitRule(
+                200, 3600.0, "sliding_log",
+                AdaptiveLimitConfig(min=100, max=200, target_error_rate=0.1, increase=10, pool="other"),
+            ),
+        ),
+        key="jwt:sub",
+        key_limits=(RateLimitRule(20, 1.0, "sliding_log"), RateLimitRule(1000, 3600.0, "sliding_window_counter")),
+        on_missing_key="skip",  # from the defaults
+    )
+    # a route inherits what its own table leaves out
+    assert inherits.key == "client_ip" and inherits.key_limits == key_default
+    assert inherits.on_missing_key == "skip" and inherits.cost == 1
+    assert inherits.limits[0].adaptive is not None and inherits.limits[0].adaptive.pool == "other"
+    assert (header.key, header.on_missing_key, header.key_limits) == ("header:X-User-ID", "client_ip", key_default)
+    assert off.key_limits == () and off.limits == ()
+
+
+def test_ratelimit_defaults() -> None:
+    from pyproxy.config import RateLimitConfig, RouteRateLimit
+
+    config = parse_config(MINIMAL)
+    assert config.ratelimit == RateLimitConfig()
+    rl = config.ratelimit
+    assert (rl.mode, rl.timeout, rl.on_redis_error, rl.sync_interval, rl.headers_on_allowed) == (
+        "local", 0.05, "local", 0.05, True
+    )
+    assert rl.trusted_proxies == () and rl.algorithm == "sliding_window_counter"
+    assert rl.jwt is None and rl.penalty is None and rl.global_limits == ()
+    assert config.routes[0].ratelimit == RouteRateLimit()
+    assert RouteRateLimit().key == "client_ip" and RouteRateLimit().on_missing_key == "client_ip"
+    # an empty penalty table turns the box on with its defaults
+    penalty = rl_config({"penalty": {}}).ratelimit.penalty
+    assert penalty is not None
+    assert (penalty.max_violations, penalty.violation_window, penalty.block_for, penalty.block_max) == (
+        10, 60.0, 60.0, 3600.0
+    )
+    # redis mode: URL required, the rest defaulted; a cluster URL
+    redis = rl_config({"mode": "redis", "redis_url": "rediss://h.example:6380", "cluster": True}).ratelimit
+    assert (redis.mode, redis.cluster, redis.on_redis_error) == ("redis", True, "local")
+    assert rl_config({"mode": "redis", "redis_url": "unix:///run/redis.sock"}).ratelimit.redis_url == "unix:///run/redis.sock"
+    # an adaptive limit starts at its max unless given; increase defaults to 5% of max
+    rule = rl_config(route={"limits": [{"window": "1s", "adaptive": {"min": 1, "max": 10, "target_p99": "1s"}}]}).routes[0].ratelimit.limits[0]
+    assert rule.limit == 10 and rule.adaptive is not None
+    assert (rule.adaptive.increase, rule.adaptive.decrease, rule.adaptive.interval, rule.adaptive.pool) == (1, 0.7, 1.0, "p")
+
+
+def test_jwt_key_file_and_public_keys(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = rsa_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+    private = rsa_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    pem = tmp_path / "jwt.pem"
+    pem.write_text(public)
+    jwt = rl_config({"jwt": {"key_file": str(pem), "algorithms": ["RS256", "PS256"]}}).ratelimit.jwt
+    assert jwt is not None and jwt.key == public and jwt.key_file == str(pem)
+    assert jwt.algorithms == ("RS256", "PS256") and jwt.audience == () and jwt.issuer is None
+    assert rl_config({"jwt": {"key": public, "algorithms": ["RS512"], "audience": "api"}}).ratelimit.jwt.audience == ("api",)  # type: ignore[union-attr]
+    ec_public = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+    assert rl_config({"jwt": {"key": ec_public, "algorithms": ["ES256"]}}).ratelimit.jwt is not None
+    found = rl_problems({"jwt": {"key": ec_public, "algorithms": ["RS256"]}})
+    assert set(found) == {"ratelimit.jwt.key"} and "not a PEM public key for RS256" in found["ratelimit.jwt.key"]
+    found = rl_problems({"jwt": {"key": private, "algorithms": ["RS256"]}})
+    assert "is a private key; give the public key" in found["ratelimit.jwt.key"]
+    # a PEM key given as an HMAC secret is refused by PyJWT (algorithm confusion)
+    assert "not an HMAC secret" in rl_problems({"jwt": {"key": public, "algorithms": ["HS256"]}})["ratelimit.jwt.key"]
+    found = rl_problems({"jwt": {"key_file": str(tmp_path / "nope.pem"), "algorithms": ["RS256"]}})
+    assert "cannot read" in found["ratelimit.jwt.key_file"]
+    small = rsa.generate_private_key(public_exponent=65537, key_size=1024).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+    assert "too weak for RS256" in rl_problems({"jwt": {"key": small, "algorithms": ["RS256"]}})["ratelimit.jwt.key"]
+
+
+GOOD_JWT = {"key": HMAC_SECRET, "algorithms": ["HS256"]}
+
+
+@pytest.mark.parametrize(
+    ("ratelimit", "path", "reason"),
+    [
+        ({"mode": "cluster"}, "mode", "expected one of local, redis, hybrid, got 'cluster'"),
+        ({"mod": "redis"}, "mod", "did you mean 'mode'"),
+        ({"mode": "redis"}, "redis_url", "is required with mode = 'redis'"),
+        ({"mode": "hybrid"}, "redis_url", "is required with mode = 'hybrid'"),
+        ({"redis_url": "redis://h:6379"}, "redis_url", "only applies to mode = 'redis' or 'hybrid' (mode is 'local')"),
+        ({"cluster": True}, "cluster", "only applies to mode = 'redis' or 'hybrid'"),
+        ({"timeout": "10ms"}, "timeout", "only applies to mode = 'redis' or 'hybrid'"),
+        ({"on_redis_error": "deny"}, "on_redis_error", "only applies to mode = 'redis' or 'hybrid'"),
+        ({"sync_interval": "10ms"}, "sync_interval", "only applies to mode = 'hybrid' (mode is 'local')"),
+        ({"mode": "redis", "redis_url": "redis://h", "sync_interval": "10ms"}, "sync_interval", "only applies to mode = 'hybrid' (mode is 'redis')"),
+        ({"mode": "redis", "redis_url": "http://h:6379"}, "redis_url", "expected a redis://, rediss:// or unix:// URL"),
+        ({"mode": "redis", "redis_url": "redis://:pw@:6379"}, "redis_url", "needs a host"),
+        ({"mode": "redis", "redis_url": "redis://h:99999"}, "redis_url", "not a valid URL"),
+        ({"mode": "redis", "redis_url": "redis://h:6379/zero"}, "redis_url", "database number"),
+        ({"mode": "redis", "redis_url": "unix://"}, "redis_url", "socket's path"),
+        ({"mode": "redis", "redis_url": ""}, "redis_url", "non-empty string"),
+        ({"mode": "redis", "redis_url": "redis://h/1", "cluster": True}, "redis_url", "only database 0"),
+        ({"mode": "redis", "redis_url": "unix:///s.sock", "cluster": True}, "cluster", "reached over TCP"),
+        ({"mode": "redis", "redis_url": "redis://h", "cluster": "yes"}, "cluster", "true or false"),
+        ({"mode": "redis", "redis_url": "redis://h", "timeout": 0}, "timeout", "duration > 0"),
+        ({"mode": "redis", "redis_url": "redis://h", "on_redis_error": "fail"}, "on_redis_error", "expected one of local, deny, allow"),
+        ({"mode": "hybrid", "redis_url": "redis://h", "sync_interval": "0s"}, "sync_interval", "duration > 0"),
+        ({"headers_on_allowed": "yes"}, "headers_on_allowed", "true or false"),
+        ({"trusted_proxies": "10.0.0.0/8"}, "trusted_proxies", "expected an array"),
+        ({"trusted_proxies": ["10.0.0.1/8"]}, "trusted_proxies[0]", "has host bits set; did you mean '10.0.0.0/8'?"),
+        ({"trusted_proxies": ["::1", "10.0.0.0/33"]}, "trusted_proxies[1]", "IP address or a CIDR network"),
+        ({"trusted_proxies": ["proxy.internal"]}, "trusted_proxies[0]", "IP address or a CIDR network"),
+        ({"algorithm": "token_bucket"}, "algorithm", "expected one of sliding_window_counter, sliding_log"),
+        ({"jwt": "secret"}, "jwt", "expected a table"),
+        ({"jwt": {"algorithms": ["HS256"]}}, "jwt", "needs key (an HMAC secret or a PEM public key) or key_file"),
+        ({"jwt": {**GOOD_JWT, "key_file": "/x.pem"}}, "jwt.key_file", "give key or key_file, not both"),
+        ({"jwt": {"key": HMAC_SECRET}}, "jwt.algorithms", "is required"),
+        ({"jwt": {**GOOD_JWT, "algorithms": []}}, "jwt.algorithms", "non-empty array"),
+        ({"jwt": {**GOOD_JWT, "algorithms": ["none"]}}, "jwt.algorithms[0]", "expected one of HS256"),
+        ({"jwt": {**GOOD_JWT, "algorithms": ["HS256", "RS256"]}}, "jwt.algorithms", "mixes HMAC (HS256) and public-key"),
+        ({"jwt": {**GOOD_JWT, "key": "short"}}, "jwt.key", "too weak for HS256"),
+        ({"jwt": {**GOOD_JWT, "key": HMAC_SECRET[:40], "algorithms": ["HS512"]}}, "jwt.key", "too weak for HS512"),
+        ({"jwt": {**GOOD_JWT, "key": "-----BEGIN PUBLIC KEY-----\nMFkw\n-----END PUBLIC KEY-----\n"}}, "jwt.key", "not an HMAC secret"),
+        ({"jwt": {**GOOD_JWT, "audience": []}}, "jwt.audience", "string or a non-empty array"),
+        ({"jwt": {**GOOD_JWT, "audience": ["api", 3]}}, "jwt.audience", "string or a non-empty array"),
+        ({"jwt": {**GOOD_JWT, "issuer": ""}}, "jwt.issuer", "non-empty string"),
+        ({"jwt": {**GOOD_JWT, "claim": "a b"}}, "jwt.claim", "claim name"),
+        ({"jwt": {**GOOD_JWT, "leeway": -1}}, "jwt.leeway", "duration >= 0"),
+        ({"jwt": {**GOOD_JWT, "cache_size": -1}}, "jwt.cache_size", "between 0 and"),
+        ({"jwt": {**GOOD_JWT, "cache_ttl": "0s"}}, "jwt.cache_ttl", "duration > 0"),
+        ({"jwt": {**GOOD_JWT, "kee": "x"}}, "jwt.kee", "did you mean 'key'"),
+        ({"penalty": {"max_violations": -1}}, "penalty.max_violations", "between 0 and"),
+        ({"penalty": {"violation_window": 0}}, "penalty.violation_window", "duration > 0"),
+        ({"penalty": {"block_for": "2h"}}, "penalty.block_max", "must be >= block_for (3600s < 7200s)"),
+        ({"penalty": {"block_max": "1e10s"}}, "penalty.block_max", "duration like"),
+        ({"penalty": {"block_for": 2e9}}, "penalty.block_for", "between 1ms and 1e9 seconds"),
+        ({"penalty": {"blocks": 1}}, "penalty.blocks", "unknown key"),
+        ({"global": {"limit": 1, "window": "1s"}}, "global", "expected an array of limits"),
+        ({"global": [{"limit": -5, "window": "1s"}]}, "global[0].limit", "between 1 and 4294967295, got -5"),
+        ({"global": [{"limit": 0, "window": "1s"}]}, "global[0].limit", "between 1 and"),
+        ({"global": [{"limit": 2**32, "window": "1s"}]}, "global[0].limit", "between 1 and"),
+        ({"global": [{"limit": 1.5, "window": "1s"}]}, "global[0].limit", "expected an integer"),
+        ({"global": [{"window": "1s"}]}, "global[0].limit", "is required"),
+        ({"global": [{"limit": 5}]}, "global[0].window", "is required"),
+        ({"global": [{"limit": 5, "window": 0}]}, "global[0].window", "duration > 0"),
+        ({"global": [{"limit": 5, "window": "0ms"}]}, "global[0].window", "duration > 0"),
+        ({"global": [{"limit": 5, "window": "0.5ms"}]}, "global[0].window", "between 1ms and 366 days"),
+        ({"global": [{"limit": 5, "window": "400d"}]}, "global[0].window", "duration like"),
+        ({"global": [{"limit": 5, "window": "1s", "algorithm": "leaky"}]}, "global[0].algorithm", "sliding_window_counter, sliding_log"),
+        ({"global": [{"limit": 5, "window": "1s", "burst": 2}]}, "global[0].burst", "unknown key"),
+        ({"global": [{"limit": 5, "window": "1s"}, {"limit": 9, "window": 1}]}, "global[1].window", "same window as ratelimit.global[0]"),
+        ({"global": [{"window": "1s", "adaptive": {"min": 1, "max": 5, "target_p99": 1}}]}, "global[0].adaptive.pool", "is required"),
+        ({"global": [{"window": "1s", "adaptive": {"min": 1, "max": 5, "target_p99": 1, "pool": "pp"}}]}, "global[0].adaptive.pool", "no pool named 'pp' (did you mean 'p'?)"),
+        ({"defaults": {"key": "jwt:sub"}}, "defaults.key", "'jwt:sub' needs a [ratelimit.jwt] table"),
+        ({"defaults": {"key": "ip"}}, "defaults.key", "unknown key source"),
+        ({"defaults": {"key": "header:X-User-ID"}}, "defaults.key", "has no effect: no route has key_limits"),
+        ({"defaults": {"cost": 2, "limits": [{"limit": 1, "window": "1s"}]}}, "defaults.cost", "a request of cost 2 could never pass ratelimit.defaults.limits[0] (1 per 1s)"),
+        ({"defaults": "on"}, "defaults", "expected a table"),
+        ({"defaults": {"costs": 1}}, "defaults.costs", "did you mean 'cost'"),
+    ],
+)
+def test_bad_ratelimit_values(ratelimit: dict[str, Any], path: str, reason: str) -> None:
+    found = rl_problems(ratelimit)
+    assert set(found) == {f"ratelimit.{path}"}, found
+    assert reason in found[f"ratelimit.{path}"]
+
+
+ADAPTIVE = {"min": 10, "max": 100, "target_p99": "200ms"}
+
+
+@pytest.mark.parametrize(
+    ("route", "path", "reason"),
+    [
+        ("on", "", "expected a table, got str"),
+        ({"cost": -1}, "cost", "between 0 and"),
+        ({"cost": 1.5}, "cost", "expected an integer"),
+        ({"key": "body:user"}, "key", "unknown key source; expected 'header:NAME', 'cookie:NAME', 'query:NAME', 'client_ip', 'jwt' or 'jwt:CLAIM'"),
+        ({"key": "path"}, "key", "unknown key source"),
+        ({"key": "header:X User", "key_limits": [{"limit": 1, "window": 1}]}, "key", "not a valid header name"),
+        ({"key": "cookie:", "key_limits": [{"limit": 1, "window": 1}]}, "key", "not a valid cookie name"),
+        ({"key": "query:a=b", "key_limits": [{"limit": 1, "window": 1}]}, "key", "not a query parameter name"),
+        ({"key": "jwt:", "key_limits": [{"limit": 1, "window": 1}]}, "key", "not a claim name"),
+        ({"key": "jwt", "key_limits": [{"limit": 1, "window": 1}]}, "key", "'jwt' needs a [ratelimit.jwt] table"),
+        ({"key": "client_ip"}, "key", "has no effect without key_limits"),
+        ({"on_missing_key": "skip"}, "on_missing_key", "has no effect without key_limits"),
+        ({"on_missing_key": "deny", "key_limits": [{"limit": 1, "window": 1}]}, "on_missing_key", "expected one of client_ip, skip"),
+        ({"limits": [{"limit": -1, "window": "1s"}]}, "limits[0].limit", "between 1 and"),
+        ({"limits": {"limit": 1, "window": "1s"}}, "limits", "expected an array of limits"),
+        ({"limits": ["20/s"]}, "limits[0]", "expected a table, got str"),
+        ({"key_limits": [{"limit": 20, "window": "1s"}, {"limit": 10, "window": "1000ms"}]}, "key_limits[1].window", "same window as routes[0].ratelimit.key_limits[0]"),
+        ({"key_limits": [{"limit": 20, "window": "1s", "adaptive": ADAPTIVE}]}, "key_limits[0].adaptive", "only global and route limits adapt"),
+        ({"limits": [{"window": "1s", "adaptive": {**ADAPTIVE, "max": 5}}]}, "limits[0].adaptive.max", "must be >= min (5 < 10)"),
+        ({"limits": [{"window": "1s", "adaptive": {"min": 10, "target_p99": 1}}]}, "limits[0].adaptive.max", "is required"),
+        ({"limits": [{"window": "1s", "adaptive": {"min": 0, "max": 5, "target_p99": 1}}]}, "limits[0].adaptive.min", "between 1 and"),
+        ({"limits": [{"window": "1s", "adaptive": {"min": 1, "max": 5}}]}, "limits[0].adaptive", "needs target_p99 and/or target_error_rate"),
+        ({"limits": [{"window": "1s", "adaptive": {**ADAPTIVE, "target_p99": "0s"}}]}, "limits[0].adaptive.target_p99", "duration > 0"),
+        ({"limits": [{"window": "1s", "adaptive": {**ADAPTIVE, "target_error_rate": 0}}]}, "limits[0].adaptive.target_error_rate", "must be in (0, 1]"),
+        ({"limits": [{"window": "1s", "adaptive": {**ADAPTIVE, "target_error_rate": 1.5}}]}, "limits[0].adaptive.target_error_rate", "must be in (0, 1]"),
+        ({"limits": [{"window": "1s", "adaptive": {**ADAPTIVE, "decrease": 1}}]}, "limits[0].adaptive.decrease", "must be in (0, 1)"),
+        ({"limits": [{"window": "1s", "adaptive": {**ADAPTIVE, "decrease": 0}}]}, "limits[0].adaptive.decrease", "must be in (0, 1)"),
+        ({"limits": [{"window": "1s", "adaptive": {**ADAPTIVE, "increase": 0}}]}, "limits[0].adaptive.increase", "between 1 and"),
+        ({"limits": [{"window": "1s", "adaptive": {**ADAPTIVE, "interval": -1}}]}, "limits[0].adaptive.interval", "duration > 0"),
+        ({"limits": [{"window": "1s", "adaptive": {**ADAPTIVE, "pool": "nope"}}]}, "limits[0].adaptive.pool", "no pool named 'nope'"),
+        ({"limits": [{"window": "1s", "adaptive": {**ADAPTIVE, "target": 1}}]}, "limits[0].adaptive.target", "unknown key"),
+        ({"limits": [{"window": "1s", "adaptive": "on"}]}, "limits[0].adaptive", "expected a table"),
+        ({"limits": [{"limit": 5, "window": "1s", "adaptive": ADAPTIVE}]}, "limits[0].limit", "starts within [min, max] = [10, 100], got 5"),
+        ({"cost": 5, "limits": [{"limit": 3, "window": "1s"}]}, "cost", "a request of cost 5 could never pass routes[0].ratelimit.limits[0] (3 per 1s)"),
+        ({"cost": 50, "limits": [{"window": "1s", "adaptive": ADAPTIVE}]}, "cost", "(adaptive min 10 per 1s)"),
+        ({"cost": 30, "key_limits": [{"limit": 20, "window": "100ms"}]}, "cost", "routes[0].ratelimit.key_limits[0] (20 per 0.1s)"),
+        ({"kee": "client_ip"}, "kee", "did you mean 'key'"),
+    ],
+)
+def test_bad_route_ratelimit_values(route: Any, path: str, reason: str) -> None:
+    found = rl_problems(route=route)
+    where = f"routes[0].ratelimit.{path}" if path else "routes[0].ratelimit"
+    assert set(found) == {where}, found
+    assert reason in found[where]
+
+
+def test_a_route_cost_is_checked_against_global_and_default_limits() -> None:
+    found = rl_problems(
+        {"global": [{"limit": 4, "window": "1s"}], "defaults": {"key_limits": [{"limit": 3, "window": "1m"}]}},
+        {"cost": 5},
+    )
+    assert set(found) == {"routes[0].ratelimit.cost"}
+    # one problem per limit it can never pass... reported under the same key: the last one kept
+    assert "could never pass ratelimit." in found["routes[0].ratelimit.cost"]
+    with pytest.raises(ConfigError) as e:
+        rl_config({"global": [{"limit": 4, "window": "1s"}], "defaults": {"key_limits": [{"limit": 3, "window": "1m"}]}}, {"cost": 5})
+    reasons = [p.reason for p in e.value.problems]
+    assert any("ratelimit.global[0] (4 per 1s)" in r for r in reasons)
+    assert any("ratelimit.defaults.key_limits[0] (3 per 60s)" in r for r in reasons)
+    assert rl_config({"global": [{"limit": 5, "window": "1s"}]}, {"cost": 5}).routes[0].ratelimit.cost == 5
+
+
+def test_a_problem_of_the_defaults_is_reported_once() -> None:
+    data = {
+        **MINIMAL,
+        "ratelimit": {"defaults": {"key": "cookie:sid", "cost": 9, "limits": [{"limit": 3, "window": "1s"}]}},
+        "routes": [{"pool": "p"}, {"pool": "p"}, {"pool": "p"}],
+    }
+    with pytest.raises(ConfigError) as e:
+        parse_config(data)
+    assert [p.path for p in e.value.problems] == ["ratelimit.defaults.cost", "ratelimit.defaults.key"]
+
+
+def test_every_ratelimit_problem_is_listed_at_once() -> None:
+    found = problems(
+        {
+            **MINIMAL,
+            "ratelimit": {
+                "mode": "redis",
+                "trusted_proxies": ["10.0.0.1/8"],
+                "jwt": {"key": "short", "algorithms": ["HS256"]},
+                "global": [{"limit": -1, "window": "1s"}],
+            },
+            "routes": [
+                {"pool": "p", "ratelimit": {"key": "bogus", "key_limits": [{"limit": 1, "window": "0s"}]}},
+            ],
+        }
+    )
+    assert set(found) == {
+        "ratelimit.redis_url",
+        "ratelimit.trusted_proxies[0]",
+        "ratelimit.jwt.key",
+        "ratelimit.global[0].limit",
+        "routes[0].ratelimit.key",
+        "routes[0].ratelimit.key_limits[0].window",
+    }
+    # a jwt source is not also told to add [ratelimit.jwt] when that table exists with problems
+    found = problems(
+        {
+            **MINIMAL,
+            "ratelimit": {"jwt": {"key": "short", "algorithms": ["HS256"]}},
+            "routes": [{"pool": "p", "ratelimit": {"key": "jwt:sub", "key_limits": [{"limit": 1, "window": 1}]}}],
+        }
+    )
+    assert set(found) == {"ratelimit.jwt.key"}
+
+
+def test_ratelimit_secrets_are_redacted() -> None:
+    config = rl_config(
+        {"mode": "redis", "redis_url": "redis://proxy:s3cret@10.0.0.5:6379/0?password=also&db=0", "jwt": GOOD_JWT}
+    )
+    assert "s3cret" not in repr(config) and HMAC_SECRET not in repr(config)
+    data = config.redacted()
+    assert json.loads(json.dumps(data)) == data
+    rl = data["ratelimit"]
+    assert rl["redis_url"] == "redis://proxy:<redacted>@10.0.0.5:6379/0?password=<redacted>&db=0"
+    assert rl["jwt"]["key"] == "<redacted>" and rl["jwt"]["algorithms"] == ["HS256"]
+    assert "s3cret" not in json.dumps(data) and HMAC_SECRET not in json.dumps(data)
+    assert config.ratelimit.redis_url is not None and "s3cret" in config.ratelimit.redis_url  # the real one is kept
+    assert config_module.redact_url("redis://:pw@h:1") == "redis://:<redacted>@h:1"
+    assert config_module.redact_url("redis://h:1/0") == "redis://h:1/0"
+    assert config_module.redact_url("redis://user@h") == "redis://user@h"
+    # a bad URL is never echoed with its password in a problem
+    found = rl_problems({"mode": "redis", "redis_url": "http://u:topsecret@h"})
+    assert "topsecret" not in found["ratelimit.redis_url"] and "<redacted>" in found["ratelimit.redis_url"]
+    full = parse_config(tomllib.loads(FULL_RATELIMIT)).redacted()["ratelimit"]
+    assert full["global"][1]["adaptive"]["pool"] == "api" and "global_limits" not in full
+    assert full["trusted_proxies"][0] == "10.0.0.0/8" and full["penalty"]["block_max"] == 600.0
+
+
+def test_example_file_documents_the_ratelimit_defaults() -> None:
+    from pyproxy.config import RateLimitConfig
+
+    config = load_config(EXAMPLE)
+    rl = config.ratelimit
+    d = RateLimitConfig()
+    assert (rl.mode, rl.on_redis_error, rl.headers_on_allowed, rl.algorithm) == (
+        d.mode, d.on_redis_error, d.headers_on_allowed, d.algorithm
+    )
+    assert rl.penalty is not None and rl.global_limits
+    summarize = config.routes[0].ratelimit
+    assert summarize.cost == 5 and summarize.key == "header:X-User-ID"
+    assert [(r.limit, r.window) for r in summarize.key_limits] == [(20, 1.0), (1000, 3600.0)]
+    assert summarize.limits[0].adaptive is not None and summarize.limits[0].adaptive.pool == "summarizer"
+    # the default route inherits [ratelimit.defaults]
+    assert config.routes[1].ratelimit.key_limits == rl.defaults.key_limits != ()

@@ -45,7 +45,9 @@ TICK = 0.25
 RECENT = 512
 """Successful requests whose latency ``hedge_after = "p95"`` looks at."""
 MIN_SAMPLES = 20
-"""Samples needed before a p95 is trusted for hedging."""
+"""Samples needed before a p95 is trusted for hedging (or a p99 for adaptive limits)."""
+HEALTH_WINDOW = 5.0
+"""Seconds of recent requests whose p99 adaptive rate limits follow."""
 
 
 class ServerState:
@@ -98,6 +100,8 @@ class UpstreamPool:
         self._panic_next = 0
         # Hedging: the latencies of recent successful requests, for hedge_after = "p95".
         self._recent: collections.deque[float] = collections.deque(maxlen=RECENT)
+        # The same samples with when they came, for the recent p99 adaptive rate limits follow.
+        self._recent_at: collections.deque[float] = collections.deque(maxlen=RECENT)
         self._p95 = 0.0
         self._p95_at = -math.inf
         self.hedges = 0
@@ -332,6 +336,7 @@ class UpstreamPool:
             server.finished(latency, ok, now)
             if ok:
                 self._recent.append(latency)
+                self._recent_at.append(now)
         st = self.states.get(server.id)
         if st is None:
             return
@@ -406,6 +411,17 @@ class UpstreamPool:
                 "in_flight": u.in_flight,
             })
         return out
+
+    def recent_health(self) -> tuple[float | None, float | None]:
+        """(p99 latency of the successful requests of the last :data:`HEALTH_WINDOW` seconds, mean
+        error rate of the servers) — what
+        adaptive rate limits follow; ``None`` where nothing is known yet."""
+        now = self._now()
+        since = now - HEALTH_WINDOW
+        recent = sorted(lat for lat, at in zip(self._recent, self._recent_at) if at >= since)
+        p99 = recent[int(0.99 * (len(recent) - 1))] if len(recent) >= MIN_SAMPLES else None
+        rates = [st.upstream.error_rate(now) for st in self.states.values() if st.upstream.sampled]
+        return p99, (sum(rates) / len(rates) if rates else None)
 
     def counters(self) -> dict[str, float]:
         return {

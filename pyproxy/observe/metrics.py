@@ -23,6 +23,9 @@ Series (``pyproxy_<subsystem>_<what>_<unit>``):
   1 open, 2 half-open, -1 no breaker), ``pyproxy_upstream_server_ejections_total``,
   ``pyproxy_upstream_server_effective_weight``, ``pyproxy_upstream_server_latency_ewma_seconds``,
   ``pyproxy_upstream_server_in_flight``;
+- rate limiting: ``pyproxy_ratelimit_requests_total{route,level,result}``,
+  ``pyproxy_ratelimit_redis_fallbacks_total``, ``pyproxy_ratelimit_table_overflows_total``,
+  ``pyproxy_ratelimit_adaptive_limit{name}``;
 - per pool (``{pool}``): ``pyproxy_upstream_retries_total``,
   ``pyproxy_upstream_retry_budget_exhausted_total``, ``pyproxy_upstream_rejected_total{reason}``
   (``unhealthy``: no server could take it; ``bulkhead``: concurrency limit),
@@ -97,6 +100,27 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
         **durations,
         **totals,
         "upstreams": merge_upstreams(snap.get("upstreams", {}) for snap in snapshots_list),
+        "ratelimit": merge_ratelimit([snap["ratelimit"] for snap in snapshots_list if "ratelimit" in snap]),
+    }
+
+
+def merge_ratelimit(views: list[dict[str, Any]]) -> dict[str, Any]:
+    """The workers' :meth:`RateLimitPhase.snapshot` summed (adaptive limits: the first worker's)."""
+    decisions: dict[tuple[str, ...], int] = defaultdict(int)
+    fallbacks = 0
+    overflows = 0
+    adaptive: dict[str, Any] = {}
+    for view in views:
+        for *labels, value in view.get("decisions", []):
+            decisions[tuple(labels)] += value
+        fallbacks += view.get("fallbacks", 0)
+        overflows = max(overflows, view.get("table_overflows", 0))  # one shared table
+        adaptive = adaptive or view.get("adaptive", {})
+    return {
+        "decisions": [[*k, v] for k, v in decisions.items()],
+        "fallbacks": fallbacks,
+        "adaptive": adaptive,
+        "table_overflows": overflows,
     }
 
 
@@ -201,6 +225,30 @@ class _Collector(Collector):
                 hist.add_metric([key], buckets, sum_value=h[-2])
             yield hist
         yield from _upstream_families(snap.get("upstreams", {}))
+        yield from _ratelimit_families(snap.get("ratelimit", {}))
+
+
+def _ratelimit_families(rl: dict[str, Any]) -> Iterator[Any]:
+    """Rate-limit decisions per route and level, Redis fallbacks, adaptive limits."""
+    decisions = CounterMetricFamily(
+        "pyproxy_ratelimit_requests", "Rate-limit decisions (level: the one that denied)",
+        labels=["route", "level", "result"],
+    )
+    for route, level, result, value in rl.get("decisions", []):
+        decisions.add_metric([route, level, result], value)
+    yield decisions
+    yield CounterMetricFamily(
+        "pyproxy_ratelimit_redis_fallbacks", "Requests decided by on_redis_error because Redis failed",
+        value=rl.get("fallbacks", 0),
+    )
+    yield CounterMetricFamily(
+        "pyproxy_ratelimit_table_overflows", "New keys allowed uncounted: the shared counter table was full",
+        value=rl.get("table_overflows", 0),
+    )
+    adaptive = GaugeMetricFamily("pyproxy_ratelimit_adaptive_limit", "Current adaptive limits", labels=["name"])
+    for name, view in rl.get("adaptive", {}).items():
+        adaptive.add_metric([name], view.get("limit", 0))
+    yield adaptive
 
 
 _BREAKER_CODE = {"disabled": -1, "closed": 0, "open": 1, "half_open": 2}

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Final, Literal
 
-__all__ = ["ALGORITHMS", "Algorithm", "Check", "CheckResult", "Decision", "Penalty"]
+__all__ = ["ALGORITHMS", "Algorithm", "BlockedKey", "Check", "CheckResult", "Decision", "Penalty"]
 
 Algorithm = Literal["sliding_window_counter", "sliding_log"]
 ALGORITHMS: Final[tuple[Algorithm, ...]] = ("sliding_window_counter", "sliding_log")
@@ -115,7 +115,7 @@ class Decision:
     request would be allowed if no other came (the largest over the checks; 0.0 when allowed;
     ``math.inf`` if it never can). ``blocked``: denied by the penalty box; ``newly_blocked``: keys
     this request put in the penalty box. ``server_time_us``: the Redis ``TIME`` (µs since the
-    epoch) the decision was made at (0 for local limiters).
+    epoch) the decision was made at (the hybrid limiter: its estimate of it; 0 for local limiters).
     """
 
     allowed: bool
@@ -151,3 +151,15 @@ class Decision:
         if self.allowed or math.isinf(self.retry_after):
             return None
         return max(1, math.ceil(self.retry_after))
+
+
+@dataclass(frozen=True, slots=True)
+class BlockedKey:
+    """A key in the penalty box: blocked until ``until`` (Unix seconds on the limiter's clock: Redis
+    ``TIME`` for the Redis-backed limiters, ``time.time()`` for the local one), ``remaining``
+    seconds from when it was read, after ``strikes`` blocks."""
+
+    key: str
+    until: float
+    remaining: float
+    strikes: int

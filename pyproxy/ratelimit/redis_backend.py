@@ -71,7 +71,7 @@ from redis.retry import Retry
 
 from pyproxy.errors import PyproxyError
 from pyproxy.ratelimit import lua
-from pyproxy.ratelimit.checks import Check, CheckResult, Decision, Penalty
+from pyproxy.ratelimit.checks import BlockedKey, Check, CheckResult, Decision, Penalty
 
 __all__ = ["LATENCY_BOUNDS", "BlockedKey", "RedisLimiter", "RedisLimiterStats", "RedisUnavailable"]
 
@@ -112,16 +112,6 @@ class RedisUnavailable(PyproxyError):
         super().__init__(message)
         self.cause = cause
         self.fast = fast
-
-
-@dataclass(frozen=True, slots=True)
-class BlockedKey:
-    """A key in the penalty box: blocked until ``until`` (Redis clock, Unix seconds)."""
-
-    key: str
-    until: float
-    remaining: float
-    strikes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,6 +330,31 @@ class RedisLimiter:
 
     def violation_key(self, key: str) -> str:
         return f"{self.prefix}{{{_escape(key)}}}:v"
+
+    def key_for(self, key: str, suffix: str) -> str:
+        """A Redis key for more state of check key ``key`` (``<prefix>{<key>}:<suffix>``): in the
+        same Redis Cluster slot as the key's counters and penalty box (used by the hybrid limiter)."""
+        return f"{self.prefix}{{{_escape(key)}}}:{suffix}"
+
+    def slot_of(self, key: str) -> int:
+        """The Redis Cluster slot of check key ``key``'s state (0 on a single server)."""
+        return key_slot(_escape(key).encode()) if self._cluster else 0
+
+    async def run_scripts(
+        self, calls: Sequence[tuple[lua.Script, list[str], Sequence[str | int]]], timeout: float | None = None
+    ) -> list[Any]:
+        """Run scripts concurrently (in a cluster each on the node of its keys, which must share a
+        slot), within ``timeout`` (default ``timeout``) and with the health state, backoff and
+        counters of :meth:`hit`: raises :class:`RedisUnavailable` like it. For other limiters
+        built on this one's connection (the hybrid limiter's reconciliation)."""
+
+        async def op() -> list[Any]:
+            return list(await asyncio.gather(*(self._script(script, keys, args) for script, keys, args in calls)))
+
+        started = time.perf_counter()
+        replies = await self._guarded(op, self.timeout if timeout is None else timeout)
+        self._observe(time.perf_counter() - started)
+        return replies
 
     # -- deciding -------------------------------------------------------------------------------
 

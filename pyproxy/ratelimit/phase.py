@@ -1,0 +1,163 @@
+"""The rate-limit phase of the request lifecycle (phase 3 in DESIGN.md), as the data plane calls it.
+
+Per request of a route that has limits (its own, or ``[[ratelimit.global]]``): the policy gives the
+checks (:class:`~pyproxy.ratelimit.policy.RatePolicy`), the configured limiter decides them all
+or none, and the answer is an :class:`Outcome`: go on (with the ``RateLimit-Policy`` /
+``RateLimit`` fields for the response when ``headers_on_allowed``), or the limiter's own response
+(429 with ``Retry-After`` and a JSON body naming the level; 503 when Redis is unavailable and
+``on_redis_error = "deny"``).
+
+Modes: ``local`` decides synchronously in shared memory (:class:`~pyproxy.ratelimit.local.LocalLimiter`
+over a :class:`~pyproxy.core.SharedWindows` table the supervisor made before forking, so the limits
+hold for the whole machine); ``redis`` asks Redis (:class:`~pyproxy.ratelimit.redis_backend.RedisLimiter`,
+one round trip); ``hybrid`` decides locally and reconciles with Redis in the background
+(:mod:`pyproxy.ratelimit.hybrid`). When Redis fails, ``on_redis_error`` picks the local limiter,
+a 503, or letting the request through; each fallback is counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Any, NamedTuple
+
+from pyproxy.config import Config
+from pyproxy.core import SharedWindows
+from pyproxy.ratelimit.checks import Check, Decision
+from pyproxy.ratelimit.headers import (
+    RateLimitResponse,
+    denied_response,
+    level_of,
+    rate_limit_headers,
+    unavailable_response,
+)
+from pyproxy.ratelimit.keys import Headers
+from pyproxy.ratelimit.local import LocalLimiter
+from pyproxy.ratelimit.policy import RatePolicy
+
+__all__ = ["TABLE_CAPACITY", "Outcome", "RateLimitPhase", "needs_ratelimit"]
+
+log = logging.getLogger("pyproxy.ratelimit")
+
+TABLE_CAPACITY = 1 << 17
+"""Slots of the machine-wide counter table (32 B each: 4 MiB); about twice the keys live at once."""
+
+
+class Outcome(NamedTuple):
+    """What the phase says of a request: go on (with these response fields) or answer this."""
+
+    allowed: bool
+    headers: list[tuple[bytes, bytes]]  # for the upstream's response when allowed
+    response: RateLimitResponse | None  # the limiter's own answer when not
+
+
+_GO_ON = Outcome(True, [], None)
+
+
+def needs_ratelimit(config: Config) -> bool:
+    """Whether any route (or the global level) has a limit."""
+    rl = config.ratelimit
+    return bool(rl.global_limits) or any(r.ratelimit.limits or r.ratelimit.key_limits for r in config.routes)
+
+
+class RateLimitPhase:
+    """One worker's rate limiting: policy, limiter(s), counters."""
+
+    def __init__(self, config: Config, table: SharedWindows | None = None) -> None:
+        rl = config.ratelimit
+        self.mode = rl.mode
+        self.on_redis_error = rl.on_redis_error
+        self.headers_on_allowed = rl.headers_on_allowed
+        self.policy = RatePolicy(config)
+        self.routes = frozenset(name for name, p in self.policy.routes.items() if p.enabled)
+        # The local limiter is the whole story in local mode, and the fallback of the others.
+        self.local = LocalLimiter(table if table is not None else SharedWindows(TABLE_CAPACITY))
+        self.shared: Any = None  # RedisLimiter or HybridLimiter (imported only when configured)
+        if rl.mode in ("redis", "hybrid"):
+            from pyproxy.ratelimit.redis_backend import RedisLimiter
+
+            assert rl.redis_url is not None  # the config requires it for these modes
+            redis = RedisLimiter.from_url(rl.redis_url, cluster=rl.cluster, timeout=rl.timeout)
+            if rl.mode == "hybrid":
+                from pyproxy.ratelimit.hybrid import HybridLimiter
+
+                # It falls back to this machine's counters by itself unless told to fail instead.
+                self.shared = HybridLimiter(
+                    self.local, redis, sync_interval=rl.sync_interval,
+                    fallback_local=rl.on_redis_error == "local",
+                )
+            else:
+                self.shared = redis
+        # Decided without waiting: local mode, and hybrid when its limiter decides synchronously.
+        self.synchronous = self.shared is None or hasattr(self.shared, "hit_sync")
+        # (route, level, "allowed" | "denied") -> requests; level "" when allowed
+        self.decisions: dict[tuple[str, str, str], int] = defaultdict(int)
+        self.fallbacks = 0  # requests decided by on_redis_error because Redis failed
+
+    def reconfigure(self, config: Config) -> None:
+        """A reload: new limits and keys; the counters (shared table, Redis) carry on."""
+        self.policy = RatePolicy(config)
+        self.routes = frozenset(name for name, p in self.policy.routes.items() if p.enabled)
+        self.headers_on_allowed = config.ratelimit.headers_on_allowed
+        self.on_redis_error = config.ratelimit.on_redis_error
+
+    def _checks(self, route: str, headers: Headers, target: bytes, peer: str) -> tuple[Check, ...]:
+        checks, _ = self.policy.checks(route, headers, target, peer)
+        return checks
+
+    def decide_sync(self, route: str, headers: Headers, target: bytes, peer: str) -> Outcome:
+        """The verdict without waiting (local mode; hybrid decides locally too)."""
+        checks = self._checks(route, headers, target, peer)
+        if not checks:
+            return _GO_ON
+        if self.shared is None:
+            return self._outcome(route, self.local.hit_sync(checks))
+        from pyproxy.ratelimit.redis_backend import RedisUnavailable
+
+        try:
+            decision = self.shared.hit_sync(checks)  # hybrid: local decision, Redis in the background
+        except RedisUnavailable:
+            self.fallbacks += 1
+            if self.on_redis_error == "allow":
+                return _GO_ON
+            return Outcome(False, [], unavailable_response(1))
+        return self._outcome(route, decision)
+
+    async def decide(self, route: str, headers: Headers, target: bytes, peer: str) -> Outcome:
+        """The verdict from the shared limiter (redis mode), with ``on_redis_error`` on failure."""
+        checks = self._checks(route, headers, target, peer)
+        if not checks:
+            return _GO_ON
+        from pyproxy.ratelimit.redis_backend import RedisUnavailable
+
+        try:
+            decision = await self.shared.hit(checks)
+        except RedisUnavailable:
+            self.fallbacks += 1
+            if self.on_redis_error == "allow":
+                return _GO_ON
+            if self.on_redis_error == "deny":
+                return Outcome(False, [], unavailable_response(1))
+            decision = self.local.hit_sync(checks)
+        return self._outcome(route, decision)
+
+    def _outcome(self, route: str, decision: Decision) -> Outcome:
+        if decision.allowed:
+            self.decisions[(route, "", "allowed")] += 1
+            return Outcome(True, rate_limit_headers(decision) if self.headers_on_allowed else [], None)
+        denied = decision.denied_check
+        self.decisions[(route, level_of(denied) if denied is not None else "", "denied")] += 1
+        return Outcome(False, [], denied_response(decision))
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters as plain data (metrics; summed over the workers)."""
+        return {
+            "decisions": [[*k, v] for k, v in self.decisions.items()],
+            "fallbacks": self.fallbacks,
+            "adaptive": self.policy.snapshot(),
+            "table_overflows": self.local.table.overflows,
+        }
+
+    async def aclose(self) -> None:
+        if self.shared is not None:
+            await self.shared.aclose()
