@@ -90,6 +90,7 @@ __all__ = [
     "get_list",
     "new_request_id",
     "reason_phrase",
+    "request_value",
     "rewrite_request_head",
     "rewrite_response_head",
     "serialize_request_head",
@@ -835,3 +836,44 @@ def response_framing(
             raise HeaderError("Transfer-Encoding in an HTTP/1.0 response", b"Transfer-Encoding", 502)
         return _transfer_coding(te, 502, 502)
     return _content_length(cl, 502) if cl else UNTIL_CLOSE
+
+
+# --- values a request carries, for keys (balancing affinity, rate limits) -----------------------
+
+
+def request_value(headers: Headers, target: bytes, kind: str, name: bytes) -> bytes | None:
+    """A value of the request, or ``None`` when it has none.
+
+    ``kind``: ``"header"`` — the first field named ``name`` (lower-case; compared case-
+    insensitively), outer whitespace stripped; ``"cookie"`` — the first ``name=value`` of the
+    ``Cookie`` fields, a DQUOTE-wrapped value unwrapped (RFC 6265 §4.1.1); ``"query"`` — the raw
+    value of the first ``name=value`` of the target's query (no percent-decoding).
+    """
+    if kind == "header":
+        n = len(name)
+        for h, v in headers:
+            if len(h) == n and h.lower() == name:
+                return v.strip()
+        return None
+    if kind == "cookie":
+        for h, v in headers:
+            if len(h) == 6 and h.lower() == b"cookie":
+                value = _find_pair(v, b";", name)
+                if value is not None:
+                    if len(value) >= 2 and value[0] == value[-1] == 0x22:  # "quoted"
+                        value = value[1:-1]
+                    return value
+        return None
+    if kind == "query":
+        _, sep, query = target.partition(b"#")[0].partition(b"?")
+        return _find_pair(query, b"&", name) if sep else None
+    raise ValueError(f"unknown request value kind {kind!r}")
+
+
+def _find_pair(data: bytes, sep: bytes, name: bytes) -> bytes | None:
+    """The value of the first ``name=value`` among ``sep``-separated pairs (spaces stripped)."""
+    for part in data.split(sep):
+        k, eq, v = part.partition(b"=")
+        if eq and k.strip() == name:
+            return v.strip()
+    return None

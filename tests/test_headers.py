@@ -72,9 +72,10 @@ def test_facade_exports_the_cython_functions() -> None:
     assert headers.IMPLEMENTATION == "cython"
     for name in NAMES:
         assert getattr(headers, name) is getattr(_speedups, name)
-    # Framing is one implementation over the facade (not twinned); the rest are the twins.
-    framing = {"CHUNKED", "UNTIL_CLOSE", "request_framing", "response_framing"}
-    assert set(headers.__all__) == set(NAMES) | {"IMPLEMENTATION", "HeaderError"} | framing
+    # Framing and request values are one implementation over the facade (not twinned); the rest
+    # are the twins.
+    single = {"CHUNKED", "UNTIL_CLOSE", "request_framing", "response_framing", "request_value"}
+    assert set(headers.__all__) == set(NAMES) | {"IMPLEMENTATION", "HeaderError"} | single
 
 
 def test_facade_falls_back_to_python_when_asked() -> None:
@@ -735,3 +736,22 @@ def test_rewritten_request_parses_with_llhttp(hdrs: list[tuple[bytes, bytes]],
         b", ".join(prior + [b"198.51.100.2"])]
     assert [v for n, v in out if n.lower() == b"x-request-id"] == [rid]
     assert [v for n, v in out if n.lower() == b"content-length"] == [b"0"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "expected"),
+    [
+        ("header", b"x-user", b"alice"),
+        ("header", b"x-none", None),
+        ("cookie", b"session", b"abc"),
+        ("cookie", b"quoted", b"q v"),
+        ("cookie", b"missing", None),
+        ("query", b"id", b"7"),
+        ("query", b"empty", b""),
+        ("query", b"frag", None),
+    ],
+)
+def test_request_value(kind: str, name: bytes, expected: bytes | None) -> None:
+    fields = [(b"X-User", b" alice "), (b"Cookie", b"a=1; session=abc"), (b"cookie", b'quoted="q v"')]
+    target = b"/p?x=1&id=7&empty=#frag=9"
+    assert headers.request_value(fields, target, kind, name) == expected

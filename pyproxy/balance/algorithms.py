@@ -69,6 +69,7 @@ from typing import Any, ClassVar, Protocol
 
 from pyproxy.balance.upstream import UpstreamServer
 from pyproxy.core import HashRing
+from pyproxy.headers import request_value
 
 __all__ = [
     "ALGORITHMS",
@@ -713,22 +714,8 @@ class ConsistentHash(Balancer):
             value = request.client_ip.encode()
         elif kind == "path":
             value = request.target.partition(b"?")[0]
-        elif kind == "header":
-            n = len(name)
-            for h, v in request.headers:
-                if len(h) == n and h.lower() == name:
-                    value = v.strip()
-                    break
-        elif kind == "cookie":
-            for h, v in request.headers:
-                if len(h) == 6 and h.lower() == b"cookie":
-                    value = _find_pair(v, b";", name)
-                    if value is not None:
-                        break
-        else:  # query
-            _, sep, query = request.target.partition(b"?")
-            if sep:
-                value = _find_pair(query.partition(b"#")[0], b"&", name)
+        else:  # header, cookie, query
+            value = request_value(request.headers, request.target, kind, name)
         return value or None
 
     def pick(
@@ -796,15 +783,6 @@ class ConsistentHash(Balancer):
             if first is None:
                 first = s
         return first  # not reached while loads are consistent; never refuse a request for it
-
-
-def _find_pair(data: bytes, sep: bytes, name: bytes) -> bytes | None:
-    """Value of the first ``name=value`` among ``sep``-separated pairs (spaces around stripped)."""
-    for part in data.split(sep):
-        k, eq, v = part.partition(b"=")
-        if eq and k.strip() == name:
-            return v.strip()
-    return None
 
 
 # -------------------------------------------------------------------------------------- factory

@@ -54,6 +54,8 @@ import jwt
 from jwt.algorithms import get_default_algorithms
 from jwt.types import Options
 
+from pyproxy.headers import request_value
+
 if TYPE_CHECKING:
     from pyproxy.config import JwtConfig
 
@@ -97,7 +99,6 @@ REASONS: Final = (
 
 _KINDS: Final = ("header", "cookie", "query", "jwt")
 _XFF: Final = b"x-forwarded-for"
-_COOKIE: Final = b"cookie"
 _AUTHORIZATION: Final = b"authorization"
 _CACHE_MAX: Final = 4096  # addresses remembered by ClientAddress (cleared when full)
 
@@ -114,15 +115,6 @@ def _text(raw: bytes) -> str:
     if len(raw) > MAX_KEY_LENGTH:
         return "#" + hashlib.blake2b(raw, digest_size=16).hexdigest()
     return raw.decode("latin-1")
-
-
-def _find_pair(data: bytes, sep: bytes, name: bytes) -> bytes | None:
-    """The value of the first ``name=value`` among ``sep``-separated pairs (spaces stripped)."""
-    for part in data.split(sep):
-        k, eq, v = part.partition(b"=")
-        if eq and k.strip() == name:
-            return v.strip()
-    return None
 
 
 # --------------------------------------------------------------------------------- client IP
@@ -387,26 +379,7 @@ class KeySource:
         if kind == "jwt":
             assert self.jwt is not None
             return self.jwt.claim(headers, self.claim)
-        name = self._name
-        value: bytes | None = None
-        if kind == "header":
-            n = len(name)
-            for h, v in headers:
-                if len(h) == n and h.lower() == name:
-                    value = v.strip()
-                    break
-        elif kind == "cookie":
-            for h, v in headers:
-                if len(h) == 6 and h.lower() == _COOKIE:
-                    value = _find_pair(v, b";", name)
-                    if value is not None:
-                        if len(value) >= 2 and value[0] == value[-1] == 0x22:  # "quoted"
-                            value = value[1:-1]
-                        break
-        else:  # query
-            _, sep, query = target.partition(b"#")[0].partition(b"?")
-            if sep:
-                value = _find_pair(query, b"&", name)
+        value = request_value(headers, target, kind, self._name)
         if value is None:
             return KeyResult(None, MISSING)
         if not value:
