@@ -550,3 +550,25 @@ def test_a_table_handed_over_shares_blocks_too() -> None:
     assert _collect(_fork_workers(1, block)) == [b"1"]
     state = LocalLimiter(table).block_state_sync("user:z")
     assert state is not None and 29 < state.remaining <= 30.0 + 1e-4
+
+
+def test_a_block_crossing_a_record_period_keeps_its_exact_end() -> None:
+    # Block records live in one word per 2^38 ns (275 s) period; a block that ends in the next
+    # period was read back rounded up to 2.1 s from the current period's word (seen in CI, where
+    # the machine's monotonic clock happened to sit near a period's end).
+    period = 2**38 / 1e9
+    for before_end in (0.5, 1.0, 3.0, 4.9):
+        now = [1000 * period - before_end]
+        lim = LocalLimiter(capacity=4096, clock=lambda: now[0])
+        penalty = Penalty(max_violations=1, violation_window=10.0, block_for=5.0, block_max=60.0)
+        user = Check("user:edge", 1, 30.0, penalty=penalty)
+        assert lim.hit_sync([user]).allowed
+        lim.hit_sync([user])
+        assert lim.hit_sync([user]).newly_blocked == ("user:edge",)
+        state = lim.block_state_sync("user:edge")
+        assert state is not None and 4.99 < state.remaining <= 5.0 + 1e-4, (before_end, state)
+        now[0] += 4.9  # still blocked, about to be released
+        assert lim.hit_sync([user]).blocked
+        now[0] += 0.2
+        state = lim.block_state_sync("user:edge")
+        assert state is None, (before_end, state)
