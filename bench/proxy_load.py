@@ -1,6 +1,6 @@
 """Proxy load: pyproxy against nginx as a reverse proxy, in the same run, with wrk.
 
-    python bench/proxy_load.py [--rounds 3] [--duration 5] [--connections 50]
+    python bench/proxy_load.py [--rounds 3] [--duration 5] [--connections 50] [--ratelimit local]
 
 Needs ``nginx`` and ``wrk`` (Debian packages ``nginx-light``/``nginx`` and ``wrk``). One nginx serves
 the upstream files (a ~100-byte body and a 16 KiB body); a second nginx (1 worker, upstream
@@ -147,6 +147,16 @@ servers = ["127.0.0.1:{upstream}"]
 max_idle_per_server = 64
 [[routes]]
 pool = "backend"
+{ratelimit}"""
+
+# --ratelimit local: a global and a per-client limit no request reaches (every request checked and
+# charged at two levels in the machine-wide table), to measure what limiting costs.
+RATELIMIT_LOCAL = """[routes.ratelimit]
+key = "client_ip"
+key_limits = [{ limit = 1000000000, window = "1s" }]
+[[ratelimit.global]]
+limit = 1000000000
+window = "1s"
 """
 
 
@@ -180,6 +190,8 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--workers", type=int, default=1, help="workers for both proxies")
+    parser.add_argument("--ratelimit", choices=("off", "local"), default="off",
+                        help="pyproxy with rate limiting (global + per-client level) or without")
     args = parser.parse_args()
     for tool in ("nginx", "wrk"):
         if shutil.which(tool) is None:
@@ -195,7 +207,10 @@ def main() -> int:
         up, ngx, pyx = free_port(), free_port(), free_port()
         (d / "upstream.conf").write_text(NGINX_UPSTREAM.format(dir=d, port=up))
         (d / "proxy.conf").write_text(NGINX_PROXY.format(dir=d, port=ngx, upstream=up, workers=args.workers))
-        (d / "pyproxy.toml").write_text(PYPROXY.format(port=pyx, upstream=up, workers=args.workers))
+        (d / "pyproxy.toml").write_text(PYPROXY.format(
+            port=pyx, upstream=up, workers=args.workers,
+            ratelimit=RATELIMIT_LOCAL if args.ratelimit == "local" else "",
+        ))
         try:
             for conf in ("upstream.conf", "proxy.conf"):
                 started.append(subprocess.Popen(
