@@ -43,6 +43,10 @@ from pyproxy.ratelimit.keys import ClientAddress, Headers, JwtVerifier, KeyResul
 __all__ = ["RatePolicy", "RoutePolicy"]
 
 
+MEMO_SIZE = 4096
+"""Keys whose checks a route keeps ready."""
+
+
 class _Limit:
     """One configured limit of a level: fixed, or read from its adaptive limit."""
 
@@ -89,6 +93,10 @@ class RoutePolicy:
         self._version = -1
         self._static: tuple[Check, ...] = ()
         self._prefix = f"key:{name}:"
+        # The checks of recent keys (building a validated Check costs more than deciding it);
+        # bounded, emptied when full or when an adaptive limit moves.
+        self._memo: dict[str, tuple[Check, ...]] = {}
+        self._memo_version = -1
 
     @property
     def enabled(self) -> bool:
@@ -128,19 +136,26 @@ class RoutePolicy:
             counter = f"{self._prefix}client_ip:{self._client(peer, headers)}"
         else:
             return shared, found
-        key_checks = tuple(
-            Check(
-                key=counter,
-                limit=rule.limit,
-                window=rule.window,
-                cost=self.cost,
-                algorithm=rule.algorithm,
-                name=name,
-                penalty=self._penalty,
+        memo = self._memo
+        if self._memo_version != self._version or len(memo) >= MEMO_SIZE:
+            memo.clear()
+            self._memo_version = self._version
+        checks = memo.get(counter)
+        if checks is None:
+            key_checks = tuple(
+                Check(
+                    key=counter,
+                    limit=rule.limit,
+                    window=rule.window,
+                    cost=self.cost,
+                    algorithm=rule.algorithm,
+                    name=name,
+                    penalty=self._penalty,
+                )
+                for rule, name in self._key_limits
             )
-            for rule, name in self._key_limits
-        )
-        return key_checks + shared, found
+            checks = memo[counter] = key_checks + shared
+        return checks, found
 
 
 class RatePolicy:
