@@ -6,6 +6,8 @@
     GET  /metrics   Prometheus text format, summed over the workers
     POST /reload    re-read the configuration file: 200, or 400 listing every problem (the running
                     configuration stays in force)
+    GET  /ratelimits rate limiting: mode, decisions by route and level, penalty-box blocks, Redis
+                    fallbacks and round trips, the current value of every adaptive limit
     GET  /upstreams every pool's servers: state, health, breaker, ejections, weights, EWMA latency,
                     in-flight requests (summed over the workers), and the pool's counters
     POST   /upstreams/{pool}/servers          add a server: {"address": "host:port", "weight": 1}
@@ -52,6 +54,8 @@ class Controller(Protocol):
     def metrics_text(self) -> bytes: ...
 
     def upstreams(self) -> dict[str, Any]: ...
+
+    def ratelimits(self) -> dict[str, Any]: ...
 
     def change_upstreams(self, method: str, pool: str, server: str | None, body: dict[str, Any]) -> dict[str, Any]:
         """Apply a run-time pool change; :class:`ChangeError` (status, reason) when refused."""
@@ -131,6 +135,7 @@ class AdminServer:
         b"/metrics": b"GET",
         b"/reload": b"POST",
         b"/upstreams": b"GET",
+        b"/ratelimits": b"GET",
     }
     # /upstreams/{pool}/servers (POST) and /upstreams/{pool}/servers/{server} (PATCH, DELETE)
     SERVERS = b"POST"
@@ -187,6 +192,8 @@ class AdminServer:
             return 200, self.controller.current_config().redacted()
         if path == b"/upstreams":
             return 200, self.controller.upstreams()
+        if path == b"/ratelimits":
+            return 200, self.controller.ratelimits()
         problems = self.controller.reload()
         if problems:
             return 400, {"reloaded": False, "problems": [str(p) for p in problems]}

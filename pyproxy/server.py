@@ -42,6 +42,7 @@ from pyproxy.observe.metrics import (
     SharedSnapshots,
     Snapshot,
     merge,
+    merge_ratelimit,
     merge_upstreams,
     render,
     without_gauges,
@@ -152,6 +153,10 @@ class ProxyServer:
         # Through the same merge as the supervisor's, so GET /upstreams has one shape (with
         # "workers") whatever the number of workers.
         return merge_upstreams([self.state.upstream_view()]) if self.state is not None else {}
+
+    def ratelimits(self) -> dict[str, Any]:
+        snap = self.state.snapshot() if self.state is not None else {}
+        return merge_ratelimit([snap["ratelimit"]] if "ratelimit" in snap else [])
 
     def change_upstreams(self, method: str, pool: str, server: str | None, body: dict[str, Any]) -> dict[str, Any]:
         change = _record_change(self.changes, method, pool, server, body)
@@ -306,6 +311,11 @@ class Supervisor:
     def upstreams(self) -> dict[str, Any]:
         live = [self.snapshots.read(slot) for slot in range(self.config.workers)]
         return merge_upstreams(s.get("upstreams", {}) for s in live if s is not None)
+
+    def ratelimits(self) -> dict[str, Any]:
+        live = [self.snapshots.read(slot) for slot in range(self.config.workers)]
+        views = [s["ratelimit"] for s in (self.retired, *live) if s is not None and "ratelimit" in s]
+        return merge_ratelimit(views)
 
     def change_upstreams(self, method: str, pool: str, server: str | None, body: dict[str, Any]) -> dict[str, Any]:
         change = _record_change(self.changes, method, pool, server, body)

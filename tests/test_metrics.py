@@ -105,3 +105,25 @@ def test_shared_snapshots_cross_a_fork_and_merge() -> None:
     assert total["requests"] == [["r", "p", "200", 3]]
     assert total["request_duration"]["r"][-1] == 3
     assert shared.read(1) is not None and SharedSnapshots(1).read(0) is None
+
+
+def test_rate_limit_snapshots_merge_and_render() -> None:
+    from pyproxy.observe.metrics import merge_ratelimit, render
+
+    worker = {
+        "mode": "redis", "decisions": [["api", "", "allowed", 5], ["api", "key", "denied", 2]],
+        "fallbacks": 1, "blocks": 1, "adaptive": {"global[0]": {"pool": "p", "limit": 40}},
+        "table_overflows": 0,
+        "redis": {"healthy": True, "round_trips": 7, "errors": 1,
+                  "latency_counts": [0, 3, 4, 0, 0, 0, 0, 0, 0, 0, 0], "latency_sum": 0.004},
+    }
+    merged = merge_ratelimit([worker, {**worker, "redis": {**worker["redis"], "healthy": False}}])
+    assert sorted(map(tuple, merged["decisions"])) == [("api", "", "allowed", 10), ("api", "key", "denied", 4)]
+    assert merged["blocks"] == 2 and merged["fallbacks"] == 2 and merged["mode"] == "redis"
+    assert merged["redis"]["round_trips"] == 14 and merged["redis"]["healthy"] is False
+    text = render(lambda: {**merge([]), "ratelimit": merged}).decode()
+    assert "pyproxy_ratelimit_blocks_total 2.0" in text
+    assert 'pyproxy_ratelimit_redis_duration_seconds_bucket{le="0.001"} 14.0' in text
+    assert "pyproxy_ratelimit_redis_duration_seconds_count 14.0" in text
+    assert "pyproxy_ratelimit_redis_up 0.0" in text
+    assert 'pyproxy_ratelimit_adaptive_limit{name="global[0]"} 40.0' in text

@@ -85,6 +85,29 @@ def test_route_and_global_levels_and_costs_add_up() -> None:
             text = r.read().decode()
         assert 'pyproxy_ratelimit_requests_total{level="",result="allowed",route="api"} 3.0' in text
         assert 'pyproxy_ratelimit_requests_total{level="global",result="denied",route="api"} 3.0' in text
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin.address[1]}/ratelimits", timeout=5) as r:
+            view = json.loads(r.read())
+        assert view["mode"] == "local"
+        assert sorted(map(tuple, view["decisions"])) == [("api", "", "allowed", 3), ("api", "global", "denied", 3)]
+
+
+def test_the_penalty_box_blocks_a_key_that_keeps_violating() -> None:
+    ratelimit = {"penalty": {"max_violations": 1, "violation_window": "1h", "block_for": "1h", "block_max": "2h"}}
+    route_limit = {"key": "header:X-User", "key_limits": [{"limit": 1, "window": "1h"}]}
+    with limited_proxy(ratelimit, route_limit, admin=True) as server:
+        conn = http.client.HTTPConnection(*server.addresses[0], timeout=10)
+        seen = [get(conn, {"X-User": "mallory"}) for _ in range(4)]
+        assert [status for status, _, _ in seen] == [200, 429, 429, 429]
+        # The second violation boxed the key: from then on the answer says so, for an hour.
+        assert not json.loads(seen[1][2])["blocked"]
+        assert json.loads(seen[3][2])["blocked"]
+        assert int(seen[3][1]["retry-after"]) > 3000
+        assert get(conn, {"X-User": "trent"})[0] == 200  # other keys are not affected
+        conn.close()
+        admin = server.admin
+        assert admin is not None and admin.address is not None
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin.address[1]}/ratelimits", timeout=5) as r:
+            assert json.loads(r.read())["blocks"] == 1
 
 
 def test_a_limit_holds_for_the_whole_proxy_across_two_workers(tmp_path: Path) -> None:

@@ -25,6 +25,8 @@ Series (``pyproxy_<subsystem>_<what>_<unit>``):
   ``pyproxy_upstream_server_in_flight``;
 - rate limiting: ``pyproxy_ratelimit_requests_total{route,level,result}``,
   ``pyproxy_ratelimit_redis_fallbacks_total``, ``pyproxy_ratelimit_table_overflows_total``,
+  ``pyproxy_ratelimit_blocks_total`` (penalty box), ``pyproxy_ratelimit_redis_duration_seconds``
+  (histogram) and ``pyproxy_ratelimit_redis_up`` (redis / hybrid modes),
   ``pyproxy_ratelimit_adaptive_limit{name}``;
 - per pool (``{pool}``): ``pyproxy_upstream_retries_total``,
   ``pyproxy_upstream_retry_budget_exhausted_total``, ``pyproxy_upstream_rejected_total{reason}``
@@ -107,21 +109,38 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
 def merge_ratelimit(views: list[dict[str, Any]]) -> dict[str, Any]:
     """The workers' :meth:`RateLimitPhase.snapshot` summed (adaptive limits: the first worker's)."""
     decisions: dict[tuple[str, ...], int] = defaultdict(int)
-    fallbacks = 0
-    overflows = 0
+    fallbacks = blocks = overflows = 0
     adaptive: dict[str, Any] = {}
+    mode = None
+    redis: dict[str, Any] | None = None
     for view in views:
         for *labels, value in view.get("decisions", []):
             decisions[tuple(labels)] += value
         fallbacks += view.get("fallbacks", 0)
+        blocks += view.get("blocks", 0)
         overflows = max(overflows, view.get("table_overflows", 0))  # one shared table
         adaptive = adaptive or view.get("adaptive", {})
-    return {
+        mode = mode or view.get("mode")
+        r = view.get("redis")
+        if r is not None:
+            if redis is None:
+                redis = {**r, "latency_counts": list(r["latency_counts"])}
+            else:
+                redis["healthy"] = redis["healthy"] and r["healthy"]
+                for k in ("round_trips", "errors", "latency_sum"):
+                    redis[k] += r[k]
+                redis["latency_counts"] = [a + b for a, b in zip(redis["latency_counts"], r["latency_counts"])]
+    out: dict[str, Any] = {
+        "mode": mode,
         "decisions": [[*k, v] for k, v in decisions.items()],
         "fallbacks": fallbacks,
+        "blocks": blocks,
         "adaptive": adaptive,
         "table_overflows": overflows,
     }
+    if redis is not None:
+        out["redis"] = redis
+    return out
 
 
 _BREAKER_ORDER = {"disabled": 0, "closed": 1, "half_open": 2, "open": 3}
@@ -245,6 +264,23 @@ def _ratelimit_families(rl: dict[str, Any]) -> Iterator[Any]:
         "pyproxy_ratelimit_table_overflows", "New keys allowed uncounted: the shared counter table was full",
         value=rl.get("table_overflows", 0),
     )
+    yield CounterMetricFamily(
+        "pyproxy_ratelimit_blocks", "Keys put in the penalty box", value=rl.get("blocks", 0)
+    )
+    redis = rl.get("redis")
+    if redis is not None:
+        from pyproxy.ratelimit.redis_backend import LATENCY_BOUNDS
+
+        hist = HistogramMetricFamily(
+            "pyproxy_ratelimit_redis_duration_seconds", "Rate-limit round trips to Redis"
+        )
+        cumulative, buckets = 0.0, []
+        for bound, count in zip((*map(str, LATENCY_BOUNDS), "+Inf"), redis["latency_counts"]):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        hist.add_metric([], buckets, sum_value=redis["latency_sum"])
+        yield hist
+        yield GaugeMetricFamily("pyproxy_ratelimit_redis_up", "1 while Redis answers", value=1.0 if redis["healthy"] else 0.0)
     adaptive = GaugeMetricFamily("pyproxy_ratelimit_adaptive_limit", "Current adaptive limits", labels=["name"])
     for name, view in rl.get("adaptive", {}).items():
         adaptive.add_metric([name], view.get("limit", 0))

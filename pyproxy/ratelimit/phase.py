@@ -93,6 +93,7 @@ class RateLimitPhase:
         # (route, level, "allowed" | "denied") -> requests; level "" when allowed
         self.decisions: dict[tuple[str, str, str], int] = defaultdict(int)
         self.fallbacks = 0  # requests decided by on_redis_error because Redis failed
+        self.blocks = 0  # keys put in the penalty box by this worker's decisions
 
     def reconfigure(self, config: Config) -> None:
         """A reload: new limits and keys; the counters (shared table, Redis) carry on."""
@@ -142,6 +143,8 @@ class RateLimitPhase:
         return self._outcome(route, decision)
 
     def _outcome(self, route: str, decision: Decision) -> Outcome:
+        if decision.newly_blocked:
+            self.blocks += len(decision.newly_blocked)
         if decision.allowed:
             self.decisions[(route, "", "allowed")] += 1
             return Outcome(True, rate_limit_headers(decision) if self.headers_on_allowed else [], None)
@@ -151,12 +154,27 @@ class RateLimitPhase:
 
     def snapshot(self) -> dict[str, Any]:
         """Counters as plain data (metrics; summed over the workers)."""
-        return {
+        snap: dict[str, Any] = {
+            "mode": self.mode,
             "decisions": [[*k, v] for k, v in self.decisions.items()],
             "fallbacks": self.fallbacks,
+            "blocks": self.blocks,
             "adaptive": self.policy.snapshot(),
             "table_overflows": self.local.table.overflows,
         }
+        redis = getattr(self.shared, "redis", self.shared)  # the hybrid's, or the limiter itself
+        stats = getattr(redis, "stats", None)
+        if callable(stats):
+            st = stats()
+            if hasattr(st, "latency_counts"):
+                snap["redis"] = {
+                    "healthy": st.healthy,
+                    "round_trips": st.round_trips,
+                    "errors": st.errors,
+                    "latency_counts": list(st.latency_counts),
+                    "latency_sum": st.latency_sum,
+                }
+        return snap
 
     async def aclose(self) -> None:
         if self.shared is not None:
