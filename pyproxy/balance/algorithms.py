@@ -64,7 +64,7 @@ from __future__ import annotations
 import math
 import random
 from bisect import bisect_right
-from collections.abc import Container, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from typing import Any, ClassVar, Protocol
 
 from pyproxy.balance.upstream import UpstreamServer
@@ -300,6 +300,39 @@ class _Weighted(Balancer):
         return {s.id: w for s, w in zip(self._servers, self._eff)}
 
 
+def _fastest(servers: Sequence[UpstreamServer]) -> float:
+    """The lowest average latency among the measured servers that take requests (inf: none)."""
+    best = _INF
+    for s in servers:
+        if s.available and s.weight > 0.0 and s.sampled and 0.0 < s.avg < best:
+            best = s.avg
+    return best
+
+
+def _weighted_draw(
+    servers: Sequence[UpstreamServer],
+    eff: Sequence[float],
+    exclude: Container[UpstreamServer],
+    skip: int,
+    rnd: Callable[[], float],
+) -> int:
+    """Index of one server drawn by ``eff`` among those that take requests, are not in
+    ``exclude`` and are not ``skip``; -1 if none (an exact O(n) scan)."""
+    ok = [
+        i
+        for i, s in enumerate(servers)
+        if eff[i] > 0.0 and i != skip and s.available and (not exclude or s not in exclude)
+    ]
+    if not ok:
+        return -1
+    x = rnd() * math.fsum(eff[i] for i in ok)
+    for i in ok:
+        x -= eff[i]
+        if x < 0.0:
+            return i
+    return ok[-1]  # float rounding left x at 0
+
+
 class _RandomWeighted(_Weighted):
     """Weighted random draws: bisect on cumulative weights, rejecting ineligible servers a few
     times (exact: rejection sampling keeps the distribution), then an exact O(n) scan."""
@@ -340,20 +373,7 @@ class _RandomWeighted(_Weighted):
                 if s.available and (not exclude or s not in exclude):
                     return i
         # Many ineligible servers (or one dominant ``skip``): draw exactly among the eligible ones.
-        eff = self._eff
-        ok = [
-            i
-            for i, s in enumerate(servers)
-            if eff[i] > 0.0 and i != skip and s.available and (not exclude or s not in exclude)
-        ]
-        if not ok:
-            return -1
-        x = rnd() * math.fsum(eff[i] for i in ok)
-        for i in ok:
-            x -= eff[i]
-            if x < 0.0:
-                return i
-        return ok[-1]  # float rounding left x at 0
+        return _weighted_draw(servers, self._eff, exclude, skip, rnd)
 
 
 # ---------------------------------------------------------------------------------------- random
@@ -415,10 +435,7 @@ class LeastConnections(_RandomWeighted):
 
     def _recompute(self, now: float) -> None:
         ss, servers, eff, weights = self.slow_start, self._servers, self._eff, self._weights
-        best = _INF
-        for s in servers:
-            if s.available and s.weight > 0.0 and s.sampled and 0.0 < s.avg < best:
-                best = s.avg
+        best = _fastest(servers)
         floor = self.DRAW_FLOOR
         for i, s in enumerate(servers):
             w = s.weight
@@ -527,19 +544,8 @@ class WeightedRoundRobin(_Weighted):
         with servers left out lets a skipped turn fall to whichever eligible server holds the most
         credit — often a slow one with a small weight that has been saving it up — so retries
         would pile onto the slowest server."""
-        eligible = [
-            (w, s)
-            for w, s in zip(self._eff, self._servers)
-            if w > 0.0 and s.available and s not in exclude
-        ]
-        if not eligible:
-            return None
-        x = self._rng.random() * math.fsum(w for w, _ in eligible)
-        for w, s in eligible:
-            x -= w
-            if x < 0.0:
-                return s
-        return eligible[-1][1]
+        i = _weighted_draw(self._servers, self._eff, exclude, -1, self._rng.random)
+        return None if i < 0 else self._servers[i]
 
     # Scores follow their servers; a new server starts at 0, as in nginx.
     def _added(self) -> None:
@@ -556,11 +562,8 @@ class WeightedRoundRobin(_Weighted):
             return
         servers, eff = self._servers, self._eff
         ss, floor, temp, explore = self.slow_start, self.floor, self.temperature, self.explore_tau
-        best = _INF
         # Latencies compared here are the plain average (UpstreamServer.avg), not the peak EWMA.
-        for s in servers:
-            if s.available and s.weight > 0.0 and s.sampled and 0.0 < s.avg < best:
-                best = s.avg
+        best = _fastest(servers)
         for i, s in enumerate(servers):
             w = s.weight
             if w <= 0.0:

@@ -54,6 +54,10 @@ class Outcome(NamedTuple):
 _GO_ON = Outcome(True, [], None)
 
 
+class _NeverRaised(Exception):
+    """Stands for ``RedisUnavailable`` in local mode (redis-py is then never imported)."""
+
+
 def needs_ratelimit(config: Config) -> bool:
     """Whether any route (or the global level) has a limit."""
     rl = config.ratelimit
@@ -73,9 +77,12 @@ class RateLimitPhase:
         # The local limiter is the whole story in local mode, and the fallback of the others.
         self.local = LocalLimiter(table if table is not None else SharedWindows(TABLE_CAPACITY))
         self.shared: Any = None  # RedisLimiter or HybridLimiter (imported only when configured)
+        # What the shared limiter raises when Redis fails (an exception nothing raises otherwise).
+        self._unavailable: type[Exception] = _NeverRaised
         if rl.mode in ("redis", "hybrid"):
-            from pyproxy.ratelimit.redis_backend import RedisLimiter
+            from pyproxy.ratelimit.redis_backend import RedisLimiter, RedisUnavailable
 
+            self._unavailable = RedisUnavailable
             assert rl.redis_url is not None  # the config requires it for these modes
             redis = RedisLimiter.from_url(rl.redis_url, cluster=rl.cluster, timeout=rl.timeout)
             if rl.mode == "hybrid":
@@ -113,11 +120,9 @@ class RateLimitPhase:
             return _GO_ON
         if self.shared is None:
             return self._outcome(route, self.local.hit_sync(checks))
-        from pyproxy.ratelimit.redis_backend import RedisUnavailable
-
         try:
             decision = self.shared.hit_sync(checks)  # hybrid: local decision, Redis in the background
-        except RedisUnavailable:
+        except self._unavailable:
             self.fallbacks += 1
             if self.on_redis_error == "allow":
                 return _GO_ON
@@ -129,11 +134,9 @@ class RateLimitPhase:
         checks = self._checks(route, headers, target, peer)
         if not checks:
             return _GO_ON
-        from pyproxy.ratelimit.redis_backend import RedisUnavailable
-
         try:
             decision = await self.shared.hit(checks)
-        except RedisUnavailable:
+        except self._unavailable:
             self.fallbacks += 1
             if self.on_redis_error == "allow":
                 return _GO_ON

@@ -6,10 +6,10 @@
 
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
-use pyo3::types::{PyList, PyTuple};
+use pyo3::types::PyTuple;
 
 use super::keys::{at_least, key_parts, wrong_type};
-use super::window::{cost_arg, decision_tuple, now_ns, retry_secs};
+use super::window::{cost_arg, decision_tuple, now_ns, retry_secs, scratch, with_parsed, INLINE};
 use crate::clock;
 use crate::error::check_seconds;
 use crate::shared_window::{self, Check};
@@ -113,62 +113,30 @@ impl SharedWindows {
     ) -> PyResult<(bool, i64, f64, u64)> {
         let cost = cost_arg(cost)?;
         let now = now_ns(now)?;
-        // The triples' keys are borrowed from these objects; up to INLINE of them on the stack.
-        let mut inline: [Option<Triple<'py>>; INLINE] = [const { None }; INLINE];
-        let mut heap: Vec<Option<Triple<'py>>> = Vec::new();
-        let mut n = 0;
-        let mut push = |t: Triple<'py>| {
-            if n < INLINE {
-                inline[n] = Some(t);
-            } else {
-                if n == INLINE {
-                    heap.extend(inline.iter_mut().map(Option::take));
-                }
-                heap.push(Some(t));
-            }
-            n += 1;
-        };
-        if let Ok(list) = checks.cast::<PyList>() {
-            for item in list.iter() {
-                push(triple(&item)?);
-            }
-        } else if let Ok(tuple) = checks.cast::<PyTuple>() {
-            for item in tuple.iter() {
-                push(triple(&item)?);
-            }
-        } else {
-            for item in checks.try_iter()? {
-                push(triple(&item?)?);
-            }
-        }
-        let triples: &[Option<Triple<'py>>] = if n <= INLINE { &inline[..n] } else { &heap };
-        let empty = Check {
-            limiter: 0,
-            limit: 0,
-            window: 0,
-            key: &[],
-        };
-        let mut checks_inline = [empty; INLINE];
-        let mut checks_heap = Vec::new();
-        let list: &mut [Check<'_>] = if n <= INLINE {
-            &mut checks_inline[..n]
-        } else {
-            checks_heap.resize(n, empty);
-            &mut checks_heap
-        };
-        for (c, t) in list.iter_mut().zip(triples) {
-            let Some((limit, window, key)) = t else {
-                continue;
+        // The triples' keys are borrowed from their objects while the table is charged.
+        let d = with_parsed(checks, triple, |triples| {
+            let empty = Check {
+                limiter: 0,
+                limit: 0,
+                window: 0,
+                key: &[],
             };
-            let (kind, k) = key_parts(key)?;
-            *c = Check {
-                limiter: kind as u64,
-                limit: *limit,
-                window: *window,
-                key: k,
-            };
-        }
-        let d = self.inner.hit_all(list, cost, now)?;
+            let (mut checks_inline, mut checks_heap) = ([empty; INLINE], Vec::new());
+            let list = scratch(&mut checks_inline, &mut checks_heap, triples.len(), empty);
+            for (c, t) in list.iter_mut().zip(triples) {
+                let Some((limit, window, key)) = t else {
+                    continue;
+                };
+                let (kind, k) = key_parts(key)?;
+                *c = Check {
+                    limiter: kind as u64,
+                    limit: *limit,
+                    window: *window,
+                    key: k,
+                };
+            }
+            Ok(self.inner.hit_all(list, cost, now)?)
+        })?;
         Ok((
             d.allowed,
             d.first_denied.map_or(-1, |i| i as i64),
@@ -216,8 +184,6 @@ impl SharedWindows {
         )
     }
 }
-
-const INLINE: usize = 4;
 
 /// `(limit, window ns, key object)` of one `hit_all` check.
 type Triple<'py> = (u64, u64, Bound<'py, PyAny>);

@@ -181,46 +181,56 @@ fn hit_all<'py>(
 ) -> PyResult<(bool, i64, f64, u64)> {
     let cost = cost_arg(cost)?;
     let now = now_ns(now)?;
-    // Collect the pairs first: iterating an arbitrary sequence may run Python code, which must not
-    // happen while limiters are locked. Up to INLINE checks (the usual global/route/user) live on
-    // the stack: four small heap buffers per call would cost as much as the checks themselves.
-    let mut inline: [Option<Pair<'py>>; INLINE] = [const { None }; INLINE];
-    let mut heap: Vec<Option<Pair<'py>>> = Vec::new();
+    // The pairs are collected first: iterating an arbitrary sequence may run Python code, which
+    // must not happen while limiters are locked.
+    with_parsed(checks, pair, |pairs| run_checks(pairs, cost, now))
+}
+
+/// Checks of one `hit_all` call on the stack up to this many (the usual global/route/user): four
+/// small heap buffers per call would cost as much as the checks themselves.
+pub(super) const INLINE: usize = 4;
+
+/// `run` over the items of `checks` (a list or tuple is fastest; any iterable works), each
+/// `parse`d first; the first `INLINE` live on the stack. Shared by both limiters' `hit_all`.
+pub(super) fn with_parsed<'py, T, R>(
+    checks: &Bound<'py, PyAny>,
+    parse: impl Fn(&Bound<'py, PyAny>) -> PyResult<T>,
+    run: impl FnOnce(&[Option<T>]) -> PyResult<R>,
+) -> PyResult<R> {
+    let mut inline: [Option<T>; INLINE] = [const { None }; INLINE];
+    let mut heap: Vec<Option<T>> = Vec::new();
     let mut n = 0;
-    let mut push = |p: Pair<'py>| {
+    let mut push = |t: T| {
         if n < INLINE {
-            inline[n] = Some(p);
+            inline[n] = Some(t);
         } else {
             if n == INLINE {
                 heap.extend(inline.iter_mut().map(Option::take));
             }
-            heap.push(Some(p));
+            heap.push(Some(t));
         }
         n += 1;
     };
     if let Ok(list) = checks.cast::<PyList>() {
         for item in list.iter() {
-            push(pair(&item)?);
+            push(parse(&item)?);
         }
     } else if let Ok(tuple) = checks.cast::<PyTuple>() {
         for item in tuple.iter() {
-            push(pair(&item)?);
+            push(parse(&item)?);
         }
     } else {
         for item in checks.try_iter()? {
-            push(pair(&item?)?);
+            push(parse(&item?)?);
         }
     }
-    let pairs: &[Option<Pair<'py>>] = if n <= INLINE { &inline[..n] } else { &heap };
-    run_checks(pairs, cost, now)
+    run(if n <= INLINE { &inline[..n] } else { &heap })
 }
-
-const INLINE: usize = 4;
 
 type Pair<'py> = (Bound<'py, SlidingWindow>, Bound<'py, PyAny>);
 
 /// Scratch space of `n` items: the first `INLINE` on the stack, a `Vec` beyond.
-fn scratch<'a, T: Clone>(
+pub(super) fn scratch<'a, T: Clone>(
     inline: &'a mut [T; INLINE],
     heap: &'a mut Vec<T>,
     n: usize,
