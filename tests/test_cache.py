@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import threading
 
 import pytest
@@ -62,6 +63,44 @@ def test_memoryview_value_is_copied() -> None:
     c.set("k", memoryview(buf))
     buf[0] = ord("X")
     assert c.get("k") == b"abc"
+
+
+def test_reads_return_one_shared_object_not_copies() -> None:
+    # A value is kept as a bytes object from its first read on: every later get hands out that
+    # object (a reference, no allocation), and the cache's accounting does not change.
+    c = LruCache(1 << 20)
+    c.set("k", bytearray(b"small value"))
+    charged = c.nbytes
+    first = c.get("k")
+    assert first == b"small value" and type(first) is bytes
+    assert c.get("k") is first and c["k"] is first and c.get_many(["k"])["k"] is first
+    assert c.nbytes == charged
+    # Replacing the value replaces the object; the old one is no longer referenced by the cache.
+    before = sys.getrefcount(first)
+    c.set("k", b"other")
+    assert sys.getrefcount(first) == before - 1
+    assert c.get("k") == b"other"
+
+
+def test_large_bytes_values_are_kept_without_a_copy() -> None:
+    big = bytes(range(256)) * 4
+    c = LruCache(1 << 20)
+    c.set("big", big)
+    assert c.get("big") is big
+    c.set_many({"also": big})
+    assert c.get("also") is big
+    # Only exact bytes: mutable buffers and small values are copied in.
+    mutable = bytearray(big)
+    c.set("mutable", mutable)
+    mutable[0] = 255
+    assert c.get("mutable") == big
+    small = b"s" * 10
+    c.set("small", small)
+    assert c.get("small") == small
+    # Evicting or deleting drops the cache's reference.
+    before = sys.getrefcount(big)
+    assert c.delete("big") and c.delete("also")
+    assert sys.getrefcount(big) == before - 2
 
 
 def test_lru_eviction_order_and_budget() -> None:

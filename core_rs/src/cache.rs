@@ -11,6 +11,13 @@
 //! ([`EXPIRE_PER_WRITE`]) plus however many a write needs to fit — no full scan ever. (A lazy heap
 //! that left stale items and compacted them spent over half of a set-with-eviction in compaction.)
 //!
+//! Shared values: a cache may also hold a value as an immutable object of its user's (the Python
+//! binding's `bytes`, through [`SharedValue`]), so that reads hand out that object instead of a
+//! copy. [`LruCache::get_shared`] turns an inline value into a shared one on its first read (the
+//! slot's allocation shrinks to the key), so entries never read stay compact and entries read keep
+//! costing nothing per read; [`LruCache::set_shared`] stores a caller's object without copying it.
+//! Plain Rust users keep every value inline ([`Inline`], the default, adds nothing to a slot).
+//!
 //! Byte accounting: each entry is charged `key length + value length + ENTRY_OVERHEAD`, and
 //! `bytes() <= max_bytes()` holds after every operation.
 
@@ -20,10 +27,12 @@ use hashbrown::HashTable;
 
 use crate::error::{invalid, Result};
 
-/// Bytes charged per entry on top of its key and value: the slot (40), the key+value allocation's
-/// malloc header and rounding (~16), the hash-table bucket (~8) and the expiry-heap item (16).
-/// Measured at 1M entries: 76.5 bytes (`bench/bench_cache.py::test_memory_overhead`).
-pub const ENTRY_OVERHEAD: u64 = 80;
+/// Bytes charged per entry on top of its key and value: the slot (48 with shared values), the
+/// allocation's malloc header and rounding (~16), the hash-table bucket (~8) and the expiry-heap item
+/// (16); a shared value adds its object's header (a Python `bytes`: 33, rounded to 48 by pymalloc).
+/// Measured at 1M entries (`bench/bench_cache.py::test_memory_overhead`): ~85 bytes for entries
+/// never read, ~130 for entries read once (value held as a `bytes`); 96 splits the difference.
+pub const ENTRY_OVERHEAD: u64 = 96;
 
 /// How many expired entries a write reclaims beyond what it needs for room. Keeps each write's
 /// worst case bounded while still draining a burst of expiries within a few writes.
@@ -40,9 +49,26 @@ pub enum KeyKind {
     Bytes = 1,
 }
 
-struct Slot {
-    /// `[kind, key bytes..., value bytes...]`; empty when the slot is free.
+/// A value held as its owner's immutable object, readable as bytes for as long as it lives.
+pub trait SharedValue {
+    fn bytes(&self) -> &[u8];
+}
+
+/// No shared values: every value is copied into the cache (an uninhabited type, so `Option<Inline>`
+/// takes no room in a slot).
+pub enum Inline {}
+
+impl SharedValue for Inline {
+    fn bytes(&self) -> &[u8] {
+        match *self {}
+    }
+}
+
+struct Slot<S> {
+    /// `[kind, key bytes..., value bytes...]`, or `[kind, key bytes...]` when the value is `shared`;
+    /// empty when the slot is free.
     data: Box<[u8]>,
+    shared: Option<S>,
     /// Length of the key part of `data`, including the kind byte.
     key_len: u32,
     prev: u32,
@@ -54,19 +80,22 @@ struct Slot {
     heap_pos: u32,
 }
 
-impl Slot {
+impl<S: SharedValue> Slot<S> {
     #[inline]
     fn key(&self) -> &[u8] {
         &self.data[..self.key_len as usize]
     }
     #[inline]
     fn value(&self) -> &[u8] {
-        &self.data[self.key_len as usize..]
+        match &self.shared {
+            Some(s) => s.bytes(),
+            None => &self.data[self.key_len as usize..],
+        }
     }
     #[inline]
     fn charge(&self) -> u64 {
         // kind byte is bookkeeping, not the caller's key
-        (self.data.len() as u64 - 1) + ENTRY_OVERHEAD
+        LruCache::<S>::charge_for(self.key_len as usize - 1, self.value().len())
     }
     #[inline]
     fn matches(&self, kind: KeyKind, key: &[u8]) -> bool {
@@ -99,9 +128,9 @@ pub enum Ttl {
     Nanos(u64),
 }
 
-pub struct LruCache {
+pub struct LruCache<S: SharedValue = Inline> {
     table: HashTable<u32>,
-    slots: Vec<Slot>,
+    slots: Vec<Slot<S>>,
     free_head: u32,
     /// Most recently used.
     head: u32,
@@ -116,9 +145,33 @@ pub struct LruCache {
     stats: Stats,
 }
 
+/// A value to store: copied in, or the caller's object kept as it is.
+enum NewValue<'a, S> {
+    Copy(&'a [u8]),
+    Shared(S),
+}
+
+impl<S: SharedValue> NewValue<'_, S> {
+    fn len(&self) -> usize {
+        match self {
+            NewValue::Copy(v) => v.len(),
+            NewValue::Shared(s) => s.bytes().len(),
+        }
+    }
+}
+
 impl LruCache {
-    /// `max_bytes` > 0; `max_entries` ≥ 1 if given; `default_ttl` in nanoseconds, > 0 if given.
+    /// A cache that copies every value in. `max_bytes` > 0; `max_entries` ≥ 1 if given;
+    /// `default_ttl` in nanoseconds, > 0 if given.
     pub fn new(max_bytes: u64, max_entries: Option<usize>, default_ttl: Option<u64>) -> Result<Self> {
+        Self::with_shared_values(max_bytes, max_entries, default_ttl)
+    }
+}
+
+impl<S: SharedValue> LruCache<S> {
+    /// A cache that may also hold values as `S` objects ([`LruCache::get_shared`],
+    /// [`LruCache::set_shared`]); arguments as [`LruCache::new`].
+    pub fn with_shared_values(max_bytes: u64, max_entries: Option<usize>, default_ttl: Option<u64>) -> Result<Self> {
         if max_bytes == 0 {
             return Err(invalid("max_bytes must be > 0"));
         }
@@ -194,6 +247,34 @@ impl LruCache {
     /// never pay for a clock read.
     #[inline]
     pub fn get(&mut self, kind: KeyKind, key: &[u8], now: impl FnOnce() -> u64) -> Option<&[u8]> {
+        let i = self.lookup(kind, key, now)?;
+        Some(self.slots[i as usize].value())
+    }
+
+    /// As [`LruCache::get`], but the value comes back as a shared object: an inline value is turned
+    /// into one by `share` on its first read (its copy in the slot is then freed), so later reads
+    /// return the same object.
+    #[inline]
+    pub fn get_shared(
+        &mut self,
+        kind: KeyKind,
+        key: &[u8],
+        now: impl FnOnce() -> u64,
+        share: impl FnOnce(&[u8]) -> S,
+    ) -> Option<&S> {
+        let i = self.lookup(kind, key, now)?;
+        let slot = &mut self.slots[i as usize];
+        if slot.shared.is_none() {
+            let shared = share(slot.value());
+            slot.data = slot.key().into();
+            slot.shared = Some(shared);
+        }
+        slot.shared.as_ref()
+    }
+
+    /// The live slot of a key, counting a hit or a miss; a hit becomes the most recently used.
+    #[inline]
+    fn lookup(&mut self, kind: KeyKind, key: &[u8], now: impl FnOnce() -> u64) -> Option<u32> {
         let hash = self.hash(kind, key);
         let Some(i) = self.find(hash, kind, key) else {
             self.stats.misses += 1;
@@ -209,7 +290,7 @@ impl LruCache {
         }
         self.stats.hits += 1;
         self.touch(i);
-        Some(self.slots[i as usize].value())
+        Some(i)
     }
 
     /// Whether a live entry exists; changes neither recency nor counters.
@@ -231,8 +312,19 @@ impl LruCache {
         }
     }
 
-    /// Insert or replace. Fails (changing nothing) if the entry alone exceeds the byte budget.
+    /// Insert or replace, copying `value`. Fails (changing nothing) if the entry alone exceeds the
+    /// byte budget.
     pub fn set(&mut self, kind: KeyKind, key: &[u8], value: &[u8], ttl: Ttl, now: u64) -> Result<()> {
+        self.store(kind, key, NewValue::Copy(value), ttl, now)
+    }
+
+    /// Insert or replace, keeping `value` itself (no copy); as [`LruCache::set`] otherwise. On
+    /// failure `value` is dropped.
+    pub fn set_shared(&mut self, kind: KeyKind, key: &[u8], value: S, ttl: Ttl, now: u64) -> Result<()> {
+        self.store(kind, key, NewValue::Shared(value), ttl, now)
+    }
+
+    fn store(&mut self, kind: KeyKind, key: &[u8], value: NewValue<'_, S>, ttl: Ttl, now: u64) -> Result<()> {
         let charge = Self::charge_for(key.len(), value.len());
         if charge > self.max_bytes {
             return Err(too_large(key.len(), value.len(), self.max_bytes));
@@ -251,10 +343,20 @@ impl LruCache {
             let old = self.slots[i as usize].charge();
             self.stats.bytes -= old;
             let slot = &mut self.slots[i as usize];
-            if slot.data.len() == key.len() + 1 + value.len() {
-                slot.data[key.len() + 1..].copy_from_slice(value);
-            } else {
-                slot.data = pack(kind, key, value);
+            match value {
+                NewValue::Copy(v) if slot.shared.is_none() && slot.data.len() == key.len() + 1 + v.len() => {
+                    slot.data[key.len() + 1..].copy_from_slice(v);
+                }
+                NewValue::Copy(v) => {
+                    slot.shared = None;
+                    slot.data = pack(kind, key, v);
+                }
+                NewValue::Shared(s) => {
+                    if slot.shared.is_none() {
+                        slot.data = slot.key().into();
+                    }
+                    slot.shared = Some(s);
+                }
             }
             slot.deadline = deadline;
             self.stats.bytes += charge;
@@ -265,8 +367,13 @@ impl LruCache {
             return Ok(());
         }
         self.make_room(charge, 1, now, None);
+        let (data, shared) = match value {
+            NewValue::Copy(v) => (pack(kind, key, v), None),
+            NewValue::Shared(s) => (pack(kind, key, &[]), Some(s)),
+        };
         let i = self.alloc_slot(Slot {
-            data: pack(kind, key, value),
+            data,
+            shared,
             key_len: key.len() as u32 + 1,
             prev: NIL,
             next: NIL,
@@ -470,12 +577,13 @@ impl LruCache {
         self.stats.bytes -= slot.charge();
         self.stats.entries -= 1;
         slot.data = Box::default();
+        slot.shared = None;
         slot.deadline = NO_DEADLINE;
         slot.next = self.free_head;
         self.free_head = i;
     }
 
-    fn alloc_slot(&mut self, slot: Slot) -> u32 {
+    fn alloc_slot(&mut self, slot: Slot<S>) -> u32 {
         if self.free_head != NIL {
             let i = self.free_head;
             self.free_head = self.slots[i as usize].next;
@@ -572,7 +680,7 @@ fn pack(kind: KeyKind, key: &[u8], value: &[u8]) -> Box<[u8]> {
 fn too_large(key_len: usize, value_len: usize, max_bytes: u64) -> crate::error::Error {
     invalid(format!(
         "entry of {} bytes (key {key_len} + value {value_len} + overhead {ENTRY_OVERHEAD}) exceeds max_bytes={max_bytes}",
-        LruCache::charge_for(key_len, value_len)
+        LruCache::<Inline>::charge_for(key_len, value_len)
     ))
 }
 
@@ -602,7 +710,7 @@ mod tests {
 
     #[test]
     fn evicts_least_recently_used_within_budget() {
-        let per = LruCache::charge_for(1, 10);
+        let per = LruCache::<Inline>::charge_for(1, 10);
         let mut c = cache(per * 3);
         for k in [b"a", b"b", b"c"] {
             c.set(KeyKind::Str, k, &[0; 10], Ttl::Default, 1).unwrap();
@@ -626,7 +734,7 @@ mod tests {
 
     #[test]
     fn replacing_with_a_bigger_value_evicts_others_not_itself() {
-        let per = LruCache::charge_for(1, 10);
+        let per = LruCache::<Inline>::charge_for(1, 10);
         let mut c = cache(per * 3);
         for k in [b"a", b"b", b"c"] {
             c.set(KeyKind::Str, k, &[0; 10], Ttl::Default, 1).unwrap();
@@ -639,7 +747,7 @@ mod tests {
 
     #[test]
     fn ttl_expiry_and_reclaim() {
-        let mut c = LruCache::new(1 << 20, None, Some(10 * S)).unwrap();
+        let mut c = LruCache::<Inline>::new(1 << 20, None, Some(10 * S)).unwrap();
         c.set(KeyKind::Str, b"a", b"1", Ttl::Default, 0).unwrap();
         c.set(KeyKind::Str, b"b", b"1", Ttl::Nanos(S), 0).unwrap();
         c.set(KeyKind::Str, b"c", b"1", Ttl::Never, 0).unwrap();
@@ -669,7 +777,7 @@ mod tests {
 
     #[test]
     fn heap_stays_exact_under_rewrites_evictions_and_deletes() {
-        let mut c = LruCache::new(LruCache::charge_for(3, 1) * 50, None, Some(S)).unwrap();
+        let mut c = LruCache::<Inline>::new(LruCache::<Inline>::charge_for(3, 1) * 50, None, Some(S)).unwrap();
         for n in 0..20_000u64 {
             let key = format!("{:03}", (n * 7919) % 120);
             let ttl = match n % 4 {
@@ -692,7 +800,7 @@ mod tests {
 
     #[test]
     fn entry_limit_is_enforced() {
-        let mut c = LruCache::new(1 << 20, Some(2), None).unwrap();
+        let mut c = LruCache::<Inline>::new(1 << 20, Some(2), None).unwrap();
         for k in [b"a", b"b", b"c"] {
             c.set(KeyKind::Bytes, k, b"v", Ttl::Default, 1).unwrap();
         }
@@ -703,8 +811,83 @@ mod tests {
 
     #[test]
     fn invalid_construction() {
-        assert!(LruCache::new(0, None, None).is_err());
-        assert!(LruCache::new(1, Some(0), None).is_err());
-        assert!(LruCache::new(1, None, Some(0)).is_err());
+        assert!(LruCache::<Inline>::new(0, None, None).is_err());
+        assert!(LruCache::<Inline>::new(1, Some(0), None).is_err());
+        assert!(LruCache::<Inline>::new(1, None, Some(0)).is_err());
+    }
+
+    /// A shared value that counts how many of its kind are alive (to see the cache drop them).
+    struct Counted(Vec<u8>, std::rc::Rc<std::cell::Cell<usize>>);
+
+    impl Counted {
+        fn new(v: &[u8], live: &std::rc::Rc<std::cell::Cell<usize>>) -> Self {
+            live.set(live.get() + 1);
+            Counted(v.to_vec(), live.clone())
+        }
+    }
+
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.1.set(self.1.get() - 1);
+        }
+    }
+
+    impl SharedValue for Counted {
+        fn bytes(&self) -> &[u8] {
+            &self.0
+        }
+    }
+
+    #[test]
+    fn first_read_shares_the_value_and_later_reads_reuse_it() {
+        let live = std::rc::Rc::new(std::cell::Cell::new(0));
+        let mut c: LruCache<Counted> = LruCache::with_shared_values(10_000, None, None).unwrap();
+        c.set(KeyKind::Str, b"k", b"value", Ttl::Default, 1).unwrap();
+        let charged = c.bytes();
+        let mut made = 0;
+        for _ in 0..3 {
+            let v = c.get_shared(KeyKind::Str, b"k", || 1, |v| {
+                made += 1;
+                Counted::new(v, &live)
+            });
+            assert_eq!(v.map(|v| v.bytes()), Some(&b"value"[..]));
+        }
+        assert_eq!(made, 1, "made once, then reused");
+        assert_eq!(live.get(), 1);
+        let slot = &c.slots[c.find(c.hash(KeyKind::Str, b"k"), KeyKind::Str, b"k").unwrap() as usize];
+        assert_eq!(&slot.data[..], b"\x00k", "the inline copy is freed");
+        assert_eq!(c.bytes(), charged, "sharing changes no accounting");
+        assert_eq!(c.get(KeyKind::Str, b"k", || 1), Some(&b"value"[..]));
+        assert_eq!(c.stats().hits, 4);
+        assert!(c.get_shared(KeyKind::Str, b"missing", || 1, |v| Counted::new(v, &live)).is_none());
+        assert_eq!(c.stats().misses, 1);
+    }
+
+    #[test]
+    fn shared_values_are_replaced_evicted_and_dropped() {
+        let live = std::rc::Rc::new(std::cell::Cell::new(0));
+        let per_entry = LruCache::<Counted>::charge_for(1, 4);
+        let mut c: LruCache<Counted> = LruCache::with_shared_values(2 * per_entry, None, None).unwrap();
+        c.set_shared(KeyKind::Bytes, b"a", Counted::new(b"aaaa", &live), Ttl::Default, 1).unwrap();
+        assert_eq!(c.bytes(), per_entry);
+        assert_eq!(c.get(KeyKind::Bytes, b"a", || 1), Some(&b"aaaa"[..]));
+        // Replaced by a copy: the object goes, the value is inline again.
+        c.set(KeyKind::Bytes, b"a", b"AAAA", Ttl::Default, 1).unwrap();
+        assert_eq!(live.get(), 0);
+        assert_eq!(c.get(KeyKind::Bytes, b"a", || 1), Some(&b"AAAA"[..]));
+        // Replaced by another object of a different size: accounting follows.
+        c.set_shared(KeyKind::Bytes, b"a", Counted::new(b"aa", &live), Ttl::Default, 1).unwrap();
+        assert_eq!(c.bytes(), per_entry - 2);
+        c.set_shared(KeyKind::Bytes, b"b", Counted::new(b"bbbb", &live), Ttl::Default, 1).unwrap();
+        c.set_shared(KeyKind::Bytes, b"c", Counted::new(b"cccc", &live), Ttl::Default, 1).unwrap();
+        assert_eq!(c.len(), 2, "the LRU entry was evicted");
+        assert_eq!(live.get(), 2, "and its object dropped");
+        assert!(c.delete(KeyKind::Bytes, b"b", 1));
+        assert_eq!(live.get(), 1);
+        let too_big = Counted::new(&vec![0; 2 * per_entry as usize], &live);
+        assert!(c.set_shared(KeyKind::Bytes, b"d", too_big, Ttl::Default, 1).is_err());
+        assert_eq!(live.get(), 1, "a refused object is dropped");
+        c.clear();
+        assert_eq!(live.get(), 0);
     }
 }

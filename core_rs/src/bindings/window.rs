@@ -227,7 +227,17 @@ pub(super) fn with_parsed<'py, T, R>(
     run(if n <= INLINE { &inline[..n] } else { &heap })
 }
 
-type Pair<'py> = (Bound<'py, SlidingWindow>, Bound<'py, PyAny>);
+/// One check of `hit_all`: a `(SlidingWindow, key)` tuple, validated by [`pair`]. The tuple is kept
+/// (one reference) and its items borrowed from it, rather than taking a reference to each item.
+type Pair<'py> = Bound<'py, PyTuple>;
+
+/// The limiter and key of a validated pair.
+#[inline]
+fn pair_parts<'a, 'py>(pair: &'a Pair<'py>) -> (&'a Bound<'py, SlidingWindow>, &'a Bound<'py, PyAny>) {
+    let items = pair.as_slice();
+    // SAFETY: `pair` checked the length (2) and the type of item 0; a tuple never changes.
+    unsafe { (items.get_unchecked(0).cast_unchecked::<SlidingWindow>(), items.get_unchecked(1)) }
+}
 
 /// Scratch space of `n` items: the first `INLINE` on the stack, a `Vec` beyond.
 pub(super) fn scratch<'a, T: Clone>(
@@ -246,36 +256,29 @@ pub(super) fn scratch<'a, T: Clone>(
 
 fn run_checks(pairs: &[Option<Pair<'_>>], cost: u64, now: u64) -> PyResult<(bool, i64, f64, u64)> {
     let n = pairs.len();
-    let limiter = |i: usize| pairs[i].as_ref().map(|(l, _)| l);
-    // Distinct limiters (sorted by address to find duplicates); each check refers to one by index.
-    let (mut order_inline, mut order_heap) = ([None; INLINE], Vec::new());
+    // Distinct limiters, in order of first use; each check refers to one by index. A linear search:
+    // there are a handful of levels, and a sort costs more.
+    let mut order_inline: [Option<&Bound<'_, SlidingWindow>>; INLINE] = [None; INLINE];
+    let mut order_heap = Vec::new();
     let order = scratch(&mut order_inline, &mut order_heap, n, None);
-    for (i, slot) in order.iter_mut().enumerate() {
-        *slot = limiter(i);
-    }
-    order.sort_unstable_by_key(|l| l.map(|l| l.as_ptr() as usize));
-    let mut distinct = 0;
-    for i in 0..n {
-        if i == 0 || order[i].map(|l| l.as_ptr()) != order[distinct - 1].map(|l| l.as_ptr()) {
-            order[distinct] = order[i];
-            distinct += 1;
-        }
-    }
-    let order = &order[..distinct];
     let (mut keys_inline, mut keys_heap) = ([(0, KeyKind::Str, &[][..]); INLINE], Vec::new());
-    let keys = scratch(
-        &mut keys_inline,
-        &mut keys_heap,
-        n,
-        (0, KeyKind::Str, &[][..]),
-    );
+    let keys = scratch(&mut keys_inline, &mut keys_heap, n, (0, KeyKind::Str, &[][..]));
+    let mut distinct = 0;
     for (slot, p) in keys.iter_mut().zip(pairs) {
-        let Some((l, key)) = p else { continue };
+        let Some(p) = p else { continue };
+        let (l, key) = pair_parts(p);
         let (kind, k) = key_parts(key)?;
-        let ptr = l.as_ptr();
-        let index = order.partition_point(|o| o.map_or(true, |o| o.as_ptr() < ptr));
+        let index = match order[..distinct].iter().position(|o| o.is_some_and(|o| o.as_ptr() == l.as_ptr())) {
+            Some(index) => index,
+            None => {
+                order[distinct] = Some(l);
+                distinct += 1;
+                distinct - 1
+            }
+        };
         *slot = (index, kind, k);
     }
+    let order = &order[..distinct];
     let mut guards_inline: [Option<GilRefMut<'_, window::SlidingWindow>>; INLINE] =
         [const { None }; INLINE];
     let mut guards_heap = Vec::new();
@@ -297,9 +300,9 @@ fn run_checks(pairs: &[Option<Pair<'_>>], cost: u64, now: u64) -> PyResult<(bool
     ))
 }
 
-/// One `(SlidingWindow, key)` item of `hit_all`'s `checks`.
+/// One `(SlidingWindow, key)` item of `hit_all`'s `checks`, validated.
 #[inline]
-fn pair<'py>(item: &Bound<'py, PyAny>) -> PyResult<(Bound<'py, SlidingWindow>, Bound<'py, PyAny>)> {
+fn pair<'py>(item: &Bound<'py, PyAny>) -> PyResult<Pair<'py>> {
     let tuple = item
         .cast::<PyTuple>()
         .map_err(|_| wrong_type("each check", "a (SlidingWindow, key) tuple", item))?;
@@ -309,11 +312,11 @@ fn pair<'py>(item: &Bound<'py, PyAny>) -> PyResult<(Bound<'py, SlidingWindow>, B
             tuple.len()
         )));
     }
-    let limiter = tuple.get_item(0)?;
-    let limiter = limiter
-        .cast_into::<SlidingWindow>()
-        .map_err(|e| wrong_type("a check's limiter", "SlidingWindow", &e.into_inner()))?;
-    Ok((limiter, tuple.get_item(1)?))
+    let limiter = tuple.get_borrowed_item(0)?;
+    if limiter.cast::<SlidingWindow>().is_err() {
+        return Err(wrong_type("a check's limiter", "SlidingWindow", &limiter));
+    }
+    Ok(tuple.clone())
 }
 
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
