@@ -245,6 +245,44 @@ def test_blocks_are_shared_through_redis(redis_clean: RedisServer) -> None:
     run(main)
 
 
+def test_an_instance_drops_a_long_block_lifted_in_redis_despite_slow_replies(redis_clean: RedisServer) -> None:
+    """A block longer than the table's 275 s record period is read back rounded up (by up to 2.1 s),
+    and a reply read late (a busy process) makes Redis' end look later than it is; neither may keep
+    the instance that made the block from recognising it once an admin lifts it in Redis."""
+    penalty = Penalty(max_violations=1, violation_window=3600.0, block_for=3600.0, block_max=7200.0)
+
+    async def main() -> None:
+        a = hybrid(redis_clean)
+        admin = RedisLimiter.from_url(redis_clean.url, timeout=0.5)
+        run_scripts = a.redis.run_scripts
+
+        async def slow(*args: Any, **kwargs: Any) -> Any:
+            reply = await run_scripts(*args, **kwargs)
+            await asyncio.sleep(0.01)  # read 10 ms after Redis answered
+            return reply
+
+        a.redis.run_scripts = slow  # type: ignore[method-assign]
+        user = Check("user:long", 1, 1.0, penalty=penalty)
+        try:
+            assert a.hit_sync([user]).allowed
+            a.hit_sync([user])
+            assert a.hit_sync([user]).newly_blocked == ("user:long",)
+            for _ in range(3):  # pushed, then read back at every sync that checks the key
+                assert await a.sync()
+                assert a.hit_sync([user]).blocked
+            state = await admin.block_state("user:long")
+            assert state is not None and 3599 < state.remaining <= 3603  # as pushed: rounded up
+            assert await admin.unblock("user:long")
+            assert a.hit_sync([user]).blocked  # not heard yet
+            assert await a.sync()
+            assert await a.block_state("user:long") is None
+        finally:
+            await close(a)
+            await admin.aclose()
+
+    run(main)
+
+
 def test_validation_and_protocol(redis_clean: RedisServer) -> None:
     async def main() -> None:
         lim = hybrid(redis_clean)

@@ -621,14 +621,21 @@ class HybridLimiter:
                 if counter.pending:
                     counter.pending = {i: u for i, u in counter.pending.items() if i >= counter.gidx - 1}
             base = 1 + 2 * len(group)
+            slack = max(0.001, received - sent)  # how far off our estimate of Redis' clock may be
             for n, (key, _) in enumerate(pens):
                 until_us = int(reply[base + n])
-                left = (until_us - now_us) / 1e6
                 state = self.local.block_state_sync(key)
-                if left > 1e-6:
-                    if state is None or state.remaining < left - 0.001:
+                if until_us > now_us:
+                    # Redis' end on this process's clock now (not from the reply's TIME: the reply
+                    # took a while to be read), as the offset just estimated says
+                    left = until_us / 1e6 - self._offset - self.clock()
+                    if left > slack and (state is None or state.remaining < left - slack):
                         self.local.block_sync(key, left)
-                    self._shared[key] = self.local.clock() + left
+                        state = self.local.block_state_sync(key)
+                    if state is not None:
+                        # The end as the machine's table reads it (rounded up, by up to 2.1 s for
+                        # long blocks): what to recognise the block by when Redis drops it.
+                        self._shared[key] = self.local.clock() + state.remaining
                     continue
                 shared = self._shared.pop(key, None)
                 if state is not None and shared is not None and self.local.clock() + state.remaining <= shared + 0.001:
