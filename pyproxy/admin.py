@@ -8,6 +8,9 @@
                     configuration stays in force)
     GET  /ratelimits rate limiting: mode, decisions by route and level, penalty-box blocks, Redis
                     fallbacks and round trips, the current value of every adaptive limit
+    GET    /ratelimits/blocked       the keys in the penalty box now, for the whole proxy (every
+                    worker; every instance through Redis in modes redis and hybrid)
+    DELETE /ratelimits/blocked/{key} unblock a key (URL-encoded): 200, 404 when it was not blocked
     GET  /upstreams every pool's servers: state, health, breaker, ejections, weights, EWMA latency,
                     in-flight requests (summed over the workers), and the pool's counters
     POST   /upstreams/{pool}/servers          add a server: {"address": "host:port", "weight": 1}
@@ -25,6 +28,7 @@ import asyncio
 import hmac
 import json
 import logging
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, cast
 from urllib.parse import unquote
 
@@ -34,12 +38,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pyproxy.balance.changes import ChangeError
 from pyproxy.config import AdminConfig, Config, Problem
 from pyproxy.headers import serialize_response_head
+from pyproxy.ratelimit.penalty_box import PenaltyBox
 
 __all__ = ["AdminServer", "Controller"]
 
 log = logging.getLogger("pyproxy.admin")
 
 _MAX_REQUEST = 64 * 1024  # admin requests are tiny; anything bigger is refused
+_BLOCKED = b"/ratelimits/blocked"
 
 
 class Controller(Protocol):
@@ -56,6 +62,11 @@ class Controller(Protocol):
     def upstreams(self) -> dict[str, Any]: ...
 
     def ratelimits(self) -> dict[str, Any]: ...
+
+    def penalty_box(self) -> PenaltyBox | None:
+        """The penalty box of the whole proxy, used on the admin API's loop (``None``: no rate
+        limiting state in this process yet)."""
+        ...
 
     def change_upstreams(self, method: str, pool: str, server: str | None, body: dict[str, Any]) -> dict[str, Any]:
         """Apply a run-time pool change; :class:`ChangeError` (status, reason) when refused."""
@@ -101,6 +112,10 @@ class _AdminConnection(asyncio.Protocol):
         if path == b"/metrics" and method == b"GET" and self.server.authorized(headers):
             self._respond_raw(200, self.server.controller.metrics_text(), CONTENT_TYPE_LATEST.encode())
             return
+        if (path == _BLOCKED or path.startswith(_BLOCKED + b"/")) and self.server.authorized(headers):
+            # These wait for Redis (modes redis / hybrid): answered when the task ends.
+            self.server.spawn(self.server.handle_blocked(method, path), self._respond)
+            return
         status, body = self.server.handle(method, path, headers, self.body)
         self._respond(status, body)
 
@@ -140,12 +155,16 @@ class AdminServer:
     # /upstreams/{pool}/servers (POST) and /upstreams/{pool}/servers/{server} (PATCH, DELETE)
     SERVERS = b"POST"
     SERVER = b"PATCH DELETE"
+    # /ratelimits/blocked (GET) and /ratelimits/blocked/{key} (DELETE)
+    BLOCKED = b"GET"
+    BLOCKED_KEY = b"DELETE"
 
     def __init__(self, controller: Controller, config: AdminConfig) -> None:
         self.controller = controller
         self.config = config
         self._server: asyncio.Server | None = None
         self.address: tuple[str, int] | None = None
+        self._tasks: set[asyncio.Task[tuple[int, dict[str, object]]]] = set()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -167,6 +186,10 @@ class AdminServer:
             return self.SERVERS
         if len(parts) == 5 and parts[1] == b"upstreams" and parts[3] == b"servers":
             return self.SERVER
+        if path == _BLOCKED:
+            return self.BLOCKED
+        if path.startswith(_BLOCKED + b"/"):
+            return self.BLOCKED_KEY
         return self.ROUTES.get(path, b"GET")
 
     def handle(
@@ -180,7 +203,7 @@ class AdminServer:
         expected = self.ROUTES.get(path)
         if expected is None:
             return 404, {"error": f"no admin endpoint {path.decode('latin-1')}",
-                         "endpoints": sorted(p.decode() for p in self.ROUTES)}
+                         "endpoints": sorted([*(p.decode() for p in self.ROUTES), _BLOCKED.decode()])}
         if method != expected:
             return 405, {"error": f"{path.decode()} takes {expected.decode()}"}
         if path == b"/healthz":
@@ -198,6 +221,63 @@ class AdminServer:
         if problems:
             return 400, {"reloaded": False, "problems": [str(p) for p in problems]}
         return 200, {"reloaded": True}
+
+    def spawn(
+        self,
+        work: Coroutine[Any, Any, tuple[int, dict[str, object]]],
+        respond: Callable[[int, dict[str, object]], None],
+    ) -> None:
+        """Run ``work`` on this loop and ``respond`` with its answer (500 if it raised)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+
+        def done(task: asyncio.Task[tuple[int, dict[str, object]]]) -> None:
+            self._tasks.discard(task)
+            if task.cancelled():
+                return
+            exc = task.exception()
+            if exc is not None:
+                log.error("admin request failed", exc_info=exc)
+                respond(500, {"error": f"internal error: {exc}"})
+            else:
+                respond(*task.result())
+
+        task.add_done_callback(done)
+
+    async def handle_blocked(self, method: bytes, path: bytes) -> tuple[int, dict[str, object]]:
+        """``GET /ratelimits/blocked`` and ``DELETE /ratelimits/blocked/{key}`` (authorized)."""
+        expected = self.allowed(path)
+        if method != expected:
+            return 405, {"error": f"{path.decode('latin-1')} takes {expected.decode()}"}
+        box = self.controller.penalty_box()
+        mode = self.controller.current_config().ratelimit.mode
+        if path == _BLOCKED:
+            if box is None:
+                return 200, {"mode": mode, "blocked": [], "complete": True}
+            keys, problem = await box.blocked()
+            body: dict[str, object] = {
+                "mode": mode,
+                "blocked": [
+                    {"key": b.key, "until": b.until, "remaining": round(b.remaining, 6), "strikes": b.strikes}
+                    for b in keys
+                ],
+                # False: Redis did not answer, the list holds this machine's blocks only.
+                "complete": problem is None,
+            }
+            if problem is not None:
+                body["error"] = f"Redis unavailable: {problem}"
+            return 200, body
+        key = unquote(path[len(_BLOCKED) + 1 :].decode("latin-1"))
+        if not key:
+            return 404, {"error": "expected /ratelimits/blocked/{key}"}
+        if box is None:
+            return 404, {"error": f"{key!r} is not blocked", "key": key}
+        was, problem = await box.unblock(key)
+        if problem is not None:
+            return 503, {"error": f"Redis unavailable: {problem}; unblocked on this machine only", "key": key}
+        if not was:
+            return 404, {"error": f"{key!r} is not blocked", "key": key}
+        return 200, {"unblocked": True, "key": key}
 
     def _change(self, method: bytes, path: bytes, body: bytes) -> tuple[int, dict[str, object]]:
         parts = [unquote(p.decode("latin-1")) for p in path.split(b"/")]

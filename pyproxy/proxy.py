@@ -14,6 +14,7 @@ from pyproxy.core import SharedWindows
 from pyproxy.config import Config
 from pyproxy.observe.access_log import AccessLog
 from pyproxy.observe.metrics import WorkerMetrics
+from pyproxy.ratelimit.local import LocalLimiter
 from pyproxy.ratelimit.phase import TABLE_CAPACITY, RateLimitPhase, needs_ratelimit
 from pyproxy.routing import Router
 
@@ -37,10 +38,11 @@ class ProxyState:
     draining: bool = False
     access_log: AccessLog | None = None
     metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
-    # Rate limits (None: no route has any). The counter table is shared by the machine's workers
-    # when the supervisor made it before forking; it outlives reloads.
+    # Rate limits (None: no route has any). The local limiter (its counter table and its journal of
+    # blocked keys) is shared by the machine's workers when the supervisor made it before forking;
+    # it outlives reloads.
     ratelimit: RateLimitPhase | None = None
-    ratelimit_table: SharedWindows | None = None
+    ratelimit_local: LocalLimiter | None = None
     _adapt_handle: asyncio.TimerHandle | None = None
 
     def open_access_log(self) -> None:
@@ -53,13 +55,13 @@ class ProxyState:
             self.access_log.start()
 
     @classmethod
-    def from_config(cls, config: Config, ratelimit_table: SharedWindows | None = None) -> ProxyState:
+    def from_config(cls, config: Config, ratelimit_local: LocalLimiter | None = None) -> ProxyState:
         state = cls(
             config=config,
             router=Router(config.routes),
             upstreams={name: UpstreamPool(p) for name, p in config.pools.items()},
             pools={name: ConnectionPool(p) for name, p in config.pools.items()},
-            ratelimit_table=ratelimit_table,
+            ratelimit_local=ratelimit_local,
         )
         state._configure_ratelimit(config)
         return state
@@ -69,8 +71,8 @@ class ProxyState:
         if not needs_ratelimit(config):
             self._close_ratelimit()
             return
-        if self.ratelimit_table is None:
-            self.ratelimit_table = SharedWindows(TABLE_CAPACITY)
+        if self.ratelimit_local is None:
+            self.ratelimit_local = LocalLimiter(SharedWindows(TABLE_CAPACITY))
         old = self.ratelimit
         where = ("mode", "redis_url", "cluster", "timeout", "sync_interval")
         if old is not None and all(
@@ -79,7 +81,7 @@ class ProxyState:
             old.reconfigure(config)
             return
         self._close_ratelimit()
-        self.ratelimit = RateLimitPhase(config, self.ratelimit_table)
+        self.ratelimit = RateLimitPhase(config, self.ratelimit_local)
 
     def _close_ratelimit(self) -> None:
         old, self.ratelimit = self.ratelimit, None

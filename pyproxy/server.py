@@ -15,6 +15,10 @@ Run-time pool changes (admin ``/upstreams``) are validated by whoever serves the
 process with one worker, the supervisor with several) and applied in every worker: the supervisor
 writes its change log to a file made before forking and sends the workers SIGUSR1; a worker
 started later applies the whole log at start (see :mod:`pyproxy.balance.changes`).
+
+The penalty box (admin ``/ratelimits/blocked``) needs no such message: blocks live in the machine's
+shared rate-limit table and, in modes ``redis`` / ``hybrid``, in Redis, so whoever serves the admin
+API reads and lifts them there itself (see :mod:`pyproxy.ratelimit.penalty_box`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -48,6 +52,8 @@ from pyproxy.observe.metrics import (
     without_gauges,
 )
 from pyproxy.proxy import ClientConnection, ProxyState
+from pyproxy.ratelimit.local import LocalLimiter
+from pyproxy.ratelimit.penalty_box import PenaltyBox
 from pyproxy.ratelimit.phase import TABLE_CAPACITY
 
 __all__ = ["ProxyServer", "run"]
@@ -66,12 +72,13 @@ class ProxyServer:
         admin: bool = True,
         publish: tuple[SharedSnapshots, int] | None = None,
         changes_path: Path | None = None,
-        ratelimit_table: SharedWindows | None = None,
+        ratelimit_local: LocalLimiter | None = None,
     ) -> None:
         self.config = config
-        # The machine-wide rate-limit counters: made by the supervisor before forking (None: this
-        # process makes its own when a configuration needs one).
-        self.ratelimit_table = ratelimit_table
+        # The machine-wide rate-limit counters and journal of blocked keys: made by the supervisor
+        # before forking (None: this process makes its own when a configuration needs one).
+        self.ratelimit_local = ratelimit_local
+        self._penalty_box: PenaltyBox | None = None
         self.config_path = config_path
         # Run-time pool changes: this process validates them (admin here), or a supervisor wrote
         # them to ``changes_path`` and signals SIGUSR1.
@@ -91,7 +98,7 @@ class ProxyServer:
     async def start(self) -> None:
         """Bind every listener (port 0 takes a free port: see :attr:`addresses`)."""
         loop = asyncio.get_running_loop()
-        self.state = state = ProxyState.from_config(self.config, self.ratelimit_table)
+        self.state = state = ProxyState.from_config(self.config, self.ratelimit_local)
         state.open_access_log()
         state.start()
         if self.changes_path is not None:
@@ -124,6 +131,8 @@ class ProxyServer:
             self._publisher.cancel()
         if self.admin is not None:
             await self.admin.stop()
+        if self._penalty_box is not None:
+            await self._penalty_box.aclose()
         for server in self._servers:
             server.close()
         if self.state is not None:
@@ -157,6 +166,13 @@ class ProxyServer:
     def ratelimits(self) -> dict[str, Any]:
         snap = self.state.snapshot() if self.state is not None else {}
         return merge_ratelimit([snap["ratelimit"]] if "ratelimit" in snap else [])
+
+    def penalty_box(self) -> PenaltyBox | None:
+        # This process's own limiter (the admin API runs on its loop), once rate limiting made one.
+        local = self.state.ratelimit_local if self.state is not None else None
+        if local is not None and self._penalty_box is None:
+            self._penalty_box = PenaltyBox(local, lambda: self.current_config().ratelimit)
+        return self._penalty_box
 
     def change_upstreams(self, method: str, pool: str, server: str | None, body: dict[str, Any]) -> dict[str, Any]:
         change = _record_change(self.changes, method, pool, server, body)
@@ -248,12 +264,12 @@ def serve_worker(
     admin: bool,
     publish: tuple[SharedSnapshots, int] | None = None,
     changes_path: Path | None = None,
-    ratelimit_table: SharedWindows | None = None,
+    ratelimit_local: LocalLimiter | None = None,
 ) -> None:
     """One worker: the listeners on one event loop until SIGINT or SIGTERM; SIGHUP reloads."""
     server = ProxyServer(
         config, config_path, admin=admin, publish=publish, changes_path=changes_path,
-        ratelimit_table=ratelimit_table,
+        ratelimit_local=ratelimit_local,
     )
     serve_until_signal(server.start, server.stop, on_hangup=server.reload)
 
@@ -274,8 +290,10 @@ class Supervisor:
         self.children: dict[int, tuple[int, float]] = {}  # pid -> (slot, started at)
         self.changes = ChangeLog(config)
         # Rate-limit counters every worker shares (made now, before any fork; 4 MiB, so always:
-        # a reload may turn limits on).
-        self.ratelimit_table = SharedWindows(TABLE_CAPACITY)
+        # a reload may turn limits on). The limiter, not only its table: its journal of blocked
+        # keys is then shared too, so the admin API here lists what any worker blocked.
+        self.ratelimit_local = LocalLimiter(SharedWindows(TABLE_CAPACITY))
+        self._penalty_box: PenaltyBox | None = None
         self._changes_dir = Path(tempfile.mkdtemp(prefix="pyproxy-"))
         self.changes_path = self._changes_dir / "pool-changes.json"
         self.changes.write(self.changes_path)
@@ -292,14 +310,29 @@ class Supervisor:
             if self.config.admin.enabled:
                 # The admin API lives here, once for all workers, on a thread of its own.
                 admin = AdminServer(self, self.config.admin)
-                stack.enter_context(in_thread(admin.start, admin.stop, "pyproxy-admin"))
+                stack.enter_context(in_thread(admin.start, self._stop_admin(admin), "pyproxy-admin"))
             stack.callback(shutil.rmtree, self._changes_dir, True)
             self._supervise()
         return 0
 
+    def _stop_admin(self, admin: AdminServer) -> Callable[[], Awaitable[None]]:
+        async def stop() -> None:
+            await admin.stop()
+            if self._penalty_box is not None:
+                await self._penalty_box.aclose()  # on the admin API's loop, which opened it
+
+        return stop
+
     # -- admin Controller
     def current_config(self) -> Config:
         return self.config
+
+    def penalty_box(self) -> PenaltyBox:
+        # Used on the admin API's thread only: this process's copy of the workers' limiter (its
+        # caches are this copy's own; table and journal are shared) and a Redis client of its own.
+        if self._penalty_box is None:
+            self._penalty_box = PenaltyBox(self.ratelimit_local, lambda: self.config.ratelimit)
+        return self._penalty_box
 
     def metrics_text(self) -> bytes:
         def snapshot() -> Snapshot:
@@ -385,7 +418,7 @@ class Supervisor:
                 signal.signal(signal.SIGUSR1, signal.SIG_IGN)
                 serve_worker(
                     self.config, self.config_path, admin=False, publish=(self.snapshots, slot),
-                    changes_path=self.changes_path, ratelimit_table=self.ratelimit_table,
+                    changes_path=self.changes_path, ratelimit_local=self.ratelimit_local,
                 )
                 code = 0
             except BaseException:  # noqa: BLE001 - reported, then the supervisor replaces us

@@ -6,13 +6,16 @@ import http.client
 import json
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from helpers import eventually, free_port, proxy_process
+import pytest
+
+from helpers import accepts_connections, eventually, free_port, proxy_process
 
 # Windows are an hour long so that no test run straddles a window's start (counters are aligned
 # on fixed windows: a count that straddles one is a sliding estimate, not a fixed number).
@@ -108,6 +111,15 @@ def test_the_penalty_box_blocks_a_key_that_keeps_violating() -> None:
         assert admin is not None and admin.address is not None
         with urllib.request.urlopen(f"http://127.0.0.1:{admin.address[1]}/ratelimits", timeout=5) as r:
             assert json.loads(r.read())["blocks"] == 1
+        # One process: the admin API runs on the worker's own loop, over its own limiter.
+        key = "key:api:header:X-User:mallory"
+        assert list(block_list(admin.address[1])) == [key]
+        assert admin_call(admin.address[1], "DELETE", f"/ratelimits/blocked/{key}")[0] == 200
+        assert block_list(admin.address[1]) == {}
+        conn = http.client.HTTPConnection(*server.addresses[0], timeout=10)
+        status, _, body = get(conn, {"X-User": "mallory"})
+        assert status == 429 and not json.loads(body)["blocked"]  # the hour-long key limit still counts
+        conn.close()
 
 
 def test_a_limit_holds_for_the_whole_proxy_across_two_workers(tmp_path: Path) -> None:
@@ -218,3 +230,149 @@ def test_hybrid_mode_shares_limits_between_instances_within_its_bound(redis_clea
         assert set(statuses) <= {200, 429}
         c1.close()
         c2.close()
+
+
+# -- the penalty box on the admin API ----------------------------------------------------------------
+
+TOKEN = "s3cret"
+PENALTY = '[ratelimit.penalty]\nmax_violations = 1\nviolation_window = "1h"\nblock_for = "1h"\nblock_max = "2h"\n'
+# Two per second per user: a key that stops sending is allowed again after two seconds, so what
+# still refuses it then is the penalty box alone.
+KEY_LIMIT = '[[routes]]\npool = "p"\nname = "api"\n[routes.ratelimit]\nkey = "header:X-User"\n' \
+            'key_limits = [{limit = 2, window = "1s"}]\n'
+
+
+def admin_call(port: int, method: str, path: str, token: str | None = TOKEN) -> tuple[int, dict[str, Any]]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path, headers={"Authorization": f"Bearer {token}"} if token else {})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def user_request(port: int, user: str) -> tuple[int, dict[str, Any]]:
+    """One request on a new connection (the kernel spreads those over the workers): status, and the
+    JSON body of a 429."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        status, _, body = get(conn, {"X-User": user})
+        return status, json.loads(body) if status == 429 else {}
+    finally:
+        conn.close()
+
+
+def block_list(admin_port: int) -> dict[str, dict[str, Any]]:
+    status, body = admin_call(admin_port, "GET", "/ratelimits/blocked")
+    assert status == 200 and body["complete"], body
+    return {entry["key"]: entry for entry in body["blocked"]}
+
+
+def check_block_and_unblock(
+    admin_port: int, port: int, user: str, boxed_via: int | None = None, strikes: int = 1, hybrid: bool = False
+) -> None:
+    """``user`` gets boxed (through ``boxed_via``, another instance, when given, else ``port``); the
+    admin API at ``admin_port`` lists it (with ``strikes``) and unblocks it; it is allowed again on
+    the admin API's instance (``port``) at once, and on the other instance."""
+    key = f"key:api:header:X-User:{user}"
+    path = "/ratelimits/blocked/" + urllib.parse.quote(key, safe="")
+    via = port if boxed_via is None else boxed_via
+    seen = [user_request(via, user) for _ in range(4)]
+    # 2 allowed, the first violation counted, the second one boxes the key.
+    assert [s for s, _ in seen] == [200, 200, 429, 429], seen
+    assert not seen[2][1]["blocked"]
+
+    eventually(lambda: key in block_list(admin_port), f"{key} in the block list")
+    entry = block_list(admin_port)[key]
+    # (the local table keeps a block's end to 2.1 s beyond its 275 s record period: rounded up)
+    assert entry["strikes"] == strikes and 3500 < entry["remaining"] <= 3603, entry
+    assert abs(entry["until"] - (time.time() + entry["remaining"])) < 5, entry
+    assert admin_call(admin_port, "GET", "/ratelimits/blocked", token=None)[0] == 401
+    assert admin_call(admin_port, "DELETE", path, token="wrong")[0] == 401
+    assert admin_call(admin_port, "POST", "/ratelimits/blocked")[0] == 405
+    assert admin_call(admin_port, "GET", path)[0] == 405
+
+    time.sleep(2.1)  # the key limit has forgotten the two requests: the box alone refuses now
+    if hybrid:
+        # An instance that never checked the key learns its block at the sync after its first check
+        # (requests it allows meanwhile count against the key limit: let them age out).
+        learning: list[int] = []
+        eventually(lambda: learning.append(user_request(port, user)[0]) or learning[-1] == 429,
+                   "the block to reach the admin's instance", 5)
+        if 200 in learning:
+            time.sleep(2.1)
+    for p in (port, port, via):  # new connections: both workers
+        status, body = user_request(p, user)
+        assert status == 429 and body["blocked"], (p, status, body)
+
+    assert admin_call(admin_port, "DELETE", path) == (200, {"unblocked": True, "key": key})
+    assert key not in block_list(admin_port)
+    status, body = admin_call(admin_port, "DELETE", path)
+    assert status == 404 and body["key"] == key, body
+    # Allowed again on every worker of the admin's instance at once ...
+    statuses = [user_request(port, user)[0] for _ in range(2)]
+    assert statuses == [200, 200], statuses
+    if via != port:
+        # ... and on the other instance (hybrid: once a sync that checks the key brings the unblock).
+        time.sleep(2.1)
+        eventually(lambda: user_request(via, user)[0] == 200, "the other instance to allow the key", 5)
+    # Strikes were forgotten: boxed again, it is the first block again, not a doubled one.
+    time.sleep(2.1)
+    seen = [user_request(via, user) for _ in range(4)]
+    assert [s for s, _ in seen] == [200, 200, 429, 429], seen
+    eventually(lambda: key in block_list(admin_port), f"{key} in the block list again")
+    entry = block_list(admin_port)[key]
+    assert entry["strikes"] == strikes and 3500 < entry["remaining"] <= 3603, entry
+
+
+@contextmanager
+def two_worker_proxy(tmp_path: Path, upstream: str, ratelimit: str = "") -> Iterator[tuple[int, int]]:
+    """``pyproxy run`` with 2 workers, the admin API (in the supervisor, with a token), the penalty
+    box and the key limit; ``ratelimit``: more ``[ratelimit]`` lines. Yields (port, admin port)."""
+    port, admin_port = free_port(), free_port()
+    cfg = tmp_path / "rl.toml"
+    cfg.write_text(
+        f'workers = 2\n[[listeners]]\nport = {port}\n[admin]\nport = {admin_port}\ntoken = "{TOKEN}"\n'
+        f'[pools.p]\nservers = ["{upstream}"]\n[ratelimit]\n{ratelimit}{PENALTY}{KEY_LIMIT}'
+    )
+    with proxy_process(cfg, port):
+        eventually(lambda: accepts_connections(admin_port), "the admin API")
+        yield port, admin_port
+
+
+def test_admin_lists_and_unblocks_penalty_box_keys_across_two_workers(tmp_path: Path) -> None:
+    up = SampleServer(name="up")
+    with up.running():
+        with two_worker_proxy(tmp_path, up.address) as (port, admin_port):
+            status, body = admin_call(admin_port, "GET", "/ratelimits/blocked")
+            assert (status, body) == (200, {"mode": "local", "blocked": [], "complete": True})
+            # The admin API runs in the supervisor; blocks are made by the workers.
+            check_block_and_unblock(admin_port, port, "mallory/1")
+        assert up.accepts >= 2  # both workers served
+
+
+@pytest.mark.parametrize("mode", ["redis", "hybrid"])
+def test_admin_unblocks_a_key_for_every_instance_sharing_redis(tmp_path: Path, redis_clean: Any, mode: str) -> None:
+    """Instance A (2 workers, the admin API in its supervisor) and instance B (one process) share
+    Redis; B's traffic gets the key boxed, A's admin API lists and lifts it, B allows it again."""
+    up = SampleServer(name="up")
+    with up.running():
+        shared: dict[str, Any] = {"mode": mode, "redis_url": redis_clean.url, "timeout": "500ms"}
+        if mode == "hybrid":
+            shared["sync_interval"] = "20ms"
+        toml = "".join(f'{k} = "{v}"\n' for k, v in shared.items())
+        with two_worker_proxy(tmp_path, up.address, toml) as (port, admin_port):
+            with limited_proxy(
+                {**shared,
+                 "penalty": {"max_violations": 1, "violation_window": "1h", "block_for": "1h", "block_max": "2h"}},
+                {"key": "header:X-User", "key_limits": [{"limit": 2, "window": "1s"}]},
+            ) as other:
+                # Boxed through B, listed and lifted through A (from Redis), allowed on both. In
+                # hybrid mode strikes are counted per machine: Redis, all A sees, has the block's end.
+                check_block_and_unblock(
+                    admin_port, port, f"oscar {mode}", boxed_via=other.addresses[0][1],
+                    strikes=1 if mode == "redis" else 0, hybrid=mode == "hybrid",
+                )
+                status, body = admin_call(admin_port, "GET", "/ratelimits/blocked")
+                assert body["mode"] == mode

@@ -7,9 +7,9 @@ or none, and the answer is an :class:`Outcome`: go on (with the ``RateLimit-Poli
 (429 with ``Retry-After`` and a JSON body naming the level; 503 when Redis is unavailable and
 ``on_redis_error = "deny"``).
 
-Modes: ``local`` decides synchronously in shared memory (:class:`~pyproxy.ratelimit.local.LocalLimiter`
-over a :class:`~pyproxy.core.SharedWindows` table the supervisor made before forking, so the limits
-hold for the whole machine); ``redis`` asks Redis (:class:`~pyproxy.ratelimit.redis_backend.RedisLimiter`,
+Modes: ``local`` decides synchronously in shared memory (a :class:`~pyproxy.ratelimit.local.LocalLimiter`
+over a :class:`~pyproxy.core.SharedWindows` table, both made by the supervisor before forking, so the
+limits and the penalty box hold for the whole machine); ``redis`` asks Redis (:class:`~pyproxy.ratelimit.redis_backend.RedisLimiter`,
 one round trip); ``hybrid`` decides locally and reconciles with Redis in the background
 (:mod:`pyproxy.ratelimit.hybrid`). When Redis fails, ``on_redis_error`` picks the local limiter,
 a 503, or letting the request through; each fallback is counted.
@@ -67,7 +67,7 @@ def needs_ratelimit(config: Config) -> bool:
 class RateLimitPhase:
     """One worker's rate limiting: policy, limiter(s), counters."""
 
-    def __init__(self, config: Config, table: SharedWindows | None = None) -> None:
+    def __init__(self, config: Config, local: LocalLimiter | None = None) -> None:
         rl = config.ratelimit
         self.mode = rl.mode
         self.on_redis_error = rl.on_redis_error
@@ -75,7 +75,7 @@ class RateLimitPhase:
         self.policy = RatePolicy(config)
         self.routes = frozenset(name for name, p in self.policy.routes.items() if p.enabled)
         # The local limiter is the whole story in local mode, and the fallback of the others.
-        self.local = LocalLimiter(table if table is not None else SharedWindows(TABLE_CAPACITY))
+        self.local = local if local is not None else LocalLimiter(SharedWindows(TABLE_CAPACITY))
         self.shared: Any = None  # RedisLimiter or HybridLimiter (imported only when configured)
         # What the shared limiter raises when Redis fails (an exception nothing raises otherwise).
         self._unavailable: type[Exception] = _NeverRaised
