@@ -41,7 +41,7 @@ through ``/proc`` that every worker holds 4 of the connections.
 processes): the client offered and got 998–1001 requests/s (it reaches ~8000/s against one local
 instance, mostly 429s); 100 per 1 s: counter 300–301 allowed (per window 99–100), log 300 (densest
 101 allowed spanning 1000.6–1001.2 ms in Redis and the Cluster, 1058.8–1061.2 ms locally); 10 per
-100 ms (Redis): counter 300–301 (9–10 per window), log 300 (densest 11: 100.5–100.6 ms); hybrid
+100 ms (Redis): counter 299–301 (8–10 per window surely inside it), log 300 (densest 11: 100.5–100.6 ms); hybrid
 342–365 allowed, 132–146 in the first window and 101–117 in the later ones, against a bound of 202.
 The file takes 40–50 s.
 """

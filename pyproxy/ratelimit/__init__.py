@@ -9,6 +9,8 @@
   and charged in one atomic Lua script on Redis's clock, with the penalty box (mode ``redis``).
 - :mod:`pyproxy.ratelimit.hybrid`: :class:`HybridLimiter`, decided locally and reconciled with
   Redis every ``sync_interval`` (mode ``hybrid``).
+- :mod:`pyproxy.ratelimit.penalty_box`: the penalty box of the whole proxy (every worker, every
+  instance sharing Redis) as the admin API lists and lifts it.
 
 Redis is optional at run time: the Redis names are imported on first use, so ``import
 pyproxy.ratelimit`` works without ``redis`` installed (using ``RedisLimiter`` then needs it).
