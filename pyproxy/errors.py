@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pyproxy._core import PyproxyError
 
-__all__ = ["HeaderError", "ProtocolError", "PyproxyError"]
+__all__ = ["CacheError", "CorruptEntry", "HeaderError", "ProtocolError", "PyproxyError", "TierUnavailable"]
 
 
 class ProtocolError(PyproxyError):
@@ -30,3 +30,16 @@ class HeaderError(ProtocolError, ValueError):
         super().__init__(message)
         self.name = name
         self.status = status
+
+
+class CacheError(PyproxyError):
+    """Category: the response cache (a tier, or an entry read from one)."""
+
+
+class CorruptEntry(CacheError, ValueError):
+    """Bytes read from a cache tier that are not an intact entry of ours (wrong magic or version,
+    truncated, checksum mismatch): the entry is dropped and refetched, never served."""
+
+
+class TierUnavailable(CacheError):
+    """A cache tier failed or timed out; the cache skips it for a while and serves from the others."""
