@@ -82,6 +82,7 @@ cdef class UpstreamConnection
 cdef class ClientConnection
 
 
+_NO_DECISION = object()  # not in the router's memo (None there means "no route")
 _IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))  # RFC 9110 §9.2.2
 
 
@@ -147,15 +148,17 @@ cdef class ConnectionPool:
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
-        self.idle = collections.defaultdict(
-            collections.deque
-        )
+        # Keyed by the server's address (a str: its hash is cached), not by the frozen Server
+        # dataclass, whose generated __hash__ is a Python call per lookup.
+        self.idle = collections.defaultdict(collections.deque)
         self.connects = 0
         self.retired = False  # replaced by a reload: connections close instead of returning
 
-    def take_idle(self, server: Server) -> UpstreamConnection | None:
-        """A kept-alive connection to ``server`` (most recently used first), if one is usable."""
-        idle = self.idle[server]
+    cpdef UpstreamConnection take_idle(self, str address):
+        """A kept-alive connection to the server at ``address`` (most recently used first), if one
+        is usable."""
+        cdef UpstreamConnection conn
+        idle = self.idle.get(address)
         while idle:
             conn = idle.pop()
             conn.deadline.clear()
@@ -173,9 +176,9 @@ cdef class ConnectionPool:
         )
         return conn
 
-    def release(self, conn: UpstreamConnection) -> None:
+    cpdef release(self, UpstreamConnection conn):
         """Keep ``conn`` for reuse, or close it when the pool is full or it cannot be reused."""
-        idle = self.idle[conn.server]
+        idle = self.idle[conn.address]
         if self.retired or not conn.usable() or len(idle) >= self.pool.max_idle_per_server:
             conn.close()
             return
@@ -184,13 +187,12 @@ cdef class ConnectionPool:
 
     def close_server(self, address: str) -> None:
         """Close the idle connections to the server at ``address`` (it left the pool)."""
-        for server in [s for s in self.idle if s.address == address]:
-            idle = self.idle.pop(server)
-            while idle:
-                idle.pop().close()
+        idle = self.idle.pop(address, None)
+        while idle:
+            idle.pop().close()
 
-    def forget(self, conn: UpstreamConnection) -> None:
-        idle = self.idle.get(conn.server)
+    cpdef forget(self, UpstreamConnection conn):
+        idle = self.idle.get(conn.address)
         if idle and conn in idle:
             idle.remove(conn)
 
@@ -344,7 +346,7 @@ cdef class Exchange:
         return self.client.peer.decode("latin-1")
 
     # -- the forward phase
-    def start(self) -> None:
+    cpdef start(self):
         """Answer this exchange: refuse it, or take a slot of its pool and forward it."""
         self.started = True
         if self.refusal is not None:
@@ -390,7 +392,7 @@ cdef class Exchange:
         self.finish()
         return False
 
-    def _admit(self) -> None:
+    cpdef _admit(self):
         """Phase 5 starts: a slot of the pool's bulkhead, then a server."""
         route = self.route
         self.upool = upool = self.client.state.upstreams[route.pool]
@@ -442,8 +444,8 @@ cdef class Exchange:
         self.upstream_status = 0
         self.upstream_latency = 0.0
         self.sent_at = 0.0
-        pool = self.client.state.pools[route.pool]
-        conn = pool.take_idle(self.server)
+        cdef ConnectionPool pool = self.client.state.pools[route.pool]
+        conn = pool.take_idle(server.id)
         if conn is not None:
             self.client.metrics.upstream_connection(route.pool, True)
             self._attach(conn)
@@ -550,7 +552,7 @@ cdef class Exchange:
         else:
             self._attach(conn)
 
-    def _attach(self, upstream: UpstreamConnection) -> None:
+    cpdef _attach(self, UpstreamConnection upstream):
         assert self.route is not None and self.server is not None
         try:
             head, self.request_id = rewrite_request_head(
@@ -615,8 +617,8 @@ cdef class Exchange:
         self.tried.append(server)
         server.started()
         self.hedge_chosen = server
-        pool = self.client.state.pools[self.route.pool]
-        conn = pool.take_idle(server.server)
+        cdef ConnectionPool pool = self.client.state.pools[self.route.pool]
+        conn = pool.take_idle(server.id)
         if conn is not None:
             self.client.metrics.upstream_connection(self.route.pool, True)
             self._attach_hedge(conn)
@@ -844,6 +846,7 @@ cdef class UpstreamConnection:
     """One connection to an upstream server; carries one exchange at a time."""
 
     cdef public object headers, parser, reason, server, transport
+    cdef public str address  # server.address, computed once (the pool's key)
     cdef public Deadline deadline  # idle in the pool → close; busy → response timeout (504)
     cdef public Exchange exchange
     cdef public ConnectionPool pool
@@ -863,6 +866,7 @@ cdef class UpstreamConnection:
     def __init__(self, pool: ConnectionPool, server: Server) -> None:
         self.pool = pool
         self.server = server
+        self.address = server.address
         self.transport = None
         self.parser = httptools.HttpResponseParser(self)
         self.exchange = None
@@ -873,7 +877,7 @@ cdef class UpstreamConnection:
         self.exchanges_served = 0  # completed before the current one: > 0 means a reused connection
         self._reset()
 
-    def _reset(self) -> None:
+    cdef _reset(self):
         self.received = 0  # bytes of the current response read so far
         self.head_received = False
         self.status = 0
@@ -893,7 +897,7 @@ cdef class UpstreamConnection:
         if self.exchange is not None:
             self.exchange.connection_timed_out(self)
 
-    def begin(self, exchange: Exchange) -> None:
+    cpdef begin(self, Exchange exchange):
         self.exchange = exchange
         self._reset()
 
@@ -1320,7 +1324,11 @@ cdef class ClientConnection:
             host = ex.host = hosts[0] if hosts else None
             if ex.upgrade and ex.framing != 0:
                 raise _Refuse(400, "an Upgrade request with a body")
-            ex.route = self.state.router.match_raw(ex.method, ex.target, host)
+            # The router's memo of decisions read here first: a hit costs no Python call.
+            router = self.state.router
+            ex.route = router._decisions.get((ex.method, ex.target, host), _NO_DECISION)
+            if ex.route is _NO_DECISION:
+                ex.route = router.match_raw(ex.method, ex.target, host)
             if ex.route is None:
                 # No route: answered here; a request body would have to be drained, so close then.
                 raise _Refuse(404, "no route for this request", close=ex.framing != 0)
@@ -1373,7 +1381,7 @@ cdef class ClientConnection:
             self.pause_reading("pipeline")  # one request ahead is enough
 
     # -- answering, in order
-    def _enqueue(self, ex: Exchange) -> None:
+    cpdef _enqueue(self, Exchange ex):
         self.queue.append(ex)
         if len(self.queue) == 1 and not self.feeding:
             ex.start()
@@ -1430,8 +1438,11 @@ cdef class ClientConnection:
         )
 
     cpdef _start_next(self):
-        if self.queue and not self.queue[0].started and not self.queue[0].done:
-            self.queue[0].start()
+        cdef Exchange head
+        if self.queue:
+            head = self.queue[0]
+            if not head.started and not head.done:
+                head.start()
 
     def respond_error(self, ex: Exchange, status: int, message: str, close: bool) -> None:
         """Answer ``ex`` with ``status`` and a one-line plain-text body naming the problem."""

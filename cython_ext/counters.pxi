@@ -50,6 +50,12 @@ cdef class _StatusCounts:
         return [(code, self.by_status[code]) for code in range(600) if self.by_status[code]]
 
 
+cdef class _Connections:
+    """Upstream connections of one pool: opened and reused (counted per request: C fields, not a
+    (pool, kind) tuple key built and hashed each time)."""
+    cdef long long new, reused
+
+
 cdef Histogram _histogram(dict table, str name):
     found = table.get(name)
     if found is None:
@@ -63,7 +69,7 @@ cdef class WorkerMetrics:
     cdef dict _requests           # (route, pool) -> _StatusCounts
     cdef dict _request_duration   # route -> Histogram
     cdef dict _upstream_duration  # pool -> Histogram
-    cdef dict _upstream_connections  # (pool, "new" | "reused") -> count
+    cdef dict _upstream_connections  # pool -> _Connections
     cdef dict _refused            # status -> count
     cdef public long long connections_total, connections_open, in_flight
 
@@ -89,8 +95,13 @@ cdef class WorkerMetrics:
         _histogram(self._upstream_duration, pool).observe(seconds)
 
     cpdef upstream_connection(self, str pool, bint reused):
-        key = (pool, "reused" if reused else "new")
-        self._upstream_connections[key] = self._upstream_connections.get(key, 0) + 1
+        cdef _Connections counts = self._upstream_connections.get(pool)
+        if counts is None:
+            counts = self._upstream_connections[pool] = _Connections()
+        if reused:
+            counts.reused += 1
+        else:
+            counts.new += 1
 
     cpdef refused_request(self, int status):
         self._refused[status] = self._refused.get(status, 0) + 1
@@ -105,7 +116,12 @@ cdef class WorkerMetrics:
             ],
             "request_duration": {k: (<Histogram>h).as_list() for k, h in self._request_duration.items()},
             "upstream_duration": {k: (<Histogram>h).as_list() for k, h in self._upstream_duration.items()},
-            "upstream_connections": [[*k, v] for k, v in self._upstream_connections.items()],
+            "upstream_connections": [
+                [pool, kind, value]
+                for pool, counts in self._upstream_connections.items()
+                for kind, value in (("new", (<_Connections>counts).new), ("reused", (<_Connections>counts).reused))
+                if value
+            ],
             "refused": {str(k): v for k, v in self._refused.items()},
             "connections_total": self.connections_total,
             "connections_open": self.connections_open,
