@@ -1,5 +1,5 @@
-"""Cythonize ``cython_ext/`` into ``pyproxy._speedups`` (head helpers) and ``pyproxy._protocol``
-(the data plane's protocol objects).
+"""Cythonize ``cython_ext/`` into ``pyproxy._speedups`` (head helpers), ``pyproxy._balance`` (the
+balancers' per-request arithmetic) and ``pyproxy._protocol`` (the data plane's protocol objects).
 
 Everything else (metadata, the Rust extension via setuptools-rust) lives in pyproject.toml; this file
 exists only because Cython extensions still need ``ext_modules``. ``PYPROXY_CYTHON_ANNOTATE=1`` writes
@@ -21,6 +21,13 @@ extensions = [
     ),
     # The data plane's protocol objects: a module of its own because they import pyproxy.headers,
     # which imports _speedups (one module would import itself half-initialised).
+    # The balancers' per-request arithmetic (bases of UpstreamServer and RoundRobin): a module of
+    # its own because pyproxy.balance is imported by pyproxy.config, which _protocol imports.
+    Extension(
+        "pyproxy._balance",
+        ["cython_ext/_balance.pyx"],
+        extra_compile_args=["-O3"],
+    ),
     Extension(
         "pyproxy._protocol",
         ["cython_ext/_protocol.pyx"],

@@ -67,6 +67,7 @@ from bisect import bisect_right
 from collections.abc import Callable, Container, Mapping, Sequence
 from typing import Any, ClassVar, Protocol
 
+from pyproxy._balance import Rotation
 from pyproxy.balance.upstream import UpstreamServer
 from pyproxy.core import HashRing
 from pyproxy.headers import request_value
@@ -214,8 +215,11 @@ class Balancer:
 # ------------------------------------------------------------------------------------- round robin
 
 
-class RoundRobin(Balancer):
-    """Rotation over the available servers; weights ignored. O(1) per pick while all are up."""
+class RoundRobin(Rotation, Balancer):
+    """Rotation over the available servers; weights ignored. O(1) per pick while all are up.
+
+    ``pick`` is :class:`pyproxy._balance.Rotation`'s (compiled: it runs once per request): the
+    next server from ``_next`` on that is available and not in ``exclude``."""
 
     name = "round_robin"
 
@@ -226,25 +230,6 @@ class RoundRobin(Balancer):
     def _removed(self, index: int) -> None:
         if index < self._next:
             self._next -= 1  # the rotation continues with the same server
-
-    def pick(
-        self,
-        request: RequestInfo | None,
-        now: float,
-        exclude: Container[UpstreamServer] = (),
-    ) -> UpstreamServer | None:
-        servers = self._servers
-        n = len(servers)
-        i = self._next
-        for _ in range(n):
-            if i >= n:
-                i = 0
-            s = servers[i]
-            i += 1
-            if s.available and (not exclude or s not in exclude):
-                self._next = i
-                return s
-        return None
 
 
 # ------------------------------------------------------------------------ weighted: shared part

@@ -13,7 +13,8 @@ timeout pushes the estimate up; a fast connection refusal must not make a broken
 requests). It is count-based on purpose: with a time-based weight one failure after an idle minute
 would set it to ~1.0. Readers that care about staleness decay it on read (:meth:`error_rate`).
 
-Nothing here allocates beyond floats; ``started``/``finished`` are called once per request.
+Nothing here allocates beyond floats; ``started``/``finished`` are called once per request and are
+compiled (:class:`pyproxy._balance.ServerStats`, the base class holding the fields below as C values).
 ``available`` belongs to other code (health checks, outlier ejection, circuit breakers, drain);
 the algorithms only read it.
 """
@@ -23,6 +24,9 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
+from pyproxy._balance import AVG_ALPHA as _AVG_ALPHA
+from pyproxy._balance import ERROR_ALPHA as _ERROR_ALPHA
+from pyproxy._balance import ServerStats
 from pyproxy.config import Server
 
 __all__ = ["DEFAULT_TAU", "SLOW_START_MIN", "UpstreamServer"]
@@ -36,26 +40,14 @@ SLOW_START_MIN = 0.1
 _NEVER = float("-inf")
 
 
-class UpstreamServer:
+class UpstreamServer(ServerStats):
     """One server of a pool: configured weight, in-flight count, latency and error estimates."""
 
-    __slots__ = (
-        "server",
-        "id",
-        "weight",
-        "in_flight",
-        "ewma",
-        "error_ewma",
-        "available",
-        "since",
-        "stamp",
-        "tau",
-        "avg",
-    )
+    __slots__ = ()  # the fields are ServerStats' C fields
 
-    ERROR_ALPHA: ClassVar[float] = 0.05
+    ERROR_ALPHA: ClassVar[float] = _ERROR_ALPHA
     """Weight of one request in ``error_ewma``."""
-    AVG_ALPHA: ClassVar[float] = 0.05
+    AVG_ALPHA: ClassVar[float] = _AVG_ALPHA
     """Weight of one request in ``avg``, the plain latency average dynamic weights follow."""
 
     server: Server
@@ -112,29 +104,8 @@ class UpstreamServer:
         """Whether any latency sample has been recorded."""
         return self.stamp != _NEVER
 
-    def started(self) -> None:
-        """A request was sent to this server."""
-        self.in_flight += 1
-
-    def finished(self, latency: float, ok: bool, now: float) -> None:
-        """A request sent to this server ended after ``latency`` seconds (``ok``: it succeeded)."""
-        if self.in_flight > 0:
-            self.in_flight -= 1
-        ewma = self.ewma
-        if latency > ewma:
-            self.ewma = latency  # the peak: slowness is believed at once
-        elif ok:
-            elapsed = now - self.stamp  # +inf for the first sample → w = 0
-            if elapsed > 0.0:
-                w = math.exp(-elapsed / self.tau)
-                self.ewma = ewma * w + latency * (1.0 - w)
-        if now > self.stamp:
-            self.stamp = now
-        if ok or latency > self.avg:
-            avg = self.avg
-            self.avg = latency if avg == 0.0 else avg + self.AVG_ALPHA * (latency - avg)
-        e = self.error_ewma
-        self.error_ewma = e + self.ERROR_ALPHA * ((0.0 if ok else 1.0) - e)
+    # started() and finished(latency, ok, now): ServerStats' (compiled; the peak EWMA above, the
+    # per-request avg and error_ewma with AVG_ALPHA and ERROR_ALPHA).
 
     def latency(self, now: float) -> float:
         """``ewma`` decayed toward 0 by the time since the last sample (tower's ``PeakEwma`` read).
