@@ -323,6 +323,52 @@ class RateLimitConfig:
     defaults: RouteRateLimit = RouteRateLimit()
 
 
+CACHE_QUERY_MODES = ("keep", "sort", "drop")
+CACHE_TIERS = ("memory", "redis", "sql")
+COMPRESSION_CODECS = ("zstd", "lz4", "none")
+
+
+@dataclass(frozen=True, slots=True)
+class RouteCache:
+    """A route's ``cache`` table (over ``[cache.defaults]``): whether and how its responses are
+    cached. ``ttl``: freshness for responses that state none (never overrides ``no-store`` /
+    ``private``); ``tiers``: which of the configured tiers keep its entries (empty: all)."""
+
+    enabled: bool = False
+    ttl: float | None = None
+    tiers: tuple[str, ...] = ()
+    max_object_size: int = 8 << 20
+    cache_post: bool = False
+    share_set_cookie: bool = False
+    heuristic: bool = False
+    query: str = "keep"  # one of CACHE_QUERY_MODES
+    ignore_params: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """The top-level ``[cache]`` table: the tiers and what every route's ``cache`` starts from.
+
+    L1 (memory, ``memory_size`` per worker) is always there; L2 when ``redis_url`` is set (Redis or,
+    with ``cluster = true``, a Redis Cluster); L3 when ``sqlite_path`` or ``postgres_dsn`` is set.
+    ``depends`` are ``{tag, on}`` pairs: purging ``on`` purges ``tag`` too.
+    """
+
+    memory_size: int = 256 << 20
+    redis_url: str | None = field(default=None, repr=False)
+    cluster: bool = False
+    sqlite_path: str | None = None
+    postgres_dsn: str | None = field(default=None, repr=False)
+    timeout: float = 0.1
+    compression: str = "zstd"  # one of COMPRESSION_CODECS
+    compression_level: int | None = None
+    compression_min_size: int = 1024
+    coalesce_timeout: float = 10.0
+    coalesce_max_waiters: int = 10_000
+    depends: tuple[tuple[str, str], ...] = ()
+    defaults: RouteCache = RouteCache()
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     """Which requests go to which pool, with per-route overrides.
@@ -348,6 +394,8 @@ class Route:
     hedge_after: float | str | None = None
     # Rate limits of this route (its own ratelimit table over [ratelimit.defaults]); empty: none.
     ratelimit: RouteRateLimit = RouteRateLimit()
+    # HTTP caching of this route's responses (its own cache table over [cache.defaults]).
+    cache: RouteCache = RouteCache()
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,6 +410,7 @@ class Config:
     access_log: AccessLogConfig = AccessLogConfig()
     workers: int = 1
     ratelimit: RateLimitConfig = RateLimitConfig()
+    cache: CacheConfig = CacheConfig()
 
     def redacted(self) -> dict[str, Any]:
         """The effective configuration as plain data, secrets replaced (for ``GET /config``):
@@ -375,6 +424,11 @@ class Config:
             ratelimit["redis_url"] = redact_url(ratelimit["redis_url"])
         if ratelimit["jwt"] is not None:
             ratelimit["jwt"]["key"] = "<redacted>"
+        cache = data["cache"]
+        if cache["redis_url"] is not None:
+            cache["redis_url"] = redact_url(cache["redis_url"])
+        if cache["postgres_dsn"] is not None:
+            cache["postgres_dsn"] = redact_url(cache["postgres_dsn"])
         return data
 
 
@@ -1202,7 +1256,11 @@ def _methods(value: object) -> frozenset[str]:
 
 
 def _read_routes(
-    r: _Reader, raw: object, pools: Mapping[str, Pool], ratelimit: _RateLimitContext | None = None
+    r: _Reader,
+    raw: object,
+    pools: Mapping[str, Pool],
+    ratelimit: _RateLimitContext | None = None,
+    cache: CacheConfig | None = None,
 ) -> tuple[Route, ...]:
     if raw is None:
         r.problem("routes", "is required: at least one [[routes]] entry")
@@ -1248,6 +1306,7 @@ def _read_routes(
                 idempotent=r.get(t, path, "idempotent", _bool, False),
                 hedge_after=r.get(t, path, "hedge_after", _hedge_after, None),
                 ratelimit=_route_rate_limit(r, own, rl, pool or ""),
+                cache=_read_route_cache(r, t.get("cache"), _join(path, "cache"), (cache or CacheConfig()).defaults, cache),
             )
         )
     if ratelimit is not None and not any(route.ratelimit.key_limits for route in routes):
@@ -1823,10 +1882,114 @@ def _read_ratelimit(r: _Reader, raw: object, pools: Mapping[str, Pool]) -> _Rate
     return _RateLimitContext(config, "jwt" in t, defaults, global_paths)
 
 
+# ------------------------------------------------------------------------------------ cache
+
+_ROUTE_CACHE_KEYS = set(RouteCache.__dataclass_fields__)
+_CACHE_KEYS = set(CacheConfig.__dataclass_fields__)
+
+
+def _tier_name(value: object) -> str:
+    return _choice(CACHE_TIERS)(value)
+
+
+def _param_name(value: object) -> str:
+    name = _text(value)
+    if not _printable(name):
+        raise _Invalid(f"expected a query parameter name (visible ASCII), got {value!r}")
+    return name
+
+
+def _read_route_cache(
+    r: _Reader, raw: object, path: str, base: RouteCache, cache: CacheConfig | None
+) -> RouteCache:
+    """A ``cache`` table over ``base`` (``[cache.defaults]``, or the built-in defaults)."""
+    if raw is None:
+        return base
+    t = r.table(raw, path)
+    if t is None:
+        return base
+    r.check_keys(t, path, _ROUTE_CACHE_KEYS)
+    tiers = r.items(t, path, "tiers", _tier_name, base.tiers)
+    if cache is not None:
+        configured = {"memory"} | ({"redis"} if cache.redis_url else set()) | (
+            {"sql"} if cache.sqlite_path or cache.postgres_dsn else set()
+        )
+        for i, tier in enumerate(tiers):
+            if tier not in configured:
+                r.problem(f"{_join(path, 'tiers')}[{i}]", f"tier {tier!r} is not configured in [cache]")
+    return RouteCache(
+        # A route's cache table turns caching on unless it says otherwise; [cache.defaults] only
+        # configures (each route opts in) unless it sets enabled itself.
+        enabled=r.get(t, path, "enabled", _bool, path != "cache.defaults"),
+        ttl=r.get(t, path, "ttl", _long_duration, base.ttl),
+        tiers=tiers,
+        max_object_size=r.get(t, path, "max_object_size", parse_size, base.max_object_size),
+        cache_post=r.get(t, path, "cache_post", _bool, base.cache_post),
+        share_set_cookie=r.get(t, path, "share_set_cookie", _bool, base.share_set_cookie),
+        heuristic=r.get(t, path, "heuristic", _bool, base.heuristic),
+        query=r.get(t, path, "query", _choice(CACHE_QUERY_MODES), base.query),
+        ignore_params=r.items(t, path, "ignore_params", _param_name, base.ignore_params),
+    )
+
+
+def _dependency(value: object) -> tuple[str, str]:
+    if not isinstance(value, dict) or set(value) != {"tag", "on"}:
+        raise _Invalid(f"expected a table {{tag = \"...\", on = \"...\"}}, got {value!r}")
+    return _text(value["tag"]), _text(value["on"])
+
+
+def _postgres_dsn(value: object) -> str:
+    dsn = _text(value)
+    if not dsn.startswith(("postgresql://", "postgres://")):
+        raise _Invalid(f"expected a postgresql:// URL, got {redact_url(dsn)!r}")
+    return dsn
+
+
+def _read_cache(r: _Reader, raw: object) -> CacheConfig:
+    path = "cache"
+    d = CacheConfig()
+    if raw is None:
+        return d
+    t = r.table(raw, path)
+    if t is None:
+        return d
+    r.check_keys(t, path, _CACHE_KEYS)
+    redis_url = r.get(t, path, "redis_url", _redis_url, d.redis_url)
+    cluster = r.get(t, path, "cluster", _bool, d.cluster)
+    sqlite_path = r.get(t, path, "sqlite_path", _text, d.sqlite_path)
+    postgres_dsn = r.get(t, path, "postgres_dsn", _postgres_dsn, d.postgres_dsn)
+    if sqlite_path is not None and postgres_dsn is not None:
+        r.problem(_join(path, "postgres_dsn"), "L3 is one database: set sqlite_path or postgres_dsn, not both")
+    if cluster and redis_url is None:
+        r.problem(_join(path, "cluster"), "needs redis_url")
+    codec = r.get(t, path, "compression", _choice(COMPRESSION_CODECS), d.compression)
+    level = r.get(t, path, "compression_level", _int_between(-7, 22), d.compression_level)
+    if level is not None and codec == "lz4" and not 0 <= level <= 16:
+        r.problem(_join(path, "compression_level"), f"lz4 levels are 0..16, got {level}")
+    if level is not None and codec == "none":
+        r.problem(_join(path, "compression_level"), "has no effect with compression = 'none'")
+    config = CacheConfig(
+        memory_size=r.get(t, path, "memory_size", parse_size, d.memory_size),
+        redis_url=redis_url,
+        cluster=cluster,
+        sqlite_path=sqlite_path,
+        postgres_dsn=postgres_dsn,
+        timeout=r.get(t, path, "timeout", _long_duration, d.timeout),
+        compression=codec,
+        compression_level=level,
+        compression_min_size=r.get(t, path, "compression_min_size", _int_between(0, 1 << 30), d.compression_min_size),
+        coalesce_timeout=r.get(t, path, "coalesce_timeout", _long_duration, d.coalesce_timeout),
+        coalesce_max_waiters=r.get(t, path, "coalesce_max_waiters", _int_between(0, 1 << 20), d.coalesce_max_waiters),
+        depends=r.items(t, path, "depends", _dependency, d.depends),
+    )
+    defaults = _read_route_cache(r, t.get("defaults"), _join(path, "defaults"), RouteCache(), config)
+    return replace_dataclass(config, defaults=defaults)
+
+
 # ------------------------------------------------------------------------------------ loading
 
 TOP_LEVEL_KEYS = {
-    "listeners", "admin", "limits", "access_log", "pools", "routes", "workers", "ratelimit"
+    "listeners", "admin", "limits", "access_log", "pools", "routes", "workers", "ratelimit", "cache"
 }
 
 
@@ -1841,7 +2004,8 @@ def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
     limits = _read_limits(r, data.get("limits"))
     pools = _read_pools(r, data.get("pools"))
     ratelimit = _read_ratelimit(r, data.get("ratelimit"), pools)
-    routes = _read_routes(r, data.get("routes"), pools, ratelimit)
+    cache = _read_cache(r, data.get("cache"))
+    routes = _read_routes(r, data.get("routes"), pools, ratelimit, cache)
     workers = r.get(data, "", "workers", _int_between(1, 1024), 1)
     if workers > 1 and any(lst.port == 0 for lst in listeners):
         r.problem("workers", "several workers need fixed listener ports (port 0 would differ per worker)")
@@ -1860,6 +2024,7 @@ def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
         access_log=access_log,
         workers=workers,
         ratelimit=ratelimit.config,
+        cache=cache,
     )
 
 

@@ -1033,3 +1033,56 @@ def test_example_file_documents_the_ratelimit_defaults() -> None:
     assert summarize.limits[0].adaptive is not None and summarize.limits[0].adaptive.pool == "summarizer"
     # the default route inherits [ratelimit.defaults]
     assert config.routes[1].ratelimit.key_limits == rl.defaults.key_limits != ()
+
+
+def test_cache_section_and_route_cache_tables() -> None:
+    from pyproxy.config import parse_config
+
+    base = {"listeners": [{"port": 8080}], "pools": {"p": {"servers": ["127.0.0.1:9000"]}}}
+    config = parse_config(
+        {
+            **base,
+            "cache": {
+                "redis_url": "redis://:secret@127.0.0.1:6379",
+                "sqlite_path": "/var/lib/pyproxy/cache.sqlite3",
+                "compression": "lz4",
+                "depends": [{"tag": "page:home", "on": "user:7"}],
+                "defaults": {"ttl": "30s", "query": "sort"},
+            },
+            "routes": [
+                {"name": "cached", "pool": "p", "cache": {"tiers": ["memory", "sql"], "cache_post": True}},
+                {"name": "plain", "pool": "p", "path_prefix": "/x"},
+            ],
+        }
+    )
+    cached, plain = config.routes
+    assert cached.cache.enabled and cached.cache.ttl == 30 and cached.cache.query == "sort"
+    assert cached.cache.tiers == ("memory", "sql") and cached.cache.cache_post
+    assert not plain.cache.enabled, "[cache.defaults] configures; routes opt in"
+    assert config.cache.depends == (("page:home", "user:7"),)
+    assert config.redacted()["cache"]["redis_url"] == "redis://:<redacted>@127.0.0.1:6379"
+
+
+def test_cache_config_problems_name_key_and_reason() -> None:
+    from pyproxy.config import ConfigError, parse_config
+
+    base = {"listeners": [{"port": 8080}], "pools": {"p": {"servers": ["127.0.0.1:9000"]}}}
+    with pytest.raises(ConfigError) as e:
+        parse_config(
+            {
+                **base,
+                "cache": {"compression": "brotli", "cluster": True, "sqlite_path": "a", "postgres_dsn": "postgresql://x/y", "bogus": 1},
+                "routes": [{"pool": "p", "cache": {"tiers": ["redis"], "ttl": "soon", "query": "shuffle"}}],
+            }
+        )
+    text = str(e.value)
+    for expected in (
+        "cache.bogus: unknown key",
+        "cache.cluster: needs redis_url",
+        "cache.compression: expected one of zstd, lz4, none",
+        "cache.postgres_dsn: L3 is one database",
+        "routes[0].cache.tiers[0]: tier 'redis' is not configured in [cache]",
+        "routes[0].cache.ttl:",
+        "routes[0].cache.query: expected one of keep, sort, drop",
+    ):
+        assert expected in text, (expected, text)

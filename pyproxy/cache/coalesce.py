@@ -53,12 +53,49 @@ class Coalescer(Generic[T]):
     def in_flight(self, key: str) -> bool:
         return key in self._flights
 
+    def lead(self, key: str) -> Callable[[T | BaseException], None] | None:
+        """Become the leader for ``key`` now (synchronously, so no other caller can slip in):
+        returns the function to call with the result (or the exception) when done; ``None`` if
+        another caller leads already."""
+        if key in self._flights:
+            return None
+        flight: _Flight[T] = _Flight(asyncio.get_running_loop())
+        self._flights[key] = flight
+        self.stats.leaders += 1
+
+        def finish(outcome: T | BaseException) -> None:
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+            if flight.done.done():
+                return
+            if isinstance(outcome, BaseException):
+                flight.done.set_exception(outcome if isinstance(outcome, Exception) else _LeaderGone())
+                flight.done.exception()  # retrieved: no "never retrieved" warning without followers
+            else:
+                flight.done.set_result(outcome)
+
+        return finish
+
     async def run(self, key: str, fetch: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
         """``(result, collapsed)``: ``fetch()``'s result, from this caller's own call or, when
         ``collapsed``, from the leader's."""
+        finish = self.lead(key)
+        if finish is None:
+            return await self.follow(key, fetch)
+        try:
+            result = await fetch()
+        except BaseException as e:
+            finish(e)
+            raise
+        finish(result)
+        return result, False
+
+    async def follow(self, key: str, fetch: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
+        """Wait for the leader of ``key`` (bounded); fetch alone when there is none, when waiting
+        is over its bounds, or when the leader was cancelled."""
         flight = self._flights.get(key)
         if flight is None:
-            return await self._lead(key, fetch), False
+            return await fetch(), False
         if flight.waiters >= self.max_waiters:
             self.stats.overflow += 1
             return await fetch(), False
@@ -75,20 +112,3 @@ class Coalescer(Generic[T]):
             flight.waiters -= 1
         self.stats.collapsed += 1
         return result, True
-
-    async def _lead(self, key: str, fetch: Callable[[], Awaitable[T]]) -> T:
-        flight: _Flight[T] = _Flight(asyncio.get_running_loop())
-        self._flights[key] = flight
-        self.stats.leaders += 1
-        try:
-            result = await fetch()
-        except BaseException as e:
-            if not flight.done.done():
-                flight.done.set_exception(e if isinstance(e, Exception) else _LeaderGone())
-                flight.done.exception()  # retrieved: no "never retrieved" warning without followers
-            raise
-        else:
-            flight.done.set_result(result)
-            return result
-        finally:
-            del self._flights[key]

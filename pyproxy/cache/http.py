@@ -69,6 +69,7 @@ UNSAFE_METHODS = frozenset({b"POST", b"PUT", b"DELETE", b"PATCH"})
 HEURISTIC_STATUSES = frozenset({200, 203, 204, 206, 300, 301, 308, 404, 405, 410, 414, 501})
 HEURISTIC_FRACTION = 0.1
 HEURISTIC_MAX = 86400.0
+REVALIDATABLE_KEEP = 86400.0  # how long a response with a validator is kept for revalidation
 # Fields a 304 must not overwrite in a stored response (RFC 9111 §3.2; the framing of the stored
 # body is ours, not the 304's).
 _NOT_UPDATED = frozenset({b"content-length", b"content-encoding", b"transfer-encoding", b"content-range", b"connection", b"keep-alive"})
@@ -356,13 +357,13 @@ def storable(
 
 def store_ttl(response: StoredResponse, policy: CachePolicy, now: float) -> float:
     """How long the tiers should keep a response: its remaining freshness plus the stale windows it
-    may still be used in (``stale-while-revalidate``, ``stale-if-error``), or a day for one kept only
-    to be revalidated (a validator and no freshness)."""
+    may still be used in (``stale-while-revalidate``, ``stale-if-error``); at least a day for one
+    with a validator, which a 304 can renew once it is stale (the tiers' LRU bounds the memory)."""
     cc = parse_cache_control(response.headers)
     ttl = freshness(response, policy, now).ttl
     ttl += max(cc.seconds("stale-while-revalidate") or 0.0, cc.seconds("stale-if-error") or 0.0)
-    if ttl <= 0 and (response.header(b"etag") is not None or response.header(b"last-modified") is not None):
-        return HEURISTIC_MAX
+    if response.header(b"etag") is not None or response.header(b"last-modified") is not None:
+        return max(ttl, REVALIDATABLE_KEEP)  # worth keeping after it goes stale: a 304 renews it
     return ttl
 
 

@@ -1,0 +1,443 @@
+"""Phase 4 of the request lifecycle: answer from the HTTP cache, or say how to forward and store.
+
+The data plane calls three methods per cacheable request and knows nothing of RFC 9111:
+
+1. :meth:`HttpCachePhase.lookup` before choosing a server. It returns an :class:`Answer` (a
+   response to send as it is: a hit, a 304 for the client's own conditional request, a 504 for
+   ``only-if-cached``), or a :class:`Plan` for forwarding (extra request fields — the stored
+   validators when revalidating — and what the phase needs to see the response), or ``None`` when
+   the request is not the cache's business (route without caching, a method it does not cache).
+   Concurrent misses of one key are coalesced here: the first forwards, the others wait for it
+   (bounded) and are then answered from what it stored.
+2. :meth:`HttpCachePhase.response` with the upstream's status and fields. It returns an
+   :class:`Answer` to send *instead* of the upstream's response (the stored response refreshed by a
+   304, or a stale one allowed by ``stale-if-error`` instead of a 5xx), or the fields to add to the
+   relayed response (``Cache-Status``), and whether to keep a copy of the body for storing.
+3. :meth:`HttpCachePhase.finish` once the exchange is over, with the body copy when one was kept
+   (and not cut short): stores it, releases waiting followers, and applies invalidation by unsafe
+   methods.
+
+A stale-while-revalidate hit is answered at once and refreshed in the background through
+``refresh``, a coroutine the data plane provides (it forwards a request outside any client
+exchange); without one, such hits revalidate in the foreground instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyproxy.cache.coalesce import Coalescer
+from pyproxy.cache.compression import Compressor
+from pyproxy.cache.http import (
+    CachePolicy,
+    StoredResponse,
+    Use,
+    body_digest,
+    cache_status,
+    client_condition_met,
+    conditional_headers,
+    current_age,
+    invalidated_targets,
+    merge_304,
+    not_modified_headers,
+    parse_cache_control,
+    primary_key,
+    select,
+    stale_if_error_allows,
+    storable,
+    store_ttl,
+    vary_key,
+    vary_names,
+)
+from pyproxy.cache.memory import MemoryTier
+from pyproxy.cache.redis_tier import RedisTier
+from pyproxy.cache.sql import SqlTier
+from pyproxy.cache.tier import Tier
+from pyproxy.cache.tiered import TieredCache
+from pyproxy.config import CacheConfig, Route, RouteCache
+from pyproxy.headers import get_first, get_list
+
+__all__ = ["Answer", "HttpCachePhase", "Plan", "Relay"]
+
+log = logging.getLogger("pyproxy.cache.http")
+
+Headers = Sequence[tuple[bytes, bytes]]
+
+# Fields never stored (hop-by-hop, or about this hop's delivery); Age is recomputed on use.
+_NOT_STORED = frozenset(
+    {
+        b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding", b"upgrade",
+        b"proxy-authenticate", b"proxy-authorization", b"trailer", b"age", b"x-request-id",
+        b"cache-status", b"content-length",
+    }
+)
+_VARY_MARKER = b"pyproxy-vary:"  # the value of an entry that only says which fields a key varies on
+
+
+@dataclass
+class Answer:
+    """A response for the data plane to send as it is (it adds framing and the request id)."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes | memoryview
+    tier: str | None = None
+
+
+@dataclass
+class Plan:
+    """How a request goes upstream, and what the phase must remember until its response."""
+
+    route: str
+    policy: CachePolicy
+    method: bytes
+    key: str  # primary key
+    request_headers: Headers
+    host: bytes
+    scheme: str
+    extra_headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # validators to send
+    stored: StoredResponse | None = None  # the stored response being revalidated / kept for errors
+    stored_body: bytes | memoryview = b""
+    stored_tier: str | None = None
+    fwd: str = "uri-miss"  # Cache-Status fwd= reason
+    request_time: float = 0.0
+    release: Callable[[bool], None] | None = None  # this request leads a coalesced miss: call when done
+    collapsed: bool = False
+    store: bool = False  # a copy of the body is being kept for storing
+    status: int = 0
+    response_headers: Headers = ()
+    response_time: float = 0.0
+
+
+@dataclass
+class Relay:
+    """Relay the upstream's response, adding ``headers``; keep a body copy when ``capture`` (at
+    most ``max_size`` bytes: a longer body is relayed but not stored)."""
+
+    headers: list[tuple[bytes, bytes]]
+    capture: bool
+    max_size: int
+
+
+def policy_of(route: RouteCache) -> CachePolicy:
+    return CachePolicy(
+        enabled=route.enabled,
+        forced_ttl=route.ttl,
+        heuristic=route.heuristic,
+        max_object_size=route.max_object_size,
+        cache_post=route.cache_post,
+        share_set_cookie=route.share_set_cookie,
+        query=route.query,  # type: ignore[arg-type]
+        ignore_params=frozenset(route.ignore_params),
+        tiers=route.tiers or None,
+    )
+
+
+def tiers_for(config: CacheConfig) -> list[Tier]:
+    """The configured tiers, fastest first."""
+    tiers: list[Tier] = [MemoryTier(config.memory_size)]
+    if config.redis_url is not None:
+        tiers.append(RedisTier.from_url(config.redis_url, cluster=config.cluster))
+    if config.sqlite_path is not None:
+        tiers.append(SqlTier.sqlite(config.sqlite_path))
+    elif config.postgres_dsn is not None:
+        tiers.append(SqlTier.postgres(config.postgres_dsn))
+    return tiers
+
+
+class HttpCachePhase:
+    """The HTTP cache of one worker: policies per route over one :class:`TieredCache`."""
+
+    def __init__(
+        self,
+        cache: TieredCache,
+        policies: dict[str, CachePolicy],
+        *,
+        coalesce_timeout: float = 10.0,
+        coalesce_max_waiters: int = 10_000,
+        clock: Callable[[], float] = time.time,
+        refresh: Callable[[Plan], Awaitable[None]] | None = None,
+    ) -> None:
+        self.cache = cache
+        self.policies = policies
+        self.routes = frozenset(name for name, p in policies.items() if p.enabled)
+        self.coalescer: Coalescer[bool] = Coalescer(wait_timeout=coalesce_timeout, max_waiters=coalesce_max_waiters)
+        self.clock = clock
+        self.refresh = refresh
+        self._refreshing: set[str] = set()
+        self.counters: dict[str, int] = {}
+
+    @classmethod
+    def from_config(cls, config: CacheConfig, routes: Sequence[Route], **options: Any) -> HttpCachePhase:
+        compressor = Compressor(config.compression, level=config.compression_level, min_size=config.compression_min_size)  # type: ignore[arg-type]
+        cache = TieredCache(tiers_for(config), compressor=compressor, timeout=config.timeout, dependencies=config.depends)
+        policies = {r.name: policy_of(r.cache) for r in routes}
+        return cls(
+            cache,
+            policies,
+            coalesce_timeout=config.coalesce_timeout,
+            coalesce_max_waiters=config.coalesce_max_waiters,
+            **options,
+        )
+
+    async def start(self) -> None:
+        await self.cache.start()
+
+    async def aclose(self) -> None:
+        await self.cache.aclose()
+
+    def _count(self, what: str) -> None:
+        self.counters[what] = self.counters.get(what, 0) + 1
+
+    def _tier_names(self, policy: CachePolicy) -> list[str] | None:
+        if policy.tiers is None:
+            return None
+        names = []
+        for tier in self.cache.tiers:
+            kind = "sql" if isinstance(tier, SqlTier) else tier.name
+            if kind in policy.tiers:
+                names.append(tier.name)
+        return names
+
+    # -- 1. lookup -------------------------------------------------------------------------------
+
+    async def lookup(
+        self,
+        route: str,
+        method: bytes,
+        scheme: str,
+        host: bytes,
+        target: bytes,
+        headers: Headers,
+        body: bytes | None = None,
+    ) -> Answer | Plan | None:
+        """Answer from the cache, or plan the forward (see the module doc). ``body`` is the whole
+        request body of a POST on a route that caches POST (the key includes its digest)."""
+        policy = self.policies.get(route)
+        if policy is None or not policy.enabled:
+            return None
+        if method not in (b"GET", b"HEAD") and not (method == b"POST" and policy.cache_post and body is not None):
+            return None
+        digest = body_digest(body) if method == b"POST" and body is not None else None
+        key = primary_key(scheme, host, target, policy, digest)
+        plan = Plan(route, policy, method, key, headers, host, scheme, request_time=self.clock())
+        request_cc = parse_cache_control(headers)
+        found = await self._find(key, headers)
+        if found is not None:
+            stored, body_bytes, tier = found
+            answer = await self._use(plan, stored, body_bytes, tier)
+            if answer is not None:
+                return answer
+        elif "only-if-cached" in request_cc:
+            self._count("only_if_cached_miss")
+            return Answer(504, [(b"Cache-Status", cache_status(hit=False, fwd="miss"))], b"")
+        if plan.stored is None and plan.fwd == "uri-miss" and "no-cache" not in request_cc:
+            return await self._coalesce(plan, headers)
+        return plan
+
+    async def _find(self, key: str, headers: Headers) -> tuple[StoredResponse, bytes | memoryview, str] | None:
+        hit = await self.cache.lookup(key)
+        if hit is None:
+            return None
+        if bytes(hit.entry.value[: len(_VARY_MARKER)]) == _VARY_MARKER:
+            names = tuple(n for n in bytes(hit.entry.value[len(_VARY_MARKER) :]).decode("latin-1").split(",") if n)
+            hit = await self.cache.lookup(vary_key(key, names, headers))
+            if hit is None:
+                return None
+        try:
+            stored = StoredResponse.from_meta(hit.entry.meta)
+        except (ValueError, IndexError):
+            self._count("bad_meta")
+            return None
+        return stored, hit.entry.value, hit.tier
+
+    async def _use(self, plan: Plan, stored: StoredResponse, body: bytes | memoryview, tier: str) -> Answer | None:
+        now = self.clock()
+        if get_first(plan.request_headers, b"authorization") is not None:
+            cc = parse_cache_control(stored.headers)
+            if not ("public" in cc or "s-maxage" in cc or "must-revalidate" in cc):
+                self._count("authorization_bypass")
+                plan.fwd = "bypass"
+                return None  # not shared with an authorized request (RFC 9111 §3.5)
+        use = select(stored, plan.request_headers, plan.policy, now)[0]
+        if use is Use.STALE_REVALIDATE and self.refresh is not None:
+            self._refresh_in_background(plan, stored)
+            use = Use.STALE
+        if use in (Use.FRESH, Use.STALE):
+            self._count("hit" if use is Use.FRESH else "stale_hit")
+            return self._answer(plan, stored, body, tier, now)
+        # Revalidate: conditional request with the stored validators; the stored response is kept
+        # for a 304 and for stale-if-error.
+        plan.stored, plan.stored_body, plan.stored_tier = stored, body, tier
+        plan.extra_headers = conditional_headers(stored)
+        request_cc = parse_cache_control(plan.request_headers)
+        plan.fwd = "request" if "no-cache" in request_cc or "max-age" in request_cc else "stale"
+        self._count("revalidate")
+        return None
+
+    def _answer(
+        self, plan: Plan, stored: StoredResponse, body: bytes | memoryview, tier: str | None, now: float, *, fwd_status: int | None = None
+    ) -> Answer:
+        """The stored response (or a 304, when the client's own condition holds) with ``Age`` and
+        ``Cache-Status``: a hit (with its ttl; negative when served stale), or — after forwarding
+        (``fwd_status``: a 304 that refreshed it, an error it stands in for) — ``fwd=...``."""
+        age = current_age(stored, now)
+        ttl = select(stored, (), plan.policy, now)[1].ttl
+        if fwd_status is None:
+            status_field = cache_status(hit=True, tier=tier, ttl=ttl)
+        else:
+            status_field = cache_status(hit=False, fwd=plan.fwd, fwd_status=fwd_status, ttl=ttl, stored=fwd_status == 304, tier=tier)
+        if client_condition_met(plan.method, plan.request_headers, stored):
+            self._count("not_modified")
+            fields = not_modified_headers(stored)
+            return Answer(304, [*fields, (b"Age", str(int(age)).encode()), (b"Cache-Status", status_field)], b"", tier)
+        fields = [*stored.headers, (b"Age", str(int(age)).encode()), (b"Cache-Status", status_field)]
+        return Answer(stored.status, fields, b"" if plan.method == b"HEAD" else body, tier)
+
+    async def _coalesce(self, plan: Plan, headers: Headers) -> Answer | Plan:
+        """A plain miss: lead the fetch for this key, or wait for the request already leading it and
+        answer from what it stored (if it stored nothing, forward after all)."""
+        finish = self.coalescer.lead(plan.key)
+        if finish is not None:
+            plan.release = finish
+            self._count("miss")
+            return plan
+        try:
+            stored_something, collapsed = await self.coalescer.follow(plan.key, _nothing)
+        except Exception:  # noqa: BLE001 - the leader's failure is its own; this request forwards
+            stored_something, collapsed = False, False
+        if collapsed and stored_something:
+            found = await self._find(plan.key, headers)
+            if found is not None:
+                stored, body, tier = found
+                now = self.clock()
+                use, _ = select(stored, headers, plan.policy, now)
+                if use is Use.FRESH:
+                    self._count("collapsed_hit")
+                    answer = self._answer(plan, stored, body, tier, now)
+                    answer.headers = [(n, v + b"; collapsed") if n == b"Cache-Status" else (n, v) for n, v in answer.headers]
+                    return answer
+        self._count("miss")
+        return plan
+
+    def _refresh_in_background(self, plan: Plan, stored: StoredResponse) -> None:
+        if plan.key in self._refreshing or self.refresh is None:
+            return
+        self._refreshing.add(plan.key)
+        refresh_plan = Plan(
+            plan.route, plan.policy, plan.method if plan.method != b"HEAD" else b"GET", plan.key,
+            plan.request_headers, plan.host, plan.scheme,
+            extra_headers=conditional_headers(stored), stored=stored, fwd="stale", request_time=self.clock(),
+        )
+        refresh = self.refresh
+
+        async def run() -> None:
+            try:
+                await refresh(refresh_plan)
+                self._count("background_refresh")
+            except Exception as e:  # noqa: BLE001 - a failed refresh leaves the stale entry
+                log.warning("background refresh of %s failed: %s", plan.key, e)
+            finally:
+                self._refreshing.discard(plan.key)
+
+        task = asyncio.get_running_loop().create_task(run())
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    # -- 2. the upstream's response head ---------------------------------------------------------
+
+    def response(self, plan: Plan, status: int, headers: Headers) -> Answer | Relay:
+        """What to do with the upstream's response to a planned request."""
+        now = self.clock()
+        plan.status, plan.response_headers, plan.response_time = status, headers, now
+        if plan.stored is not None:
+            if status == 304:
+                merged = merge_304(plan.stored, _storable_fields(headers), plan.request_time, now)
+                plan.stored = merged
+                plan.store = True  # the refreshed head goes back with the stored body
+                self._count("revalidated")
+                return self._answer(plan, merged, plan.stored_body, plan.stored_tier, now, fwd_status=304)
+            if status >= 500 and stale_if_error_allows(plan.stored, plan.request_headers, plan.policy, now):
+                self._count("stale_if_error")
+                return self._answer(plan, plan.stored, plan.stored_body, plan.stored_tier, now, fwd_status=status)
+        why = storable(plan.method, plan.request_headers, status, headers, plan.policy)
+        length = get_first(headers, b"content-length")
+        too_big = length is not None and length.strip().isdigit() and int(length) > plan.policy.max_object_size
+        plan.store = why is None and not too_big and plan.method != b"HEAD"
+        if why is not None:
+            self._count("not_storable")
+        field = cache_status(hit=False, fwd=plan.fwd, fwd_status=status, stored=plan.store)
+        return Relay([(b"Cache-Status", field)], plan.store, plan.policy.max_object_size)
+
+    # -- 3. the end of the exchange ----------------------------------------------------------------
+
+    async def finish(self, plan: Plan, body: bytes | None, complete: bool) -> None:
+        """Store what should be stored (``body``: the copy kept, ``None`` if none; ``complete``:
+        the response arrived whole), then release coalesced followers."""
+        stored_something = False
+        try:
+            if plan.store and complete:
+                if plan.status == 304 and plan.stored is not None:
+                    stored_something = await self._store(plan, plan.stored, plan.stored_body)
+                elif body is not None and len(body) <= plan.policy.max_object_size:
+                    response = StoredResponse(plan.status, tuple(_storable_fields(plan.response_headers)), plan.request_time, plan.response_time)
+                    stored_something = await self._store(plan, response, body)
+        finally:
+            if plan.release is not None:
+                plan.release(stored_something)
+                plan.release = None
+
+    async def _store(self, plan: Plan, response: StoredResponse, body: bytes | memoryview) -> bool:
+        names = vary_names(response.headers)
+        if names is None:
+            return False
+        now = self.clock()
+        ttl = store_ttl(response, plan.policy, now)
+        if ttl <= 0:
+            return False
+        tags = _tags(response.headers)
+        tiers = self._tier_names(plan.policy)
+        key = plan.key
+        if names:
+            await self.cache.set(key, _VARY_MARKER + ",".join(names).encode(), ttl=max(ttl, 3600.0), tiers=tiers)
+            key = vary_key(key, names, plan.request_headers)
+        await self.cache.set(key, bytes(body), ttl=ttl, tags=tags, meta=response.to_meta(), tiers=tiers)
+        for dependency in get_list(response.headers, b"x-cache-depends"):
+            for tag in tags or (key,):
+                if dependency.decode("latin-1") != tag:
+                    await self.cache.add_dependency(tag, dependency.decode("latin-1"))
+        self._count("stored")
+        return True
+
+    async def invalidate(self, method: bytes, status: int, scheme: str, host: bytes, target: bytes, response_headers: Headers, route: str) -> int:
+        """An unsafe method that succeeded: drop the target and its Location / Content-Location
+        (RFC 9111 §4.4), in every tier and instance; how many keys were removed here."""
+        policy = self.policies.get(route)
+        if policy is None or method not in (b"POST", b"PUT", b"DELETE", b"PATCH") or not (200 <= status < 400):
+            return 0
+        targets = [target, *invalidated_targets(method, status, host, response_headers)]
+        keys = [primary_key(scheme, host, t, policy) for t in targets]
+        removed = await self.cache.delete(*keys)
+        self._count("invalidated")
+        return removed
+
+
+def _storable_fields(headers: Headers) -> list[tuple[bytes, bytes]]:
+    connection = {e.strip().lower() for e in get_list(headers, b"connection")}
+    return [(n, v) for n, v in headers if n.lower() not in _NOT_STORED and n.lower() not in connection]
+
+
+def _tags(headers: Headers) -> list[str]:
+    """Tags from ``Cache-Tag`` (comma-separated) and ``Surrogate-Key`` (space-separated)."""
+    tags = [t.strip().decode("latin-1") for t in get_list(headers, b"cache-tag")]
+    for line in (v for n, v in headers if n.lower() == b"surrogate-key"):
+        tags += [t.decode("latin-1") for t in line.split()]
+    return list(dict.fromkeys(t for t in tags if t))
+
+
+async def _nothing() -> bool:
+    return False

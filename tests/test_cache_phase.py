@@ -1,0 +1,250 @@
+"""The proxy's cache phase (pyproxy/cache/phase.py) driven as the data plane drives it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from email.utils import formatdate
+from typing import Any
+
+from pyproxy.cache import MemoryTier, TieredCache
+from pyproxy.cache.http import CachePolicy
+from pyproxy.cache.phase import Answer, HttpCachePhase, Plan, Relay
+
+T0 = 1_800_000_000.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def date(t: float) -> bytes:
+    return formatdate(t, usegmt=True).encode()
+
+
+def phase(clock: Clock, **policy: Any) -> HttpCachePhase:
+    cache = TieredCache([MemoryTier()], clock=clock)
+    return HttpCachePhase(cache, {"r": CachePolicy(**policy)}, clock=clock)
+
+
+async def fetch(p: HttpCachePhase, target: bytes = b"/a", headers: list[tuple[bytes, bytes]] | None = None, method: bytes = b"GET", host: bytes = b"h", body: bytes | None = None) -> Answer | Plan | None:
+    return await p.lookup("r", method, "http", host, target, headers or [], body)
+
+
+async def origin(p: HttpCachePhase, plan: Plan, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> Answer | Relay:
+    """The upstream answers ``plan``: what the phase says, and the end of the exchange."""
+    outcome = p.response(plan, status, headers)
+    await p.finish(plan, body if isinstance(outcome, Relay) and outcome.capture else None, True)
+    return outcome
+
+
+def field(answer: Answer, name: bytes) -> bytes | None:
+    return next((v for n, v in answer.headers if n.lower() == name), None)
+
+
+def test_miss_store_hit_with_age_and_cache_status() -> None:
+    async def main() -> None:
+        clock = Clock()
+        p = phase(clock)
+        plan = await fetch(p)
+        assert isinstance(plan, Plan) and plan.extra_headers == []
+        outcome = await origin(p, plan, 200, [(b"Cache-Control", b"max-age=60"), (b"Date", date(T0)), (b"Content-Length", b"5"), (b"Connection", b"keep-alive")], b"hello")
+        assert isinstance(outcome, Relay) and outcome.capture
+        assert outcome.headers == [(b"Cache-Status", b"pyproxy; fwd=uri-miss; fwd-status=200; stored")]
+        clock.now += 10
+        hit = await fetch(p)
+        assert isinstance(hit, Answer) and hit.status == 200 and bytes(hit.body) == b"hello"
+        assert field(hit, b"age") == b"10"
+        assert field(hit, b"cache-status") == b"pyproxy; hit; ttl=50; detail=memory"
+        assert field(hit, b"connection") is None and field(hit, b"content-length") is None, "hop-by-hop and framing are not stored"
+        head = await fetch(p, method=b"HEAD")
+        assert isinstance(head, Answer) and head.body == b"" and head.status == 200, "HEAD from a stored GET"
+        other_host = await fetch(p, host=b"other")
+        assert isinstance(other_host, Plan), "keys differ by Host"
+        await p.finish(other_host, None, False)
+
+    run(main)
+
+
+def test_vary_keeps_one_variant_per_request_value() -> None:
+    async def main() -> None:
+        p = phase(Clock())
+        for enc, body in ((b"gzip", b"zipped"), (b"br", b"brotli")):
+            plan = await fetch(p, headers=[(b"Accept-Encoding", enc)])
+            assert isinstance(plan, Plan)
+            await origin(p, plan, 200, [(b"Cache-Control", b"max-age=60"), (b"Vary", b"Accept-Encoding")], body)
+        for enc, body in ((b"gzip", b"zipped"), (b"br", b"brotli")):
+            hit = await fetch(p, headers=[(b"Accept-Encoding", enc)])
+            assert isinstance(hit, Answer) and bytes(hit.body) == body
+        miss = await fetch(p, headers=[(b"Accept-Encoding", b"identity")])
+        assert isinstance(miss, Plan)
+        await p.finish(miss, None, False)
+
+    run(main)
+
+
+def test_revalidation_with_304_and_client_conditionals() -> None:
+    async def main() -> None:
+        clock = Clock()
+        p = phase(clock)
+        plan = await fetch(p)
+        assert isinstance(plan, Plan)
+        await origin(p, plan, 200, [(b"Cache-Control", b"max-age=1"), (b"ETag", b'"v1"'), (b"X-Version", b"1")], b"body v1")
+        # The client's own conditional request is answered from cache.
+        nm = await fetch(p, headers=[(b"If-None-Match", b'"v1"')])
+        assert isinstance(nm, Answer) and nm.status == 304 and nm.body == b""
+        clock.now += 5
+        plan = await fetch(p)
+        assert isinstance(plan, Plan) and plan.extra_headers == [(b"If-None-Match", b'"v1"')]
+        answer = await origin(p, plan, 304, [(b"Cache-Control", b"max-age=60"), (b"X-Version", b"2")], b"")
+        assert isinstance(answer, Answer) and answer.status == 200 and bytes(answer.body) == b"body v1"
+        assert field(answer, b"x-version") == b"2"
+        assert field(answer, b"cache-status") == b"pyproxy; fwd=stale; fwd-status=304; ttl=60; stored; detail=memory"
+        clock.now += 10
+        hit = await fetch(p)
+        assert isinstance(hit, Answer) and field(hit, b"x-version") == b"2" and bytes(hit.body) == b"body v1"
+
+    run(main)
+
+
+def test_stale_if_error_and_only_if_cached() -> None:
+    async def main() -> None:
+        clock = Clock()
+        p = phase(clock)
+        miss = await fetch(p, headers=[(b"Cache-Control", b"only-if-cached")])
+        assert isinstance(miss, Answer) and miss.status == 504
+        plan = await fetch(p)
+        assert isinstance(plan, Plan)
+        await origin(p, plan, 200, [(b"Cache-Control", b"max-age=1, stale-if-error=60"), (b"ETag", b'"e"')], b"old")
+        clock.now += 10
+        plan = await fetch(p)
+        assert isinstance(plan, Plan)
+        answer = await origin(p, plan, 503, [], b"down")
+        assert isinstance(answer, Answer) and answer.status == 200 and bytes(answer.body) == b"old"
+        assert field(answer, b"cache-status").startswith(b"pyproxy; fwd=stale; fwd-status=503")  # type: ignore[union-attr]
+
+    run(main)
+
+
+def test_stale_while_revalidate_answers_at_once_and_refreshes_in_the_background() -> None:
+    async def main() -> None:
+        clock = Clock()
+        refreshed: list[Plan] = []
+
+        async def refresh(plan: Plan) -> None:
+            refreshed.append(plan)
+            await origin(p, plan, 200, [(b"Cache-Control", b"max-age=60, stale-while-revalidate=30")], b"new")
+
+        p = HttpCachePhase(TieredCache([MemoryTier()], clock=clock), {"r": CachePolicy()}, clock=clock, refresh=refresh)
+        plan = await fetch(p)
+        assert isinstance(plan, Plan)
+        await origin(p, plan, 200, [(b"Cache-Control", b"max-age=1, stale-while-revalidate=30"), (b"ETag", b'"1"')], b"old")
+        clock.now += 5
+        stale = await fetch(p)
+        assert isinstance(stale, Answer) and bytes(stale.body) == b"old"
+        assert field(stale, b"cache-status") == b"pyproxy; hit; ttl=-4; detail=memory"
+        await asyncio.sleep(0.05)
+        assert len(refreshed) == 1 and refreshed[0].extra_headers == [(b"If-None-Match", b'"1"')]
+        fresh = await fetch(p)
+        assert isinstance(fresh, Answer) and bytes(fresh.body) == b"new"
+
+    run(main)
+
+
+def test_concurrent_misses_make_one_upstream_request() -> None:
+    async def main() -> None:
+        p = phase(Clock())
+        requests = [asyncio.ensure_future(fetch(p)) for _ in range(100)]
+        await asyncio.sleep(0.05)
+        done = [t for t in requests if t.done()]
+        assert len(done) == 1, "one request goes upstream; 99 wait for it"
+        leader = done[0].result()
+        assert isinstance(leader, Plan)
+        await origin(p, leader, 200, [(b"Cache-Control", b"max-age=60")], b"once")
+        answers = await asyncio.gather(*(t for t in requests if t is not done[0]))
+        assert all(isinstance(a, Answer) and bytes(a.body) == b"once" for a in answers)
+        assert all(field(a, b"cache-status").endswith(b"; collapsed") for a in answers if isinstance(a, Answer))  # type: ignore[union-attr]
+        assert p.coalescer.stats.collapsed == 99
+
+    run(main)
+
+
+def test_authorization_and_private_responses_are_not_shared() -> None:
+    async def main() -> None:
+        p = phase(Clock())
+        plan = await fetch(p)
+        assert isinstance(plan, Plan)
+        await origin(p, plan, 200, [(b"Cache-Control", b"max-age=60")], b"public page")
+        authorized = await fetch(p, headers=[(b"Authorization", b"Bearer t")])
+        assert isinstance(authorized, Plan) and authorized.fwd == "bypass"
+        outcome = p.response(authorized, 200, [(b"Cache-Control", b"max-age=60")])
+        assert isinstance(outcome, Relay) and not outcome.capture
+        private = await fetch(p, target=b"/me")
+        assert isinstance(private, Plan)
+        assert isinstance(await origin(p, private, 200, [(b"Cache-Control", b"private, max-age=60")], b"mine"), Relay)
+        assert isinstance(await fetch(p, target=b"/me"), Plan)
+
+    run(main)
+
+
+def test_unsafe_methods_invalidate_and_post_is_cached_by_body_when_enabled() -> None:
+    async def main() -> None:
+        p = phase(Clock(), cache_post=True)
+        plan = await fetch(p, target=b"/items/7")
+        assert isinstance(plan, Plan)
+        await origin(p, plan, 200, [(b"Cache-Control", b"max-age=60")], b"item")
+        assert isinstance(await fetch(p, target=b"/items/7"), Answer)
+        removed = await p.invalidate(b"PUT", 204, "http", b"h", b"/items/7", [], "r")
+        assert removed >= 1
+        assert isinstance(await fetch(p, target=b"/items/7"), Plan)
+
+        summary = await fetch(p, target=b"/summarize", method=b"POST", body=b"text one")
+        assert isinstance(summary, Plan)
+        await origin(p, summary, 200, [(b"Cache-Control", b"max-age=60")], b"summary one")
+        same = await fetch(p, target=b"/summarize", method=b"POST", body=b"text one")
+        assert isinstance(same, Answer) and bytes(same.body) == b"summary one"
+        other = await fetch(p, target=b"/summarize", method=b"POST", body=b"text two")
+        assert isinstance(other, Plan)
+        await p.finish(other, None, False)
+
+    run(main)
+
+
+def test_tags_from_headers_and_dependencies_purge() -> None:
+    async def main() -> None:
+        p = phase(Clock())
+        plan = await fetch(p, target=b"/page")
+        assert isinstance(plan, Plan)
+        await origin(p, plan, 200, [(b"Cache-Control", b"max-age=60"), (b"Cache-Tag", b"page, site"), (b"X-Cache-Depends", b"user:7")], b"page")
+        plan = await fetch(p, target=b"/other")
+        assert isinstance(plan, Plan)
+        await origin(p, plan, 200, [(b"Cache-Control", b"max-age=60"), (b"Surrogate-Key", b"other  site2")], b"other")
+        result = await p.cache.purge_tags("user:7")
+        assert {"user:7", "page", "site"} <= result.tags
+        assert isinstance(await fetch(p, target=b"/page"), Plan)
+        assert isinstance(await fetch(p, target=b"/other"), Answer)
+        await p.cache.purge_tags("site2")
+        assert isinstance(await fetch(p, target=b"/other"), Plan)
+
+    run(main)
+
+
+def test_bodies_larger_than_the_route_allows_are_relayed_not_stored() -> None:
+    async def main() -> None:
+        p = phase(Clock(), max_object_size=4)
+        plan = await fetch(p)
+        assert isinstance(plan, Plan)
+        outcome = p.response(plan, 200, [(b"Cache-Control", b"max-age=60"), (b"Content-Length", b"10")])
+        assert isinstance(outcome, Relay) and not outcome.capture
+        await p.finish(plan, None, True)
+        assert isinstance(await fetch(p), Plan)
+
+    run(main)
