@@ -10,6 +10,8 @@ from typing import Any
 
 from pyproxy._protocol import ClientConnection, ConnectionPool, Exchange, UpstreamConnection
 from pyproxy.balance.pool import UpstreamPool
+from pyproxy.cache.phase import HttpCachePhase
+from pyproxy.cache.refresh import UpstreamRefresher
 from pyproxy.core import SharedWindows
 from pyproxy.config import Config
 from pyproxy.observe.access_log import AccessLog
@@ -43,7 +45,11 @@ class ProxyState:
     # it outlives reloads.
     ratelimit: RateLimitPhase | None = None
     ratelimit_local: LocalLimiter | None = None
+    # The HTTP cache (None: no route caches). Its memory tier is this worker's; Redis and the
+    # database tiers are shared.
+    cache: HttpCachePhase | None = None
     _adapt_handle: asyncio.TimerHandle | None = None
+    _background: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def open_access_log(self) -> None:
         """Open (or reopen, after a reload) the access log the configuration asks for."""
@@ -64,7 +70,36 @@ class ProxyState:
             ratelimit_local=ratelimit_local,
         )
         state._configure_ratelimit(config)
+        state._configure_cache(config)
         return state
+
+    def _configure_cache(self, config: Config) -> None:
+        """Build (or, on a reload that keeps the tiers, keep and reconfigure) the cache phase."""
+        if not any(route.cache.enabled for route in config.routes):
+            self._close_cache()
+            return
+        if self.cache is not None and config.cache == self.config.cache:
+            self.cache.reconfigure(config.routes)
+            return
+        self._close_cache()
+        refresher = UpstreamRefresher(lambda: self.upstreams, lambda: {r.name: r.pool for r in self.config.routes})
+        self.cache = HttpCachePhase.from_config(config.cache, config.routes, refresh=refresher)
+        refresher.phase = self.cache
+        self._in_background(self.cache.start())
+
+    def _close_cache(self) -> None:
+        old, self.cache = self.cache, None
+        if old is not None:
+            self._in_background(old.aclose())
+
+    def _in_background(self, coro: Any) -> None:
+        try:
+            task = asyncio.get_running_loop().create_task(coro)
+        except RuntimeError:
+            coro.close()  # no loop yet (start() opens the cache) or any more (the process ends)
+            return
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _configure_ratelimit(self, config: Config) -> None:
         """Build (or, on a reload, keep and reconfigure) the rate-limit phase."""
@@ -111,6 +146,8 @@ class ProxyState:
         """Start what runs in the background per pool (health checks, ticks); on the loop."""
         for upstream in self.upstreams.values():
             upstream.start()
+        if self.cache is not None:
+            self._in_background(self.cache.start())
         self._adapt_handle = asyncio.get_running_loop().call_later(ADAPT_INTERVAL, self._adapt)
 
     def _adapt(self) -> None:
@@ -144,6 +181,7 @@ class ProxyState:
                 asyncio.get_running_loop().create_task(self.upstreams[name].stop())
         log_changed = config.access_log != self.config.access_log
         self._configure_ratelimit(config)
+        self._configure_cache(config)
         self.config, self.router = config, Router(config.routes)
         self.pools, self.upstreams = pools, upstreams
         if log_changed:
@@ -161,6 +199,9 @@ class ProxyState:
         phase, self.ratelimit = self.ratelimit, None
         if phase is not None:
             await phase.aclose()  # the Redis connections, while the loop still runs
+        cache, self.cache = self.cache, None
+        if cache is not None:
+            await cache.aclose()  # background refreshes and writes, then the tiers
         self.close()
 
     def close(self) -> None:
@@ -168,6 +209,7 @@ class ProxyState:
             self._adapt_handle.cancel()
             self._adapt_handle = None
         self._close_ratelimit()
+        self._close_cache()
         for upstream in self.upstreams.values():
             upstream.close()
         for client in list(self.clients):

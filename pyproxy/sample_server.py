@@ -9,6 +9,8 @@ how it behaves while it runs:
 * ``mode`` — ``"ok"`` (answer), ``"error"`` (500), ``"close"`` (close without answering),
   ``"truncate"`` (promise a body, send half of it, close), ``"silent"`` (read, never answer),
   ``"malformed"`` (answer with bytes that are not HTTP);
+* ``headers`` — extra fields on every plain answer (``Cache-Control``, ``Vary``, ``Cache-Tag``...);
+  ``etag`` — plain answers carry it, and a request whose ``If-None-Match`` names it gets 304;
 * recording — ``accepts`` counts accepted connections, ``requests`` keeps every parsed request
   (method, target, headers, body size and, up to ``record_body_limit`` bytes, the body), ``received``
   counts every byte read.
@@ -204,8 +206,14 @@ class _Connection(asyncio.Protocol):
             no_body = status in (204, 304) or 100 <= status < 200
             self._head(status, [] if no_body else [(b"Content-Length", b"0")], conn)
         else:
+            fields = list(server.headers)
+            if server.etag is not None:
+                fields.append((b"ETag", server.etag))
+                if server.etag in (t.strip() for t in (req.header(b"if-none-match") or b"").split(b",")):
+                    self._head(304, fields, conn)
+                    return not close
             body = server.body_for(path)
-            self._head(200, [(b"Content-Length", str(len(body)).encode())], conn)
+            self._head(200, [*fields, (b"Content-Length", str(len(body)).encode())], conn)
             self._body(body)
         return not close
 
@@ -279,6 +287,8 @@ class SampleServer:
         # After this many answers on one connection, the next request on it is read and the
         # connection closed without an answer: a server whose keep-alive timeout races the client's.
         self.close_after = close_after
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.etag: bytes | None = None
         self.accepts = 0
         self.received = 0
         self.requests: list[RecordedRequest] = []

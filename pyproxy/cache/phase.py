@@ -100,6 +100,7 @@ class Plan:
     request_headers: Headers
     host: bytes
     scheme: str
+    target: bytes = b"/"
     extra_headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # validators to send
     stored: StoredResponse | None = None  # the stored response being revalidated / kept for errors
     stored_body: bytes | memoryview = b""
@@ -172,6 +173,11 @@ class HttpCachePhase:
         self._refreshing: set[str] = set()
         self.counters: dict[str, int] = {}
 
+    def reconfigure(self, routes: Sequence[Route]) -> None:
+        """New route policies (a reload that kept the tiers)."""
+        self.policies = {r.name: policy_of(r.cache) for r in routes}
+        self.routes = frozenset(name for name, p in self.policies.items() if p.enabled)
+
     @classmethod
     def from_config(cls, config: CacheConfig, routes: Sequence[Route], **options: Any) -> HttpCachePhase:
         compressor = Compressor(config.compression, level=config.compression_level, min_size=config.compression_min_size)  # type: ignore[arg-type]
@@ -225,7 +231,7 @@ class HttpCachePhase:
             return None
         digest = body_digest(body) if method == b"POST" and body is not None else None
         key = primary_key(scheme, host, target, policy, digest)
-        plan = Plan(route, policy, method, key, headers, host, scheme, request_time=self.clock())
+        plan = Plan(route, policy, method, key, headers, host, scheme, target=target, request_time=self.clock())
         request_cc = parse_cache_control(headers)
         found = await self._find(key, headers)
         if found is not None:
@@ -331,7 +337,7 @@ class HttpCachePhase:
         self._refreshing.add(plan.key)
         refresh_plan = Plan(
             plan.route, plan.policy, plan.method if plan.method != b"HEAD" else b"GET", plan.key,
-            plan.request_headers, plan.host, plan.scheme,
+            plan.request_headers, plan.host, plan.scheme, target=plan.target,
             extra_headers=conditional_headers(stored), stored=stored, fwd="stale", request_time=self.clock(),
         )
         refresh = self.refresh

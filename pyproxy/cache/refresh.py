@@ -1,0 +1,108 @@
+"""Background refreshes of stale cache entries (``stale-while-revalidate``), outside any client.
+
+A client got the stale copy at once; this asks a server of the route's pool for a fresh one with
+the stored validators, on a connection of its own (``Connection: close``: refreshes are rare and
+must not disturb the pooled connections' bookkeeping), parses the response strictly with llhttp,
+and hands it to the cache phase exactly as a client exchange would (``response`` then ``finish``):
+a 304 renews the stored head, a cacheable 200 replaces the entry, anything else leaves it. The
+server's outcome is reported to its pool like any request's (latency, success, breaker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import httptools
+
+from pyproxy.balance.pool import UpstreamPool
+from pyproxy.cache.phase import HttpCachePhase, Plan, Relay
+from pyproxy.headers import serialize_request_head
+
+__all__ = ["UpstreamRefresher"]
+
+_DROPPED = frozenset({b"if-none-match", b"if-modified-since", b"connection", b"keep-alive", b"content-length", b"transfer-encoding", b"te", b"upgrade"})
+MAX_HEAD = 64 * 1024
+
+
+class _Response:
+    """httptools callbacks collecting one response."""
+
+    def __init__(self, limit: int) -> None:
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body: list[bytes] = []
+        self.size = 0
+        self.limit = limit
+        self.complete = False
+        self.too_big = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_body(self, body: bytes) -> None:
+        self.size += len(body)
+        if self.size > self.limit:
+            self.too_big = True
+        else:
+            self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+class UpstreamRefresher:
+    """The cache phase's ``refresh`` hook: one background request per stale entry."""
+
+    def __init__(
+        self,
+        upstreams: Callable[[], dict[str, UpstreamPool]],
+        route_pools: Callable[[], dict[str, str]],
+        *,
+        timeout: float = 30.0,
+    ) -> None:
+        self.upstreams = upstreams
+        self.route_pools = route_pools
+        self.timeout = timeout
+        self.phase: HttpCachePhase | None = None
+
+    async def __call__(self, plan: Plan) -> None:
+        phase = self.phase
+        pool_name = self.route_pools().get(plan.route)
+        upstream = self.upstreams().get(pool_name) if pool_name is not None else None
+        if phase is None or upstream is None:
+            return
+        loop = asyncio.get_running_loop()
+        server = upstream.choose(None, loop.time(), ())
+        if server is None:
+            return
+        headers = [(n, v) for n, v in plan.request_headers if n.lower() not in _DROPPED]
+        head = serialize_request_head(plan.method, plan.target, [*headers, *plan.extra_headers, (b"Connection", b"close")])
+        server.started()
+        sent = time.monotonic()
+        ok: bool | None = False
+        writer = None
+        try:
+            async with asyncio.timeout(self.timeout):
+                reader, writer = await asyncio.open_connection(server.server.host, server.server.port)
+                writer.write(head)
+                response = _Response(plan.policy.max_object_size)
+                parser = httptools.HttpResponseParser(response)
+                while not response.complete:
+                    data = await reader.read(65536)
+                    if not data:
+                        break
+                    parser.feed_data(data)
+                status = parser.get_status_code()
+                ok = status < 500
+                outcome = phase.response(plan, status, response.headers)
+                relay = outcome if isinstance(outcome, Relay) else None
+                body = b"".join(response.body) if relay is not None and relay.capture and not response.too_big else None
+                await phase.finish(plan, body, response.complete)
+        except (OSError, TimeoutError, httptools.HttpParserError):
+            await phase.finish(plan, None, False)
+            raise
+        finally:
+            upstream.finished(server, time.monotonic() - sent, ok, False, loop.time())
+            if writer is not None:
+                writer.close()
