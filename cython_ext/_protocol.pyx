@@ -59,10 +59,19 @@ from pyproxy.headers import (
     validate_headers,
 )
 from pyproxy.observe.access_log import AccessLog
+from pyproxy.cache.phase import Answer
 
 __all__ = ["BUCKETS", "ClientConnection", "ConnectionPool", "Exchange", "Histogram", "UpstreamConnection", "WorkerMetrics"]
 
 log = logging.getLogger("pyproxy.proxy")
+
+
+async def _logged(coro: object, what: str) -> None:
+    """Await a background step of a finished exchange; its failure is logged, never raised."""
+    try:
+        await coro
+    except Exception:  # noqa: BLE001 - a background step has no one to raise to
+        log.exception("%s failed", what)
 
 # Bytes of request body buffered for an exchange whose upstream is not connected yet, before
 # reading from the client pauses.
@@ -84,6 +93,9 @@ cdef class ClientConnection
 
 _NO_DECISION = object()  # not in the router's memo (None there means "no route")
 _IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))  # RFC 9110 §9.2.2
+_CACHE_METHODS = frozenset((b"GET", b"HEAD", b"POST"))  # looked up (POST: routes caching POST by body)
+_UNSAFE = frozenset((b"POST", b"PUT", b"DELETE", b"PATCH"))  # invalidate what they change (RFC 9111 §4.4)
+_CONDITIONALS = frozenset((b"if-none-match", b"if-modified-since"))
 
 
 class _RetryResponse(Exception):
@@ -224,6 +236,12 @@ cdef class Exchange:
     # balancing: the pool's run-time side, the server chosen (UpstreamServer), servers tried so far
     cdef public object upool, chosen, tried, waiter, last_failure
     cdef public object extra_headers  # fields the response gets (rate-limit state), or None
+    # caching (phase 4): the cache phase and its plan for this request, the response body copy kept
+    # for storing, and the upstream's response fields (for invalidation by unsafe methods)
+    cdef public object cache_phase, cache_plan, capture, body_waiter, response_fields
+    cdef public long long capture_size, capture_limit
+    cdef public bint cache_complete  # the upstream response arrived whole
+    cdef public bint discard_body  # answered from cache before its body was read: drop the rest
     # hedging: the second attempt's connection and server, the timer that starts it
     cdef public UpstreamConnection hedge
     cdef public object hedge_chosen, hedge_handle
@@ -294,6 +312,15 @@ cdef class Exchange:
         self.waiter = None  # a place in the pool's bulkhead queue
         self.last_failure = None  # (status, message) of the last failed attempt, when retrying
         self.extra_headers = None
+        self.cache_phase = None
+        self.cache_plan = None
+        self.capture = None
+        self.body_waiter = None
+        self.response_fields = None
+        self.capture_size = 0
+        self.capture_limit = 0
+        self.cache_complete = False
+        self.discard_body = False
         self.hedge = None
         self.hedge_chosen = None
         self.hedge_handle = None
@@ -313,11 +340,15 @@ cdef class Exchange:
         limit = self.body_limit()
         if self.body_received > limit:
             raise _Refuse(413, f"request body larger than {limit} bytes")
+        if self.discard_body:
+            return  # answered from cache: the rest of the body is read and dropped
         if self.upstream is not None:
             self.upstream.send_body(data, self.framing == CHUNKED)
         else:
             self.pending.append(data)
             self.pending_size += len(data)
+            if self.body_waiter is not None and self.pending_size > self.capture_limit:
+                self._body_read(False)  # a POST body too large to key the cache: forward it
             if self.pending_size > _PENDING_BODY_LIMIT:
                 self.client.pause_reading("pending-body")
 
@@ -333,6 +364,11 @@ cdef class Exchange:
 
     cpdef end_body(self):
         self.request_done = True
+        if self.discard_body:
+            self.finish()  # answered from cache; its body is read: the connection moves on
+            return
+        if self.body_waiter is not None:
+            self._body_read(True)
         if self.upstream is not None and self.framing == CHUNKED:
             self.upstream.send_raw(b"0\r\n\r\n")
 
@@ -366,7 +402,7 @@ cdef class Exchange:
             else:
                 self.client._loop.create_task(self._limit_then_forward(limits))
                 return
-        self._admit()
+        self._cached_or_admit()
 
     async def _limit_then_forward(self, limits: object) -> None:
         try:
@@ -378,7 +414,7 @@ cdef class Exchange:
         if self.done:
             return  # the client left meanwhile
         if self.rate_limited(outcome):
-            self._admit()
+            self._cached_or_admit()
 
     cpdef bint rate_limited(self, outcome):
         """Apply a rate-limit outcome: ``True`` to go on (keeping the response fields to add),
@@ -391,6 +427,127 @@ cdef class Exchange:
         self.client.respond_local(self, response.status, response.headers, response.body, False)
         self.finish()
         return False
+
+    # -- phase 4, the cache (pyproxy/cache/phase.py decides; this side sends and relays)
+    cpdef _cached_or_admit(self):
+        cache = self.client.state.cache
+        if (
+            cache is not None
+            and self.route.name in cache.routes
+            and self.method in _CACHE_METHODS
+            and not self.upgrade
+        ):
+            self.cache_phase = cache
+            self.client._loop.create_task(self._cache_then_forward(cache))
+            return
+        self._admit()
+
+    async def _cache_then_forward(self, cache: object) -> None:
+        body = None
+        if self.method == b"POST":
+            policy = cache.policies.get(self.route.name)
+            if policy is None or not policy.cache_post:
+                self._admit()  # only looked at again for invalidation, once answered
+                return
+            body = await self._whole_body(min(policy.max_object_size, _PENDING_BODY_LIMIT))
+            if self.done:
+                return
+            if body is None:
+                self._admit()  # too large to key the cache by: forwarded as any POST
+                return
+        try:
+            outcome = await cache.lookup(self.route.name, self.method, "http", self.host or b"", self.target, self.headers, body)
+        except Exception:  # noqa: BLE001 - the cache failing must not fail the request
+            log.exception("cache lookup failed; forwarding")
+            outcome = None
+        if self.done:
+            if outcome is not None and not isinstance(outcome, Answer):
+                await cache.finish(outcome, None, False)  # the client left: release any followers
+            return
+        if outcome is None:
+            self._admit()
+        elif isinstance(outcome, Answer):
+            self.answer_from_cache(outcome)
+        else:
+            self.cache_plan = outcome
+            if outcome.extra_headers:
+                # Revalidating: the stored validators replace the client's own conditionals (the
+                # cache answers those itself from the refreshed response).
+                self.headers = [(n, v) for n, v in self.headers if n.lower() not in _CONDITIONALS]
+                self.headers += outcome.extra_headers
+            self._admit()
+
+    async def _whole_body(self, long long limit):
+        """The whole request body once read (a POST keyed by its digest), or ``None`` when it
+        exceeds ``limit`` bytes."""
+        if not self.request_done:
+            self.capture_limit = limit
+            self.body_waiter = self.client._loop.create_future()
+            complete = await self.body_waiter
+            self.body_waiter = None
+            if not complete:
+                return None
+        if self.pending_size > limit:
+            return None
+        return b"".join(self.pending)
+
+    cpdef _body_read(self, bint complete):
+        waiter, self.body_waiter = self.body_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(complete)
+
+    cpdef answer_from_cache(self, answer):
+        """Send a response the cache made; finish now, or once the request body is all read."""
+        self.client.respond_cached(self, answer)
+        if self.request_done:
+            self.finish()
+        else:
+            self.discard_body = True
+            self.pending.clear()
+            self.pending_size = 0
+            self.client.resume_reading("pending-body")
+
+    cpdef bint cache_response(self, UpstreamConnection conn, int status):
+        """The upstream's response head, seen by the cache phase: ``True`` when the cache answered
+        instead (a 304 refreshing the stored response, a stale one standing in for a 5xx)."""
+        plan = self.cache_plan
+        if plan is None:
+            if self.cache_phase is not None and self.method in _UNSAFE:
+                self.response_fields = conn.headers  # Location / Content-Location to invalidate
+            return False
+        outcome = self.cache_phase.response(plan, status, conn.headers)
+        if isinstance(outcome, Answer):
+            self.upstream_status = status
+            self.client.respond_cached(self, outcome)
+            return True
+        if outcome.headers:
+            self.extra_headers = (self.extra_headers or []) + outcome.headers
+        if outcome.capture:
+            self.capture = []
+            self.capture_size = 0
+            self.capture_limit = outcome.max_size
+        return False
+
+    cdef inline void keep_copy(self, bytes body):
+        self.capture_size += len(body)
+        if self.capture_size > self.capture_limit:
+            self.capture = None  # larger than the route stores: relayed, not kept
+        else:
+            self.capture.append(body)
+
+    def _cache_after(self) -> None:
+        """The exchange is over: store (or release) its plan; invalidate after an unsafe method."""
+        phase, plan = self.cache_phase, self.cache_plan
+        self.cache_plan = None
+        if plan is not None:
+            body = b"".join(self.capture) if self.capture is not None and self.cache_complete else None
+            self.capture = None
+            self.client._loop.create_task(_logged(phase.finish(plan, body, self.cache_complete), "cache store"))
+        elif self.method in _UNSAFE and self.route is not None and 200 <= self.upstream_status < 400:
+            self.client._loop.create_task(_logged(
+                phase.invalidate(self.method, self.upstream_status, "http", self.host or b"", self.target, self.response_fields or [], self.route.name),
+                "cache invalidation",
+            ))
 
     cpdef _admit(self):
         """Phase 5 starts: a slot of the pool's bulkhead, then a server."""
@@ -781,9 +938,16 @@ cdef class Exchange:
         self.release_pool()
 
     cpdef fail(self, status: int, message: str, close: bool):
-        """Answer with an error (or, once a response has started, break the connection); finish."""
+        """Answer with an error (or, once a response has started, break the connection); finish.
+        A cached request whose stored response allows ``stale-if-error`` gets that instead."""
         if self.done:
             return
+        if self.cache_plan is not None and status >= 500 and not self.response_started:
+            outcome = self.cache_phase.response(self.cache_plan, status, [])
+            if isinstance(outcome, Answer):
+                self.client.respond_cached(self, outcome)
+                self.finish()
+                return
         self.client.respond_error(self, status, message, close)
         self.finish()
 
@@ -794,6 +958,8 @@ cdef class Exchange:
         self.done = True
         self.stop_response_timer()
         self.release_pool()
+        if self.cache_phase is not None:
+            self._cache_after()
         self.client.exchange_finished(self)
 
     cdef object _extra_fields(self, bint close):
@@ -1055,6 +1221,13 @@ cdef class UpstreamConnection:
         if ex.upool is not None and status in ex.upool.config.retry.on_statuses and ex.claim_retry():
             ex.upstream_status = status
             raise _RetryResponse(status)
+        if ex.cache_phase is not None and ex.cache_response(self, status):
+            # The cache answered instead: this response's body (a 5xx's) is read and dropped, and
+            # the connection not reused after it.
+            self.head_only = True
+            self.chunk_to_client = False
+            self.head_received = True
+            return
         self.head_only = ex.method == b"HEAD"
         self.chunk_to_client = ex.response_head(status, self.reason, self.headers, self.framing, declared)
         self.head_received = True
@@ -1068,6 +1241,8 @@ cdef class UpstreamConnection:
             return
         ex.bytes_out += len(body)
         ex.client.write(_chunk(body) if self.chunk_to_client else body)
+        if ex.capture is not None:
+            ex.keep_copy(body)
 
     def on_message_complete(self) -> None:
         ex = self.exchange
@@ -1084,6 +1259,7 @@ cdef class UpstreamConnection:
             ex.client.write(b"0\r\n\r\n")
         self.message_done = True
         self.exchanges_served += 1
+        ex.cache_complete = True
         reusable = self.framing != UNTIL_CLOSE and ex.request_done and keep_alive
         self._done()
         if reusable:
@@ -1452,17 +1628,45 @@ cdef class ClientConnection:
             headers.append((b"Retry-After", str(ex.retry_after).encode()))
         self.respond_local(ex, status, headers, body, close)
 
+    def _ensure_request_id(self, ex: Exchange) -> None:
+        """Answered before forwarding: the client's id if it sent a usable one, else a new one, so
+        every response can be traced."""
+        if not ex.request_id:
+            sent = get_first(ex.headers, b"x-request-id") if ex.headers else None
+            ex.request_id = sent if sent and _REQUEST_ID.fullmatch(sent) else new_request_id()
+
+    def respond_cached(self, ex: Exchange, answer: object) -> None:
+        """Send a response the cache made: like :meth:`respond_local`, but the connection stays
+        open while the request body is still arriving (it is read and dropped), and the response
+        carries the rate-limit fields as a relayed one would."""
+        if ex.response_started:
+            self.abort()
+            return
+        self._ensure_request_id(ex)
+        body = answer.body
+        headers = list(answer.headers)
+        if answer.status != 304 and answer.status != 204:
+            headers.append((b"Content-Length", str(len(body) if answer.length is None else answer.length).encode()))
+        headers.append((b"X-Request-ID", ex.request_id))
+        if ex.extra_headers:
+            headers += ex.extra_headers
+        if not ex.keep_alive or self.state.draining:
+            headers.append((b"Connection", b"close"))
+            ex.keep_alive = False
+        ex.response_started = True
+        ex.status = answer.status
+        if ex.method == b"HEAD" or answer.status == 304:
+            body = b""
+        ex.bytes_out += len(body)
+        self.write(serialize_response_head(answer.status, None, headers) + bytes(body))
+
     def respond_local(self, ex: Exchange, status: int, fields: list, body: bytes, close: bool) -> None:
         """Answer ``ex`` from the proxy itself: ``fields`` (no framing), ``body``, and the
         request id; closes when asked, or when the request was not all read."""
         if ex.response_started:
             self.abort()
             return
-        if not ex.request_id:
-            # Answered before forwarding: the client's id if it sent a usable one, else a new one,
-            # so every response can be traced.
-            sent = get_first(ex.headers, b"x-request-id") if ex.headers else None
-            ex.request_id = sent if sent and _REQUEST_ID.fullmatch(sent) else new_request_id()
+        self._ensure_request_id(ex)
         headers = [
             *fields,
             (b"Content-Length", str(len(body)).encode()),

@@ -140,6 +140,8 @@ class ProxyState:
         snap["upstreams"] = self.upstream_view()
         if self.ratelimit is not None:
             snap["ratelimit"] = self.ratelimit.snapshot()
+        if self.cache is not None:
+            snap["cache"] = self.cache.snapshot()
         return snap
 
     def start(self) -> None:

@@ -31,6 +31,7 @@ Also the ``Cache-Status`` response header (RFC 9211) and the stored form of a re
 from __future__ import annotations
 
 import hashlib
+import math
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -522,7 +523,7 @@ def cache_status(
     if fwd_status is not None:
         params.append(f"fwd-status={fwd_status}")
     if ttl is not None:
-        params.append(f"ttl={int(ttl)}")
+        params.append(f"ttl={math.floor(ttl)}")  # stale: negative (RFC 9211 §2.7)
     if stored:
         params.append("stored")
     if collapsed:

@@ -87,6 +87,7 @@ class Answer:
     headers: list[tuple[bytes, bytes]]
     body: bytes | memoryview
     tier: str | None = None
+    length: int | None = None  # Content-Length to declare when it is not len(body) (HEAD)
 
 
 @dataclass
@@ -190,6 +191,16 @@ class HttpCachePhase:
             coalesce_max_waiters=config.coalesce_max_waiters,
             **options,
         )
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters for metrics (summed over workers by ``observe.metrics.merge_cache``)."""
+        stats = self.cache.stats()
+        tiers = {name: {k: v for k, v in t.items() if k != "purged"} for name, t in stats["tiers"].items()}
+        return {
+            "events": {**self.counters, "collapsed": self.coalescer.stats.collapsed},
+            "tiers": tiers,
+            "compression": {k: stats["compression"][k] for k in ("raw_bytes", "stored_bytes")},
+        }
 
     async def start(self) -> None:
         await self.cache.start()
@@ -303,7 +314,9 @@ class HttpCachePhase:
             fields = not_modified_headers(stored)
             return Answer(304, [*fields, (b"Age", str(int(age)).encode()), (b"Cache-Status", status_field)], b"", tier)
         fields = [*stored.headers, (b"Age", str(int(age)).encode()), (b"Cache-Status", status_field)]
-        return Answer(stored.status, fields, b"" if plan.method == b"HEAD" else body, tier)
+        if plan.method == b"HEAD":
+            return Answer(stored.status, fields, b"", tier, length=len(body))
+        return Answer(stored.status, fields, body, tier)
 
     async def _coalesce(self, plan: Plan, headers: Headers) -> Answer | Plan:
         """A plain miss: lead the fetch for this key, or wait for the request already leading it and

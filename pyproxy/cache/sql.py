@@ -202,14 +202,20 @@ class SqlTier:
         """Connect, create or migrate the schema, start the expiry sweep. Idempotent."""
         if self._db is not None:
             return self
+        db = None
         try:
-            self._db = await self._connect()
-            await self._migrate()
-        except _FAILURES as e:
-            if self._db is not None:
-                await self._db.close()
-                self._db = None
-            raise TierUnavailable(f"{self.name} cache tier could not open: {e}") from e
+            db = await self._connect()
+            await self._migrate(db)
+        except BaseException as e:
+            if db is not None:
+                await db.close()
+            if isinstance(e, _FAILURES):
+                raise TierUnavailable(f"{self.name} cache tier could not open: {e}") from e
+            raise
+        if self._db is not None:  # opened meanwhile by a concurrent call
+            await db.close()
+            return self
+        self._db = db  # usable only once migrated: nothing reads a half-made schema
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever(), name=f"pyproxy-{self.name}-sweep")
         return self
 
@@ -241,12 +247,13 @@ class SqlTier:
         rows = await self.db.fetch(f"SELECT version FROM {self.schema}")
         return int(rows[0][0]) if rows else 0
 
-    async def _migrate(self) -> None:
-        db = self.db
-        await db.execute(f"CREATE TABLE IF NOT EXISTS {self.schema} (version INTEGER NOT NULL)")
+    async def _migrate(self, db: _Sqlite | _Postgres) -> None:
         async with db.transaction() as tx:
             if isinstance(tx, _Postgres):
+                # Before anything else: two CREATE TABLE IF NOT EXISTS racing each other fail in
+                # PostgreSQL ("type ... already exists"); the lock makes the instances take turns.
                 await tx.execute("SELECT pg_advisory_xact_lock(hashtext(?))", self.schema)
+            await tx.execute(f"CREATE TABLE IF NOT EXISTS {self.schema} (version INTEGER NOT NULL)")
             rows = await tx.fetch(f"SELECT version FROM {self.schema}")
             version = int(rows[0][0]) if rows else 0
             if version > len(MIGRATIONS):

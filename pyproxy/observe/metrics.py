@@ -28,6 +28,10 @@ Series (``pyproxy_<subsystem>_<what>_<unit>``):
   ``pyproxy_ratelimit_blocks_total`` (penalty box), ``pyproxy_ratelimit_redis_duration_seconds``
   (histogram) and ``pyproxy_ratelimit_redis_up`` (redis / hybrid modes),
   ``pyproxy_ratelimit_adaptive_limit{name}``;
+- the HTTP cache: ``pyproxy_cache_events_total{event}`` (hit, stale_hit, miss, revalidate,
+  revalidated, stored, not_storable, collapsed_hit, stale_if_error, not_modified, invalidated...),
+  ``pyproxy_cache_tier_operations_total{tier,result}`` (hit, miss, write, promotion, corrupt,
+  error, timeout, skipped), ``pyproxy_cache_tier_up{tier}``, ``pyproxy_cache_compression_ratio``;
 - per pool (``{pool}``): ``pyproxy_upstream_retries_total``,
   ``pyproxy_upstream_retry_budget_exhausted_total``, ``pyproxy_upstream_rejected_total{reason}``
   (``unhealthy``: no server could take it; ``bulkhead``: concurrency limit),
@@ -103,7 +107,28 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
         **totals,
         "upstreams": merge_upstreams(snap.get("upstreams", {}) for snap in snapshots_list),
         "ratelimit": merge_ratelimit([snap["ratelimit"] for snap in snapshots_list if "ratelimit" in snap]),
+        "cache": merge_cache([snap["cache"] for snap in snapshots_list if "cache" in snap]),
     }
+
+
+def merge_cache(views: list[dict[str, Any]]) -> dict[str, Any]:
+    """The workers' :meth:`HttpCachePhase.snapshot` summed (a tier is up if it is up everywhere)."""
+    events: dict[str, int] = defaultdict(int)
+    tiers: dict[str, dict[str, Any]] = {}
+    raw = stored = 0
+    for view in views:
+        for event, n in view.get("events", {}).items():
+            events[event] += n
+        for name, t in view.get("tiers", {}).items():
+            acc = tiers.setdefault(name, {"up": True})
+            for k, v in t.items():
+                if k == "up":
+                    acc["up"] = acc["up"] and v
+                else:
+                    acc[k] = acc.get(k, 0) + v
+        raw += view.get("compression", {}).get("raw_bytes", 0)
+        stored += view.get("compression", {}).get("stored_bytes", 0)
+    return {"events": dict(events), "tiers": tiers, "compression": {"raw_bytes": raw, "stored_bytes": stored}}
 
 
 def merge_ratelimit(views: list[dict[str, Any]]) -> dict[str, Any]:
@@ -245,6 +270,34 @@ class _Collector(Collector):
             yield hist
         yield from _upstream_families(snap.get("upstreams", {}))
         yield from _ratelimit_families(snap.get("ratelimit", {}))
+        yield from _cache_families(snap.get("cache", {}))
+
+
+_TIER_RESULTS = {
+    "hits": "hit", "misses": "miss", "writes": "write", "promotions": "promotion",
+    "corrupt": "corrupt", "errors": "error", "timeouts": "timeout", "skipped": "skipped",
+}
+
+
+def _cache_families(cache: dict[str, Any]) -> Iterator[Any]:
+    """What the HTTP cache did, per event and per tier; tier health; compression."""
+    if not cache.get("tiers") and not cache.get("events"):
+        return
+    events = CounterMetricFamily("pyproxy_cache_events", "HTTP cache outcomes", labels=["event"])
+    for event, n in sorted(cache.get("events", {}).items()):
+        events.add_metric([event], n)
+    yield events
+    ops = CounterMetricFamily("pyproxy_cache_tier_operations", "Cache tier operations by result", labels=["tier", "result"])
+    up = GaugeMetricFamily("pyproxy_cache_tier_up", "1 while the tier answers (0 during a backoff)", labels=["tier"])
+    for name, t in sorted(cache.get("tiers", {}).items()):
+        for key, result in _TIER_RESULTS.items():
+            ops.add_metric([name, result], t.get(key, 0))
+        up.add_metric([name], 1.0 if t.get("up", True) else 0.0)
+    yield ops
+    yield up
+    c = cache.get("compression", {})
+    ratio = c.get("raw_bytes", 0) / c["stored_bytes"] if c.get("stored_bytes") else 1.0
+    yield GaugeMetricFamily("pyproxy_cache_compression_ratio", "Bytes before / after compression, L2 and L3 records", value=ratio)
 
 
 def _ratelimit_families(rl: dict[str, Any]) -> Iterator[Any]:
