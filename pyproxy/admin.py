@@ -18,6 +18,9 @@
     DELETE /upstreams/{pool}/servers/{server} drain it (in-flight requests finish), then remove it
                     Run-time changes apply to every worker and survive reloads that leave the pool's
                     configuration as it was.
+    POST /cache/purge {"urls": [...], "keys": [...], "tags": [...]} (each a string or a list): drop
+                    those entries, and everything carrying those tags or tags depending on them, from
+                    every tier of every worker, and of every instance through Redis
 
 With ``admin.token`` set, every request needs ``Authorization: Bearer <token>`` (else 401).
 """
@@ -36,6 +39,7 @@ import httptools
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from pyproxy.balance.changes import ChangeError
+from pyproxy.cache.purges import keys_for_urls, plain_strings
 from pyproxy.config import AdminConfig, Config, Problem
 from pyproxy.headers import serialize_response_head
 from pyproxy.ratelimit.penalty_box import PenaltyBox
@@ -46,6 +50,7 @@ log = logging.getLogger("pyproxy.admin")
 
 _MAX_REQUEST = 64 * 1024  # admin requests are tiny; anything bigger is refused
 _BLOCKED = b"/ratelimits/blocked"
+_PURGE = b"/cache/purge"
 
 
 class Controller(Protocol):
@@ -70,6 +75,11 @@ class Controller(Protocol):
 
     def change_upstreams(self, method: str, pool: str, server: str | None, body: dict[str, Any]) -> dict[str, Any]:
         """Apply a run-time pool change; :class:`ChangeError` (status, reason) when refused."""
+        ...
+
+    async def purge_cache(self, keys: list[str], tags: list[str]) -> dict[str, Any]:
+        """Drop ``keys`` and the entries tagged ``tags`` (dependencies included) everywhere; runs on
+        the admin API's loop."""
         ...
 
 
@@ -111,6 +121,9 @@ class _AdminConnection(asyncio.Protocol):
         headers = dict(self.headers)
         if path == b"/metrics" and method == b"GET" and self.server.authorized(headers):
             self._respond_raw(200, self.server.controller.metrics_text(), CONTENT_TYPE_LATEST.encode())
+            return
+        if path == _PURGE and self.server.authorized(headers):
+            self.server.spawn(self.server.handle_purge(method, self.body), self._respond)
             return
         if (path == _BLOCKED or path.startswith(_BLOCKED + b"/")) and self.server.authorized(headers):
             # These wait for Redis (modes redis / hybrid): answered when the task ends.
@@ -190,6 +203,8 @@ class AdminServer:
             return self.BLOCKED
         if path.startswith(_BLOCKED + b"/"):
             return self.BLOCKED_KEY
+        if path == _PURGE:
+            return b"POST"
         return self.ROUTES.get(path, b"GET")
 
     def handle(
@@ -203,7 +218,7 @@ class AdminServer:
         expected = self.ROUTES.get(path)
         if expected is None:
             return 404, {"error": f"no admin endpoint {path.decode('latin-1')}",
-                         "endpoints": sorted([*(p.decode() for p in self.ROUTES), _BLOCKED.decode()])}
+                         "endpoints": sorted([*(p.decode() for p in self.ROUTES), _BLOCKED.decode(), _PURGE.decode()])}
         if method != expected:
             return 405, {"error": f"{path.decode()} takes {expected.decode()}"}
         if path == b"/healthz":
@@ -243,6 +258,21 @@ class AdminServer:
                 respond(*task.result())
 
         task.add_done_callback(done)
+
+    async def handle_purge(self, method: bytes, body: bytes) -> tuple[int, dict[str, object]]:
+        """``POST /cache/purge`` (authorized)."""
+        if method != b"POST":
+            return 405, {"error": "/cache/purge takes POST"}
+        try:
+            data = json.loads(body) if body.strip() else {}
+            if not isinstance(data, dict) or set(data) - {"urls", "keys", "tags"} or not data:
+                raise ValueError('expected a JSON object with "urls", "keys" and/or "tags"')
+            keys = list(plain_strings(data.get("keys", []), "keys"))
+            keys += keys_for_urls(plain_strings(data.get("urls", []), "urls"), self.controller.current_config())
+            tags = list(plain_strings(data.get("tags", []), "tags"))
+        except ValueError as e:
+            return 400, {"error": str(e)}
+        return 200, await self.controller.purge_cache(keys, tags)
 
     async def handle_blocked(self, method: bytes, path: bytes) -> tuple[int, dict[str, object]]:
         """``GET /ratelimits/blocked`` and ``DELETE /ratelimits/blocked/{key}`` (authorized)."""

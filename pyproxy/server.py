@@ -37,6 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from pyproxy.admin import AdminServer
+from pyproxy.cache import MemoryTier, TagGraph, TieredCache
+from pyproxy.cache.phase import tiers_for
+from pyproxy.cache.purges import PurgeRecord, append_purge, read_purges
 from pyproxy.balance.changes import ChangeError, ChangeLog, PoolChange, apply_change, read_changes
 from pyproxy.config import Config, ConfigError, Problem, load_config, reload_problems
 from pyproxy.core import SharedWindows
@@ -59,6 +62,8 @@ from pyproxy.ratelimit.phase import TABLE_CAPACITY
 __all__ = ["ProxyServer", "run"]
 
 log = logging.getLogger("pyproxy.server")
+
+PURGES_FILE = "cache-purges.jsonl"  # beside the pool change log: cache purges for the workers
 
 
 class ProxyServer:
@@ -85,6 +90,9 @@ class ProxyServer:
         self.changes = ChangeLog(config)
         self.changes_path = changes_path
         self._changes_applied = 0
+        # Cache purges the supervisor made (see pyproxy/cache/purges.py), beside the change log.
+        self.purges_path = changes_path.parent / PURGES_FILE if changes_path is not None else None
+        self._purges_applied = 0
         # Where this worker publishes its metrics for the supervisor (several workers), if anywhere.
         self.publish = publish
         self._publisher: asyncio.TimerHandle | None = None
@@ -192,13 +200,41 @@ class ProxyServer:
             self.state.pools[change.pool].close_server(change.server)
 
     def apply_pending_changes(self) -> None:
-        """Apply what the supervisor's change log holds beyond what this worker applied."""
+        """Apply what the supervisor's change log and purge log hold beyond what this worker applied."""
         if self.changes_path is None or self.state is None:
             return
         for change in read_changes(self.changes_path):
             if change.seq > self._changes_applied:
                 self._apply_change(change)
                 self._changes_applied = change.seq
+        if self.purges_path is not None:
+            for purge in read_purges(self.purges_path, self._purges_applied):
+                memory = self._memory_tier()
+                if memory is not None:
+                    memory.delete_now(list(purge.keys))
+                    memory.purge_tags_now(purge.tags)
+                self._purges_applied = purge.seq
+
+    def _memory_tier(self) -> MemoryTier | None:
+        cache = self.state.cache if self.state is not None else None
+        if cache is None:
+            return None
+        return next((t for t in cache.cache.tiers if isinstance(t, MemoryTier)), None)
+
+    async def purge_cache(self, keys: list[str], tags: list[str]) -> dict[str, Any]:
+        """One process: its own tiers (shared ones included; Redis tells the other instances)."""
+        cache = self.state.cache if self.state is not None else None
+        if cache is None:
+            return {"keys": keys, "tags": sorted(tags), "removed": {}}
+        removed: dict[str, int] = {}
+        if keys:
+            removed["keys"] = await cache.cache.delete(*keys)
+        closure = set(tags)
+        if tags:
+            result = await cache.cache.purge_tags(*tags)
+            closure = result.tags
+            removed.update(result.removed)
+        return {"keys": keys, "tags": sorted(closure), "removed": removed}
 
     def ready(self) -> tuple[bool, str]:
         if self.state is None:
@@ -297,6 +333,9 @@ class Supervisor:
         self._changes_dir = Path(tempfile.mkdtemp(prefix="pyproxy-"))
         self.changes_path = self._changes_dir / "pool-changes.json"
         self.changes.write(self.changes_path)
+        self.purges_path = self._changes_dir / PURGES_FILE
+        self._purges_made = 0
+        self._shared_cache: TieredCache | None = None  # the tiers the workers share, on the admin loop
         self.stopping = False
         self.restarts = 0
 
@@ -355,8 +394,39 @@ class Supervisor:
         self._broadcast_changes()
         return {"change": asdict(change), "servers": self.changes.servers(pool)}
 
+    async def purge_cache(self, keys: list[str], tags: list[str]) -> dict[str, Any]:
+        """Purge the shared tiers here (Redis also tells the other instances), and the workers'
+        memory through the purge log and SIGUSR1."""
+        removed: dict[str, int] = {}
+        closure = await TagGraph(self.config.cache.depends).closure(tags)
+        shared = await self._shared_tiers()
+        if shared is not None:
+            if keys:
+                removed["keys"] = await shared.delete(*keys)
+            if tags:
+                result = await shared.purge_tags(*tags)
+                closure = result.tags
+                removed.update(result.removed)
+        self._purges_made += 1
+        append_purge(self.purges_path, PurgeRecord(self._purges_made, tuple(keys), tuple(sorted(closure))))
+        self._signal_workers()
+        return {"keys": keys, "tags": sorted(closure), "removed": removed, "workers": len(self.children)}
+
+    async def _shared_tiers(self) -> TieredCache | None:
+        cache = self.config.cache
+        if cache.redis_url is None and cache.sqlite_path is None and cache.postgres_dsn is None:
+            return None
+        if self._shared_cache is None:
+            tiers = [t for t in tiers_for(cache) if not isinstance(t, MemoryTier)]
+            self._shared_cache = await TieredCache(tiers, timeout=cache.timeout, dependencies=cache.depends).start()
+        return self._shared_cache
+
     def _broadcast_changes(self) -> None:
         self.changes.write(self.changes_path)
+        self._signal_workers()
+
+    def _signal_workers(self) -> None:
+        """Tell every worker to read the change and purge logs."""
         for pid in list(self.children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGUSR1)

@@ -20,11 +20,13 @@ from pyproxy.server import ProxyServer
 
 
 @contextmanager
-def cached_proxy(up: SampleServer, route_cache: dict[str, Any] | None = None, cache: dict[str, Any] | None = None) -> Iterator[ProxyServer]:
+def cached_proxy(
+    up: SampleServer, route_cache: dict[str, Any] | None = None, cache: dict[str, Any] | None = None, admin: bool = False
+) -> Iterator[ProxyServer]:
     config = parse_config(
         {
             "listeners": [{"port": 0}],
-            "admin": {"enabled": False},
+            "admin": {"enabled": True, "port": 0} if admin else {"enabled": False},
             "pools": {"p": {"servers": [up.address]}},
             "routes": [{"name": "api", "pool": "p", "cache": route_cache or {}}],
             "cache": cache or {},
@@ -227,15 +229,7 @@ def test_cache_metrics() -> None:
     up = SampleServer(name="up")
     up.headers = [(b"Cache-Control", b"max-age=60")]
     with up.running():
-        config = parse_config(
-            {
-                "listeners": [{"port": 0}],
-                "admin": {"enabled": True, "port": 0},
-                "pools": {"p": {"servers": [up.address]}},
-                "routes": [{"name": "api", "pool": "p", "cache": {}}],
-            }
-        )
-        with ProxyServer(config).running() as server:
+        with cached_proxy(up, admin=True) as server:
             conn = http.client.HTTPConnection(*server.addresses[0], timeout=10)
             get(conn)
             time.sleep(0.1)
@@ -251,3 +245,92 @@ def test_cache_metrics() -> None:
     assert 'pyproxy_cache_events_total{event="stored"} 1.0' in text
     assert 'pyproxy_cache_tier_operations_total{result="hit",tier="memory"} 2.0' in text
     assert 'pyproxy_cache_tier_up{tier="memory"} 1.0' in text
+
+
+def _admin_purge(port: int, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/cache/purge", data=json.dumps(body).encode(), method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_admin_purge_by_url_key_and_tag_with_dependencies() -> None:
+    up = SampleServer(name="up")
+    up.headers = [(b"Cache-Control", b"max-age=60"), (b"Cache-Tag", b"doc:1")]
+    with up.running():
+        with cached_proxy(up, cache={"depends": [{"tag": "doc:1", "on": "user:7"}]}, admin=True) as server:
+            admin = server.admin
+            assert admin is not None and admin.address is not None
+            conn = http.client.HTTPConnection(*server.addresses[0], timeout=10)
+            host = {"Host": "api.example"}
+
+            def cached(target: str) -> bool:
+                return get(conn, target, host)[1]["cache-status"].startswith("pyproxy; hit")
+
+            get(conn, "/a", host)
+            get(conn, "/b", host)
+            assert cached("/a") and cached("/b")
+            status, body = _admin_purge(admin.address[1], {"urls": "http://api.example/a"})
+            assert status == 200 and body["keys"] == ["http://api.example/a"]
+            assert not cached("/a") and cached("/b")
+            status, body = _admin_purge(admin.address[1], {"tags": ["user:7"]})
+            assert status == 200 and set(body["tags"]) == {"user:7", "doc:1"}
+            assert not cached("/a") and not cached("/b")
+            assert _admin_purge(admin.address[1], {"bogus": 1})[0] == 400
+            assert _admin_purge(admin.address[1], {"urls": ["/relative"]})[0] == 400
+            conn.close()
+
+
+def test_admin_purge_reaches_every_worker(tmp_path: Path) -> None:
+    from helpers import free_port, proxy_process
+
+    up = SampleServer(name="up")
+    up.headers = [(b"Cache-Control", b"max-age=600"), (b"Cache-Tag", b"everything")]
+    with up.running():
+        port, admin_port = free_port(), free_port()
+        config = tmp_path / "proxy.toml"
+        config.write_text(
+            f"""
+workers = 2
+[[listeners]]
+port = {port}
+[admin]
+port = {admin_port}
+[pools.p]
+servers = ["{up.address}"]
+[[routes]]
+name = "api"
+pool = "p"
+cache = {{}}
+"""
+        )
+        with proxy_process(config, port):
+            def ages() -> list[int | None]:
+                out = []
+                for _ in range(24):  # new connections: SO_REUSEPORT spreads them over the workers
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                    headers = get(conn, "/x")[1]
+                    conn.close()
+                    out.append(int(headers["age"]) if "age" in headers else None)
+                return out
+
+            before = ages()
+            assert upstream_requests(up, b"/x") <= 2, "each worker fetched at most once"
+            time.sleep(2.2)
+            assert min(a for a in ages() if a is not None) >= 2, "served from the workers' memory"
+            status, body = _admin_purge(admin_port, {"tags": "everything"})
+            assert status == 200 and body["workers"] == 2, body
+            time.sleep(0.3)
+            after = ages()
+            # No worker still serves the old copy (it would be at least 2 s old).
+            assert all(a is None or a < 2 for a in after), after
+            assert before
