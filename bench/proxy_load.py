@@ -1,6 +1,6 @@
 """Proxy load: pyproxy against nginx as a reverse proxy, in the same run, with wrk.
 
-    python bench/proxy_load.py [--rounds 3] [--duration 5] [--connections 50] [--ratelimit local]
+    python bench/proxy_load.py [--rounds 3] [--duration 5] [--connections 50] [--ratelimit local] [--cache]
 
 Needs ``nginx`` and ``wrk`` (Debian packages ``nginx-light``/``nginx`` and ``wrk``). One nginx serves
 the upstream files (a ~100-byte body and a 16 KiB body); a second nginx (1 worker, upstream
@@ -109,6 +109,7 @@ http {{
   server {{
     listen 127.0.0.1:{port} backlog=4096;
     root {dir}/www;
+    {upstream_extra}
   }}
 }}
 """
@@ -123,6 +124,7 @@ http {{
   access_log off;
   keepalive_requests 1000000;
   upstream backend {{ server 127.0.0.1:{upstream}; keepalive 64; keepalive_requests 1000000; }}
+  {cache_zone}
   server {{
     listen 127.0.0.1:{port} backlog=4096 reuseport;
     location / {{
@@ -130,6 +132,7 @@ http {{
       proxy_http_version 1.1;
       proxy_set_header Connection "";
       proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      {cache_use}
     }}
   }}
 }}
@@ -147,7 +150,15 @@ servers = ["127.0.0.1:{upstream}"]
 max_idle_per_server = 64
 [[routes]]
 pool = "backend"
+{cache}
 {ratelimit}"""
+
+# --cache: the upstream marks its answers cacheable for 10 minutes, nginx caches them (proxy_cache,
+# in-memory keys, files in the page cache) and pyproxy too (L1 memory): wrk then measures hits.
+NGINX_CACHE_ZONE = "proxy_cache_path {dir}/nginx-cache levels=1:2 keys_zone=hits:10m max_size=100m inactive=10m;"
+NGINX_CACHE_USE = "proxy_cache hits; proxy_cache_valid 200 10m;"
+UPSTREAM_CACHEABLE = 'add_header Cache-Control "max-age=600";'
+PYPROXY_CACHE = "cache = {}"
 
 # --ratelimit local: a global and a per-client limit no request reaches (every request checked and
 # charged at two levels in the machine-wide table), to measure what limiting costs.
@@ -192,6 +203,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=1, help="workers for both proxies")
     parser.add_argument("--ratelimit", choices=("off", "local"), default="off",
                         help="pyproxy with rate limiting (global + per-client level) or without")
+    parser.add_argument("--cache", action="store_true",
+                        help="both proxies cache the (cacheable) answers: measures cache hits")
     args = parser.parse_args()
     for tool in ("nginx", "wrk"):
         if shutil.which(tool) is None:
@@ -205,11 +218,18 @@ def main() -> int:
         (d / "www" / "small").write_bytes(b"s" * 100)
         (d / "www" / "16k").write_bytes(b"b" * 16384)
         up, ngx, pyx = free_port(), free_port(), free_port()
-        (d / "upstream.conf").write_text(NGINX_UPSTREAM.format(dir=d, port=up))
-        (d / "proxy.conf").write_text(NGINX_PROXY.format(dir=d, port=ngx, upstream=up, workers=args.workers))
+        (d / "upstream.conf").write_text(NGINX_UPSTREAM.format(
+            dir=d, port=up, upstream_extra=UPSTREAM_CACHEABLE if args.cache else "",
+        ))
+        (d / "proxy.conf").write_text(NGINX_PROXY.format(
+            dir=d, port=ngx, upstream=up, workers=args.workers,
+            cache_zone=NGINX_CACHE_ZONE.format(dir=d) if args.cache else "",
+            cache_use=NGINX_CACHE_USE if args.cache else "",
+        ))
         (d / "pyproxy.toml").write_text(PYPROXY.format(
             port=pyx, upstream=up, workers=args.workers,
             ratelimit=RATELIMIT_LOCAL if args.ratelimit == "local" else "",
+            cache=PYPROXY_CACHE if args.cache else "",
         ))
         try:
             for conf in ("upstream.conf", "proxy.conf"):
@@ -226,7 +246,8 @@ def main() -> int:
             wait_ready(f"http://127.0.0.1:{pyx}/small", pyproxy_proc)
             contestants = {"nginx": (ngx, nginx_proxy.pid), "pyproxy": (pyx, pyproxy_proc.pid)}
             print(f"wrk -t1 -c{args.connections} -d{args.duration}s, {args.rounds} alternated rounds, "
-                  f"{args.workers} worker(s) each; ratios are pyproxy / nginx of the same round")
+                  f"{args.workers} worker(s) each{', cache hits' if args.cache else ''}; "
+                  "ratios are pyproxy / nginx of the same round")
             for path in ("small", "16k"):
                 ratios: dict[str, list[float]] = {k: [] for k in ("rps", "p50", "p99", "per_cpu")}
                 print(f"\n/{path}")

@@ -438,6 +438,12 @@ cdef class Exchange:
             and not self.upgrade
         ):
             self.cache_phase = cache
+            if self.method != b"POST":
+                # A fresh response in this worker's memory is answered here, without a task.
+                answer = cache.lookup_now(self.route.name, self.method, "http", self.host or b"", self.target, self.headers)
+                if answer is not None:
+                    self.answer_from_cache(answer)
+                    return
             self.client._loop.create_task(self._cache_then_forward(cache))
             return
         self._admit()
@@ -544,10 +550,11 @@ cdef class Exchange:
             self.capture = None
             self.client._loop.create_task(_logged(phase.finish(plan, body, self.cache_complete), "cache store"))
         elif self.method in _UNSAFE and self.route is not None and 200 <= self.upstream_status < 400:
-            self.client._loop.create_task(_logged(
-                phase.invalidate(self.method, self.upstream_status, "http", self.host or b"", self.target, self.response_fields or [], self.route.name),
-                "cache invalidation",
-            ))
+            keys = phase.invalidate_now(
+                self.method, self.upstream_status, "http", self.host or b"", self.target, self.response_fields or [], self.route.name
+            )
+            if keys:
+                self.client._loop.create_task(_logged(phase.cache.delete(*keys), "cache invalidation"))
 
     cpdef _admit(self):
         """Phase 5 starts: a slot of the pool's bulkhead, then a server."""

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import struct
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +35,7 @@ from typing import Any
 
 from pyproxy.cache.coalesce import Coalescer
 from pyproxy.cache.compression import Compressor
+from pyproxy.cache.entry import decode
 from pyproxy.cache.http import (
     CachePolicy,
     StoredResponse,
@@ -42,6 +45,7 @@ from pyproxy.cache.http import (
     client_condition_met,
     conditional_headers,
     current_age,
+    freshness_lifetime,
     invalidated_targets,
     merge_304,
     not_modified_headers,
@@ -60,6 +64,7 @@ from pyproxy.cache.sql import SqlTier
 from pyproxy.cache.tier import Tier
 from pyproxy.cache.tiered import TieredCache
 from pyproxy.config import CacheConfig, Route, RouteCache
+from pyproxy.errors import CorruptEntry
 from pyproxy.headers import get_first, get_list
 
 __all__ = ["Answer", "HttpCachePhase", "Plan", "Relay"]
@@ -77,6 +82,22 @@ _NOT_STORED = frozenset(
     }
 )
 _VARY_MARKER = b"pyproxy-vary:"  # the value of an entry that only says which fields a key varies on
+# Request fields that take a request off the synchronous fast path (the full rules apply then).
+_SLOW_REQUEST_FIELDS = frozenset({b"cache-control", b"pragma", b"authorization", b"if-none-match", b"if-modified-since"})
+_READY_MAX = 4096  # stored responses kept parsed for the fast path (cleared when full)
+
+
+@dataclass(frozen=True, slots=True)
+class _Ready:
+    """A stored response in memory, parsed once: what a fresh hit needs, nothing else."""
+
+    record: bytes  # the memory tier's object it was parsed from (identity: still the stored one)
+    status: int
+    fields: tuple[tuple[bytes, bytes], ...]
+    body: bytes | memoryview
+    lifetime: float
+    initial_age: float  # corrected initial age (RFC 9111 §4.2.3)
+    response_time: float
 
 
 @dataclass
@@ -173,6 +194,8 @@ class HttpCachePhase:
         self.refresh = refresh
         self._refreshing: set[str] = set()
         self.counters: dict[str, int] = {}
+        self._memory = next((t for t in cache.tiers if isinstance(t, MemoryTier)), None)
+        self._ready: dict[str, _Ready] = {}
 
     def reconfigure(self, routes: Sequence[Route]) -> None:
         """New route policies (a reload that kept the tiers)."""
@@ -222,6 +245,61 @@ class HttpCachePhase:
         return names
 
     # -- 1. lookup -------------------------------------------------------------------------------
+
+    def lookup_now(self, route: str, method: bytes, scheme: str, host: bytes, target: bytes, headers: Headers) -> Answer | None:
+        """The fast path, without awaiting: a fresh response in this worker's memory for a plain
+        GET/HEAD (no request directives, conditionals or credentials; no ``Vary``), answered from
+        a parsed copy kept beside it. ``None``: take :meth:`lookup` (everything else, same rules)."""
+        memory = self._memory
+        policy = self.policies.get(route)
+        if memory is None or policy is None or not policy.enabled or (method != b"GET" and method != b"HEAD"):
+            return None
+        for name, _ in headers:
+            if name.lower() in _SLOW_REQUEST_FIELDS:
+                return None
+        key = primary_key(scheme, host, target, policy)
+        record = memory.get_now(key)
+        if record is None:
+            return None
+        ready = self._ready.get(key)
+        if ready is None or ready.record is not record:
+            ready = self._prepare(key, record, policy)
+            if ready is None:
+                return None
+        age = ready.initial_age + max(0.0, self.clock() - ready.response_time)
+        ttl = ready.lifetime - age
+        if ttl <= 0:
+            return None  # stale: revalidation, stale-while-revalidate... on the full path
+        self._count("hit")
+        self.cache.note_hit(memory)
+        fields = [
+            *ready.fields,
+            (b"Age", b"%d" % age),
+            (b"Cache-Status", b"pyproxy; hit; ttl=%d; detail=memory" % math.floor(ttl)),
+        ]
+        if method == b"HEAD":
+            return Answer(ready.status, fields, b"", "memory", length=len(ready.body))
+        return Answer(ready.status, fields, ready.body, "memory")
+
+    def _prepare(self, key: str, record: bytes, policy: CachePolicy) -> _Ready | None:
+        try:
+            entry = decode(record, verify=False)
+            if bytes(entry.value[: len(_VARY_MARKER)]) == _VARY_MARKER:
+                return None
+            stored = StoredResponse.from_meta(entry.meta)
+        except (CorruptEntry, ValueError, IndexError, struct.error):
+            return None
+        cc = parse_cache_control(stored.headers)
+        if "no-cache" in cc:
+            return None
+        ready = _Ready(
+            record, stored.status, stored.headers, entry.value,
+            freshness_lifetime(stored, policy, cc), current_age(stored, stored.response_time), stored.response_time,
+        )
+        if len(self._ready) >= _READY_MAX:
+            self._ready.clear()
+        self._ready[key] = ready
+        return ready
 
     async def lookup(
         self,
@@ -435,14 +513,22 @@ class HttpCachePhase:
     async def invalidate(self, method: bytes, status: int, scheme: str, host: bytes, target: bytes, response_headers: Headers, route: str) -> int:
         """An unsafe method that succeeded: drop the target and its Location / Content-Location
         (RFC 9111 §4.4), in every tier and instance; how many keys were removed here."""
+        keys = self.invalidate_now(method, status, scheme, host, target, response_headers, route)
+        return await self.cache.delete(*keys) if keys else 0
+
+    def invalidate_now(self, method: bytes, status: int, scheme: str, host: bytes, target: bytes, response_headers: Headers, route: str) -> list[str]:
+        """The keys an unsafe method invalidates, already dropped from this worker's memory (at
+        once: the client's next request may be read before any task runs); the caller drops them
+        from the other tiers (:meth:`TieredCache.delete`)."""
         policy = self.policies.get(route)
         if policy is None or method not in (b"POST", b"PUT", b"DELETE", b"PATCH") or not (200 <= status < 400):
-            return 0
+            return []
         targets = [target, *invalidated_targets(method, status, host, response_headers)]
         keys = [primary_key(scheme, host, t, policy) for t in targets]
-        removed = await self.cache.delete(*keys)
+        if self._memory is not None:
+            self._memory.delete_now(keys)
         self._count("invalidated")
-        return removed
+        return keys
 
 
 def _storable_fields(headers: Headers) -> list[tuple[bytes, bytes]]:

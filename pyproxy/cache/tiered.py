@@ -218,6 +218,13 @@ class TieredCache:
 
     # -- reads --------------------------------------------------------------------------------------
 
+    def note_hit(self, tier: Tier) -> None:
+        """Count a hit a caller served from ``tier`` itself (the HTTP cache's fast path)."""
+        for st in self._states:
+            if st.tier is tier:
+                st.stats.hits += 1
+                return
+
     async def get(self, key: str) -> CacheEntry | None:
         """The entry for ``key`` from the first tier that has it, or ``None``."""
         hit = await self.lookup(key)
