@@ -369,6 +369,10 @@ struct Table<S> {
     tail: u32,
     len: usize,
     hasher: foldhash::quality::RandomState,
+    /// The slot the last successful probe found: the same key again (a global or route level's
+    /// single key, a hot user) skips hashing and the table. Checked by comparing the slot's key,
+    /// so a slot freed or reused since is simply a miss here.
+    last: std::cell::Cell<u32>,
 }
 
 impl<S: KeyState> Table<S> {
@@ -383,6 +387,7 @@ impl<S: KeyState> Table<S> {
             tail: NIL,
             len: 0,
             hasher: foldhash::quality::RandomState::default(),
+            last: std::cell::Cell::new(NIL),
         }
     }
 
@@ -416,11 +421,17 @@ impl<S: KeyState> Table<S> {
 
     #[inline]
     fn probe(&self, kind: KeyKind, key: &[u8]) -> Probe {
-        let hash = self.hash(kind, key);
-        Probe {
-            hash,
-            slot: self.find(hash, kind, key).unwrap_or(NIL),
+        let last = self.last.get();
+        if self.slots.get(last as usize).is_some_and(|s| s.matches(kind, key)) {
+            // The hash is only needed to insert a key that is not there: this one is.
+            return Probe { hash: 0, slot: last };
         }
+        let hash = self.hash(kind, key);
+        let slot = self.find(hash, kind, key).unwrap_or(NIL);
+        if slot != NIL {
+            self.last.set(slot);
+        }
+        Probe { hash, slot }
     }
 
     /// Whether `cost` fits for the probed key at `now`.

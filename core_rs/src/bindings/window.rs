@@ -312,9 +312,9 @@ fn pair<'py>(item: &Bound<'py, PyAny>) -> PyResult<Pair<'py>> {
             tuple.len()
         )));
     }
-    let limiter = tuple.get_borrowed_item(0)?;
+    let limiter = &tuple.as_slice()[0];
     if limiter.cast::<SlidingWindow>().is_err() {
-        return Err(wrong_type("a check's limiter", "SlidingWindow", &limiter));
+        return Err(wrong_type("a check's limiter", "SlidingWindow", limiter));
     }
     Ok(tuple.clone())
 }
