@@ -440,7 +440,7 @@ cdef class Exchange:
             self.cache_phase = cache
             if self.method != b"POST":
                 # A fresh response in this worker's memory is answered here, without a task.
-                answer = cache.lookup_now(self.route.name, self.method, "http", self.host or b"", self.target, self.headers)
+                answer = cache.lookup_now(self.route.name, self.method, "http", self.host or b"", self.target, self.headers, self.client_ip)
                 if answer is not None:
                     self.answer_from_cache(answer)
                     return
@@ -462,7 +462,7 @@ cdef class Exchange:
                 self._admit()  # too large to key the cache by: forwarded as any POST
                 return
         try:
-            outcome = await cache.lookup(self.route.name, self.method, "http", self.host or b"", self.target, self.headers, body)
+            outcome = await cache.lookup(self.route.name, self.method, "http", self.host or b"", self.target, self.headers, body, self.client_ip)
         except Exception:  # noqa: BLE001 - the cache failing must not fail the request
             log.exception("cache lookup failed; forwarding")
             outcome = None

@@ -346,6 +346,33 @@ class RouteCache:
 
 
 @dataclass(frozen=True, slots=True)
+class WarmingConfig:
+    """``[cache.warming]`` (see ``pyproxy/cache/warming.py``)."""
+
+    refresh_ahead: bool = True
+    refresh_before: float = 0.1  # fraction of the lifetime left that triggers a refresh-ahead
+    hot_hits: float = 3.0  # decayed hits that make an entry hot
+    half_life: float = 60.0  # seconds for a hit count to halve
+    predict: bool = False
+    predict_threshold: float = 0.5
+    predict_min_samples: int = 10
+    max_fetches: int = 4  # background fetches at once (refresh-ahead, prefetch, stale-while-revalidate)
+    max_fetch_rate: float = 20.0  # background fetches per second
+    warm_file: str | None = None
+    warm_keys: int = 1000
+
+    def __post_init__(self) -> None:
+        if not 0 < self.refresh_before < 1:
+            raise ValueError("refresh_before: must be a fraction in (0, 1)")
+        if self.hot_hits <= 0 or self.half_life <= 0 or self.max_fetch_rate <= 0:
+            raise ValueError("hot_hits, half_life and max_fetch_rate must be > 0")
+        if not 0 < self.predict_threshold <= 1:
+            raise ValueError("predict_threshold: must be in (0, 1]")
+        if self.max_fetches < 1 or self.predict_min_samples < 1 or self.warm_keys < 1:
+            raise ValueError("max_fetches, predict_min_samples and warm_keys must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
 class CacheConfig:
     """The top-level ``[cache]`` table: the tiers and what every route's ``cache`` starts from.
 
@@ -367,6 +394,7 @@ class CacheConfig:
     coalesce_max_waiters: int = 10_000
     depends: tuple[tuple[str, str], ...] = ()
     defaults: RouteCache = RouteCache()
+    warming: WarmingConfig = WarmingConfig()
 
 
 @dataclass(frozen=True, slots=True)
@@ -1983,7 +2011,37 @@ def _read_cache(r: _Reader, raw: object) -> CacheConfig:
         depends=r.items(t, path, "depends", _dependency, d.depends),
     )
     defaults = _read_route_cache(r, t.get("defaults"), _join(path, "defaults"), RouteCache(), config)
-    return replace_dataclass(config, defaults=defaults)
+    warming = _read_warming(r, t.get("warming"), _join(path, "warming"))
+    return replace_dataclass(config, defaults=defaults, warming=warming)
+
+
+_WARMING_KEYS = set(WarmingConfig.__dataclass_fields__)
+
+
+def _read_warming(r: _Reader, raw: object, path: str) -> WarmingConfig:
+    d = WarmingConfig()
+    if raw is None:
+        return d
+    t = r.table(raw, path)
+    if t is None:
+        return d
+    r.check_keys(t, path, _WARMING_KEYS)
+    fraction = _number(0.0, 1.0, low_open=True, high_open=True)
+    positive = _number(0.0, math.inf, low_open=True)
+    built = r.build(path, lambda: WarmingConfig(
+        refresh_ahead=r.get(t, path, "refresh_ahead", _bool, d.refresh_ahead),
+        refresh_before=r.get(t, path, "refresh_before", fraction, d.refresh_before),
+        hot_hits=r.get(t, path, "hot_hits", positive, d.hot_hits),
+        half_life=r.get(t, path, "half_life", _long_duration, d.half_life),
+        predict=r.get(t, path, "predict", _bool, d.predict),
+        predict_threshold=r.get(t, path, "predict_threshold", _number(0.0, 1.0, low_open=True), d.predict_threshold),
+        predict_min_samples=r.get(t, path, "predict_min_samples", _int_between(1, 1 << 30), d.predict_min_samples),
+        max_fetches=r.get(t, path, "max_fetches", _int_between(1, 1024), d.max_fetches),
+        max_fetch_rate=r.get(t, path, "max_fetch_rate", positive, d.max_fetch_rate),
+        warm_file=r.get(t, path, "warm_file", _text, d.warm_file),
+        warm_keys=r.get(t, path, "warm_keys", _int_between(1, 1_000_000), d.warm_keys),
+    ))
+    return built or d
 
 
 # ------------------------------------------------------------------------------------ loading

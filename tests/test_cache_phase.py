@@ -248,3 +248,102 @@ def test_bodies_larger_than_the_route_allows_are_relayed_not_stored() -> None:
         assert isinstance(await fetch(p), Plan)
 
     run(main)
+
+
+def _warming_phase(clock: Clock, warming: Any, tiers: list[Any] | None = None) -> tuple[HttpCachePhase, list[Plan]]:
+    fetched: list[Plan] = []
+
+    async def refresh(plan: Plan) -> None:
+        fetched.append(plan)
+
+    p = HttpCachePhase(TieredCache(tiers or [MemoryTier()], clock=clock), {"r": CachePolicy()}, clock=clock, refresh=refresh, warming=warming)
+    return p, fetched
+
+
+def test_refresh_ahead_keeps_hot_entries_fresh_and_leaves_cold_ones() -> None:
+    from pyproxy.config import WarmingConfig
+
+    async def main() -> None:
+        clock = Clock()
+        p, fetched = _warming_phase(clock, WarmingConfig(hot_hits=3, refresh_before=0.2))
+        for target in (b"/hot", b"/cold"):
+            plan = await fetch(p, target)
+            assert isinstance(plan, Plan)
+            await origin(p, plan, 200, [(b"Cache-Control", b"max-age=10"), (b"ETag", b'"e"')], b"x")
+        for _ in range(4):
+            assert isinstance(await fetch(p, b"/hot"), Answer)
+        assert fetched == [], "not yet near its expiry"
+        clock.now += 9  # 1 s of 10 left: inside the last 20%
+        assert isinstance(await fetch(p, b"/hot"), Answer)
+        assert isinstance(await fetch(p, b"/cold"), Answer)
+        await asyncio.sleep(0.01)
+        assert [plan.key for plan in fetched] == ["http://h/hot"], "the hot entry only"
+        assert fetched[0].extra_headers == [(b"If-None-Match", b'"e"')]
+        assert p.counters["refresh_ahead"] == 1
+
+    run(main)
+
+
+def test_prediction_prefetches_the_usual_next_request_and_counts_its_use() -> None:
+    from pyproxy.config import WarmingConfig
+
+    async def main() -> None:
+        clock = Clock()
+        p, fetched = _warming_phase(clock, WarmingConfig(predict=True, predict_threshold=0.6, predict_min_samples=5, refresh_ahead=False))
+        # A client's pattern: /list then /detail, six times (both cached after the first round).
+        for i in range(6):
+            for target in (b"/list", b"/detail"):
+                got = await p.lookup("r", b"GET", "http", b"h", target, [], None, "client-1")
+                if isinstance(got, Plan):
+                    await origin(p, got, 200, [(b"Cache-Control", b"max-age=60")], target)
+            clock.now += 1
+        assert fetched == [], "nothing to prefetch while /detail is cached"
+        await p.cache.delete("http://h/detail")
+        await p.lookup("r", b"GET", "http", b"h", b"/list", [], None, "client-2")
+        await asyncio.sleep(0.01)
+        assert [plan.key for plan in fetched] == ["http://h/detail"]
+        # The prefetch stored it (as the refresher would): the next request for it is a hit.
+        await origin(p, fetched[0], 200, [(b"Cache-Control", b"max-age=60")], b"detail")
+        hit = await p.lookup("r", b"GET", "http", b"h", b"/detail", [], None, "client-2")
+        assert isinstance(hit, Answer) and bytes(hit.body) == b"detail"
+        assert p.counters["prefetch"] == 1 and p.counters["prefetch_used"] == 1
+
+    run(main)
+
+
+def test_warm_start_loads_the_hottest_keys_from_l3_into_memory(tmp_path: Any) -> None:
+    from pyproxy.cache import SqlTier
+    from pyproxy.config import WarmingConfig
+
+    warm = WarmingConfig(warm_file=str(tmp_path / "warm.json"), warm_keys=1)
+    db = tmp_path / "l3.sqlite3"
+
+    async def first() -> None:
+        clock = Clock()
+        p, _ = _warming_phase(clock, warm, [MemoryTier(), SqlTier.sqlite(db)])
+        await p.start()
+        for target, hits in ((b"/hot", 5), (b"/warm", 2)):
+            plan = await fetch(p, target)
+            assert isinstance(plan, Plan)
+            await origin(p, plan, 200, [(b"Cache-Control", b"max-age=600")], target)
+            for _ in range(hits):
+                assert isinstance(await fetch(p, target), Answer)
+        await p.aclose()
+
+    async def second() -> None:
+        clock = Clock()
+        p, _ = _warming_phase(clock, warm, [MemoryTier(), SqlTier.sqlite(db)])
+        await p.start()
+        memory = p.cache.tiers[0]
+        assert isinstance(memory, MemoryTier)
+        for _ in range(100):
+            if memory.get_now("http://h/hot") is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert memory.get_now("http://h/hot") is not None, "the hottest key is in memory at start"
+        assert memory.get_now("http://h/warm") is None, "only warm_keys of them"
+        assert p.counters["warm_loaded"] == 1
+        await p.aclose()
+
+    run(first)
+    run(second)

@@ -63,7 +63,8 @@ from pyproxy.cache.redis_tier import RedisTier
 from pyproxy.cache.sql import SqlTier
 from pyproxy.cache.tier import Tier
 from pyproxy.cache.tiered import TieredCache
-from pyproxy.config import CacheConfig, Route, RouteCache
+from pyproxy.cache.warming import FetchBudget, HitCounts, Successors, read_warm_keys, write_warm_keys
+from pyproxy.config import CacheConfig, Route, RouteCache, WarmingConfig
 from pyproxy.errors import CorruptEntry
 from pyproxy.headers import get_first, get_list
 
@@ -98,6 +99,7 @@ class _Ready:
     lifetime: float
     initial_age: float  # corrected initial age (RFC 9111 §4.2.3)
     response_time: float
+    stored: StoredResponse  # for a refresh-ahead (its validators)
 
 
 @dataclass
@@ -130,6 +132,7 @@ class Plan:
     fwd: str = "uri-miss"  # Cache-Status fwd= reason
     request_time: float = 0.0
     release: Callable[[bool], None] | None = None  # this request leads a coalesced miss: call when done
+    client: str = ""  # who asked (the next-request model is per client)
     collapsed: bool = False
     store: bool = False  # a copy of the body is being kept for storing
     status: int = 0
@@ -185,6 +188,7 @@ class HttpCachePhase:
         coalesce_max_waiters: int = 10_000,
         clock: Callable[[], float] = time.time,
         refresh: Callable[[Plan], Awaitable[None]] | None = None,
+        warming: WarmingConfig | None = None,
     ) -> None:
         self.cache = cache
         self.policies = policies
@@ -196,6 +200,14 @@ class HttpCachePhase:
         self.counters: dict[str, int] = {}
         self._memory = next((t for t in cache.tiers if isinstance(t, MemoryTier)), None)
         self._ready: dict[str, _Ready] = {}
+        # Warming (warming.py): hit counts, the next-request model, the background-fetch budget,
+        # how to ask for a key again, and the keys fetched ahead and not used yet.
+        self.warming = warming or WarmingConfig()
+        self.hits = HitCounts(self.warming.half_life)
+        self.successors = Successors()
+        self.budget = FetchBudget(self.warming.max_fetches, self.warming.max_fetch_rate)
+        self._requests: dict[str, tuple[str, str, bytes, bytes, tuple[tuple[bytes, bytes], ...]]] = {}
+        self._prefetched: dict[str, None] = {}
 
     def reconfigure(self, routes: Sequence[Route]) -> None:
         """New route policies (a reload that kept the tiers)."""
@@ -212,6 +224,7 @@ class HttpCachePhase:
             policies,
             coalesce_timeout=config.coalesce_timeout,
             coalesce_max_waiters=config.coalesce_max_waiters,
+            warming=config.warming,
             **options,
         )
 
@@ -226,9 +239,26 @@ class HttpCachePhase:
         }
 
     async def start(self) -> None:
+        """Open the tiers; then (warm start) load the keys the warm file names into memory."""
         await self.cache.start()
+        if self.warming.warm_file is not None:
+            task = asyncio.get_running_loop().create_task(self._warm_start(self.warming.warm_file))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def _warm_start(self, path: str) -> None:
+        for key, count in read_warm_keys(path)[: self.warming.warm_keys]:
+            hit = await self.cache.lookup(key)  # a hit below memory is copied into it
+            if hit is not None:
+                self._count("warm_loaded")
+                self.hits._counts[key] = (count, self.clock())
 
     async def aclose(self) -> None:
+        """Record the hottest keys for the next start (warm file), then close the tiers."""
+        if self.warming.warm_file is not None:
+            try:
+                write_warm_keys(self.warming.warm_file, self.hits.hottest(self.warming.warm_keys, self.clock()), self.warming.warm_keys)
+            except OSError as e:
+                log.warning("could not write the cache warm file %s: %s", self.warming.warm_file, e)
         await self.cache.aclose()
 
     def _count(self, what: str) -> None:
@@ -246,7 +276,9 @@ class HttpCachePhase:
 
     # -- 1. lookup -------------------------------------------------------------------------------
 
-    def lookup_now(self, route: str, method: bytes, scheme: str, host: bytes, target: bytes, headers: Headers) -> Answer | None:
+    def lookup_now(
+        self, route: str, method: bytes, scheme: str, host: bytes, target: bytes, headers: Headers, client: str = ""
+    ) -> Answer | None:
         """The fast path, without awaiting: a fresh response in this worker's memory for a plain
         GET/HEAD (no request directives, conditionals or credentials; no ``Vary``), answered from
         a parsed copy kept beside it. ``None``: take :meth:`lookup` (everything else, same rules)."""
@@ -272,6 +304,7 @@ class HttpCachePhase:
             return None  # stale: revalidation, stale-while-revalidate... on the full path
         self._count("hit")
         self.cache.note_hit(memory)
+        self._warm(route, scheme, host, target, headers, client, key, ready.stored, ttl, ready.lifetime)
         fields = [
             *ready.fields,
             (b"Age", b"%d" % age),
@@ -295,6 +328,7 @@ class HttpCachePhase:
         ready = _Ready(
             record, stored.status, stored.headers, entry.value,
             freshness_lifetime(stored, policy, cc), current_age(stored, stored.response_time), stored.response_time,
+            stored,
         )
         if len(self._ready) >= _READY_MAX:
             self._ready.clear()
@@ -310,9 +344,11 @@ class HttpCachePhase:
         target: bytes,
         headers: Headers,
         body: bytes | None = None,
+        client: str = "",
     ) -> Answer | Plan | None:
         """Answer from the cache, or plan the forward (see the module doc). ``body`` is the whole
-        request body of a POST on a route that caches POST (the key includes its digest)."""
+        request body of a POST on a route that caches POST (the key includes its digest);
+        ``client`` names who asks (the next-request model is per client)."""
         policy = self.policies.get(route)
         if policy is None or not policy.enabled:
             return None
@@ -321,6 +357,7 @@ class HttpCachePhase:
         digest = body_digest(body) if method == b"POST" and body is not None else None
         key = primary_key(scheme, host, target, policy, digest)
         plan = Plan(route, policy, method, key, headers, host, scheme, target=target, request_time=self.clock())
+        plan.client = client
         request_cc = parse_cache_control(headers)
         found = await self._find(key, headers)
         if found is not None:
@@ -365,6 +402,10 @@ class HttpCachePhase:
             use = Use.STALE
         if use in (Use.FRESH, Use.STALE):
             self._count("hit" if use is Use.FRESH else "stale_hit")
+            if use is Use.FRESH and plan.method != b"POST":
+                lifetime = freshness_lifetime(stored, plan.policy)
+                ttl = lifetime - current_age(stored, now)
+                self._warm(plan.route, plan.scheme, plan.host, plan.target, plan.request_headers, plan.client, plan.key, stored, ttl, lifetime)
             return self._answer(plan, stored, body, tier, now)
         # Revalidate: conditional request with the stored validators; the stored response is kept
         # for a 304 and for stale-if-error.
@@ -403,6 +444,8 @@ class HttpCachePhase:
         if finish is not None:
             plan.release = finish
             self._count("miss")
+            if plan.method == b"GET":
+                self._predict(plan.route, plan.scheme, plan.host, plan.target, plan.request_headers, plan.client, plan.key)
             return plan
         try:
             stored_something, collapsed = await self.coalescer.follow(plan.key, _nothing)
@@ -423,27 +466,77 @@ class HttpCachePhase:
         return plan
 
     def _refresh_in_background(self, plan: Plan, stored: StoredResponse) -> None:
-        if plan.key in self._refreshing or self.refresh is None:
-            return
-        self._refreshing.add(plan.key)
-        refresh_plan = Plan(
-            plan.route, plan.policy, plan.method if plan.method != b"HEAD" else b"GET", plan.key,
-            plan.request_headers, plan.host, plan.scheme, target=plan.target,
-            extra_headers=conditional_headers(stored), stored=stored, fwd="stale", request_time=self.clock(),
+        """stale-while-revalidate: always refreshed (the entry is stale already)."""
+        self._fetch(plan.route, plan.scheme, plan.host, plan.target, plan.request_headers, plan.key, stored, "background_refresh", budgeted=False)
+
+    def _fetch(
+        self, route: str, scheme: str, host: bytes, target: bytes, headers: Headers, key: str,
+        stored: StoredResponse | None, what: str, *, budgeted: bool = True,
+    ) -> bool:
+        """Fetch ``key`` in the background through the refresh hook (with ``stored``'s validators
+        when given); warming fetches take a place in the budget. Whether one was started."""
+        policy = self.policies.get(route)
+        if key in self._refreshing or self.refresh is None or policy is None:
+            return False
+        if budgeted and not self.budget.take():
+            return False
+        self._refreshing.add(key)
+        plan = Plan(
+            route, policy, b"GET", key, tuple(headers), host, scheme, target=target,
+            extra_headers=conditional_headers(stored) if stored is not None else [], stored=stored,
+            fwd="stale" if stored is not None else "uri-miss", request_time=self.clock(),
         )
         refresh = self.refresh
 
         async def run() -> None:
             try:
-                await refresh(refresh_plan)
-                self._count("background_refresh")
-            except Exception as e:  # noqa: BLE001 - a failed refresh leaves the stale entry
-                log.warning("background refresh of %s failed: %s", plan.key, e)
+                await refresh(plan)
+                self._count(what)
+            except Exception as e:  # noqa: BLE001 - a failed background fetch leaves the cache as it was
+                log.warning("%s of %s failed: %s", what.replace("_", " "), key, e)
             finally:
-                self._refreshing.discard(plan.key)
+                self._refreshing.discard(key)
+                if budgeted:
+                    self.budget.give_back()
 
         task = asyncio.get_running_loop().create_task(run())
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return True
+
+    # -- warming (warming.py) ----------------------------------------------------------------------
+
+    def _warm(
+        self, route: str, scheme: str, host: bytes, target: bytes, headers: Headers, client: str,
+        key: str, stored: StoredResponse, ttl: float, lifetime: float,
+    ) -> None:
+        """A fresh hit: count it, note a prefetch that paid off, refresh a hot entry ahead of its
+        expiry, and predict what this client asks next."""
+        count = self.hits.hit(key, self.clock())
+        if self._prefetched.pop(key, False) is None:
+            self._count("prefetch_used")
+        warming = self.warming
+        if warming.refresh_ahead and count >= warming.hot_hits and 0 < ttl < warming.refresh_before * lifetime:
+            self._fetch(route, scheme, host, target, headers, key, stored, "refresh_ahead")
+        self._predict(route, scheme, host, target, headers, client, key)
+
+    def _predict(self, route: str, scheme: str, host: bytes, target: bytes, headers: Headers, client: str, key: str) -> None:
+        warming = self.warming
+        if not warming.predict or not client:
+            return
+        self.successors.observe(client, key)
+        if key not in self._requests:
+            if len(self._requests) >= _READY_MAX * 4:
+                self._requests.clear()
+            self._requests[key] = (route, scheme, host, target, tuple(headers))
+        for following, _ in self.successors.likely_next(key, warming.predict_threshold, warming.predict_min_samples):
+            request = self._requests.get(following)
+            if request is None or (self._memory is not None and self._memory.get_now(following) is not None):
+                continue
+            nroute, nscheme, nhost, ntarget, nheaders = request
+            if self._fetch(nroute, nscheme, nhost, ntarget, nheaders, following, None, "prefetch"):
+                if len(self._prefetched) >= _READY_MAX:
+                    self._prefetched.clear()
+                self._prefetched[following] = None
 
     # -- 2. the upstream's response head ---------------------------------------------------------
 

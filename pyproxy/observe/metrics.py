@@ -29,7 +29,8 @@ Series (``pyproxy_<subsystem>_<what>_<unit>``):
   (histogram) and ``pyproxy_ratelimit_redis_up`` (redis / hybrid modes),
   ``pyproxy_ratelimit_adaptive_limit{name}``;
 - the HTTP cache: ``pyproxy_cache_events_total{event}`` (hit, stale_hit, miss, revalidate,
-  revalidated, stored, not_storable, collapsed_hit, stale_if_error, not_modified, invalidated...),
+  revalidated, stored, not_storable, collapsed_hit, stale_if_error, not_modified, invalidated,
+  refresh_ahead, prefetch, prefetch_used, warm_loaded...),
   ``pyproxy_cache_tier_operations_total{tier,result}`` (hit, miss, write, promotion, corrupt,
   error, timeout, skipped), ``pyproxy_cache_tier_up{tier}``, ``pyproxy_cache_compression_ratio``;
 - per pool (``{pool}``): ``pyproxy_upstream_retries_total``,
