@@ -66,7 +66,7 @@ from pyproxy.cache.tiered import TieredCache
 from pyproxy.cache.warming import FetchBudget, HitCounts, Successors, read_warm_keys, write_warm_keys
 from pyproxy.config import CacheConfig, Route, RouteCache, WarmingConfig
 from pyproxy.errors import CorruptEntry
-from pyproxy.headers import get_first, get_list
+from pyproxy.headers import get_first, get_list, serialize_response_head
 
 __all__ = ["Answer", "HttpCachePhase", "Plan", "Relay"]
 
@@ -100,6 +100,7 @@ class _Ready:
     initial_age: float  # corrected initial age (RFC 9111 §4.2.3)
     response_time: float
     stored: StoredResponse  # for a refresh-ahead (its validators)
+    head: bytes  # status line and stored fields, serialized once (no final blank line)
 
 
 @dataclass
@@ -111,6 +112,9 @@ class Answer:
     body: bytes | memoryview
     tier: str | None = None
     length: int | None = None  # Content-Length to declare when it is not len(body) (HEAD)
+    # The status line and ``headers`` already serialized (fields validated when they arrived), for
+    # the data plane's fast path: it appends its own fields and the blank line.
+    head: bytes | None = None
 
 
 @dataclass
@@ -305,14 +309,13 @@ class HttpCachePhase:
         self._count("hit")
         self.cache.note_hit(memory)
         self._warm(route, scheme, host, target, headers, client, key, ready.stored, ttl, ready.lifetime)
-        fields = [
-            *ready.fields,
-            (b"Age", b"%d" % age),
-            (b"Cache-Status", b"pyproxy; hit; ttl=%d; detail=memory" % math.floor(ttl)),
-        ]
+        age_field = b"%d" % age
+        status_field = b"pyproxy; hit; ttl=%d; detail=memory" % math.floor(ttl)
+        fields = [*ready.fields, (b"Age", age_field), (b"Cache-Status", status_field)]
+        head = ready.head + b"Age: " + age_field + b"\r\nCache-Status: " + status_field + b"\r\n"
         if method == b"HEAD":
-            return Answer(ready.status, fields, b"", "memory", length=len(ready.body))
-        return Answer(ready.status, fields, ready.body, "memory")
+            return Answer(ready.status, fields, b"", "memory", length=len(ready.body), head=head)
+        return Answer(ready.status, fields, ready.body, "memory", head=head)
 
     def _prepare(self, key: str, record: bytes, policy: CachePolicy) -> _Ready | None:
         try:
@@ -328,7 +331,7 @@ class HttpCachePhase:
         ready = _Ready(
             record, stored.status, stored.headers, entry.value,
             freshness_lifetime(stored, policy, cc), current_age(stored, stored.response_time), stored.response_time,
-            stored,
+            stored, serialize_response_head(stored.status, None, list(stored.headers))[:-2],
         )
         if len(self._ready) >= _READY_MAX:
             self._ready.clear()
