@@ -158,7 +158,7 @@ class _Group:
     items: list[int]
     pens: list[str]  # tags of the penalty keys
     keys: list[str] = field(default_factory=list)
-    arg: str = ""  # HIT's one argument
+    tail: str = ""  # HIT's one argument after the request's nonce
 
 
 def _escape(key: str) -> str:
@@ -239,6 +239,8 @@ class RedisLimiter:
         self._nonce_prefix = os.urandom(6).hex()
         self._nonces = itertools.count()
         self._items: dict[tuple[str, str, int, float], tuple[str, str, str, str, int]] = {}
+        # Plans of tuples of checks seen before (_plan_of), by identity.
+        self._plans: dict[int, tuple[Sequence[Check], bool, tuple[list[_Item], list[int], dict[str, Penalty], list[_Group]]]] = {}
         self._ready = not self._cluster
         self._init_lock = asyncio.Lock()
         # health
@@ -391,8 +393,23 @@ class RedisLimiter:
             self._items[ident] = parts
         return parts
 
+    def _plan_of(self, checks: Sequence[Check], charge: bool) -> tuple[list[_Item], list[int], dict[str, Penalty], list[_Group]]:
+        """:meth:`_plan`, kept for a tuple of checks seen before (a rate-limit policy hands out the
+        same tuple for a route and key): identity, since a tuple never changes, and the memo holds
+        it, so its id cannot be reused. Plans are never modified once made."""
+        if type(checks) is not tuple:
+            return self._plan(checks, charge)
+        memo = self._plans.get(id(checks))
+        if memo is not None and memo[0] is checks and memo[1] == charge:
+            return memo[2]
+        plan = self._plan(checks, charge)
+        if len(self._plans) >= 4096:
+            self._plans.clear()
+        self._plans[id(checks)] = (checks, charge, plan)
+        return plan
+
     def _plan(
-        self, checks: Sequence[Check], nonce: str, charge: bool
+        self, checks: Sequence[Check], charge: bool
     ) -> tuple[list[_Item], list[int], dict[str, Penalty], list[_Group]]:
         """Distinct counters (same Redis key: costs added), check → counter, penalty boxes by tag,
         and the script calls: one group per slot in a cluster, else one."""
@@ -427,7 +444,7 @@ class RedisLimiter:
         for group in by_slot.values():
             pen_index = {tag: j + 1 for j, tag in enumerate(group.pens)}
             keys = [items[i].rkey for i in group.items]
-            args = [f"{nonce} {len(group.items)} {len(group.pens)} {1 if charge else 0}"]
+            args = [f"{len(group.items)} {len(group.pens)} {1 if charge else 0}"]
             for i in group.items:
                 it = items[i]
                 args.append(f"{it.spec} {it.cost} {pen_index.get(it.tag, 0)}")
@@ -439,25 +456,25 @@ class RedisLimiter:
                     f"{_window_us(p.block_max)}"
                 )
             group.keys = keys
-            group.arg = " ".join(args)
+            group.tail = " ".join(args)
         return items, mapping, penalties, list(by_slot.values())
 
     async def _decide(self, checks: Sequence[Check], charge: bool) -> Decision:
         if not checks:
             return Decision(True, ())
         nonce = f"{self._nonce_prefix}{next(self._nonces):x}"
-        items, mapping, _, groups = self._plan(checks, nonce, charge)
+        items, mapping, _, groups = self._plan_of(checks, charge)
         started = time.perf_counter()
         if len(groups) == 1:
             group = groups[0]
-            replies = [await self._guarded(lambda: self._hit_one(group), self.timeout)]
+            replies = [await self._guarded(lambda: self._hit_one(group, nonce), self.timeout)]
         else:
             replies = await self._guarded(lambda: self._hit_slots(groups, nonce, items, charge), self.timeout)
         self._observe(time.perf_counter() - started)
         return self._decision(checks, items, mapping, groups, replies)
 
-    async def _hit_one(self, group: _Group) -> list[int]:
-        reply = await self._script(lua.HIT, group.keys, [group.arg])
+    async def _hit_one(self, group: _Group, nonce: str) -> list[int]:
+        reply = await self._script(lua.HIT, group.keys, [f"{nonce} {group.tail}"])
         return [int(x) for x in reply.split()]
 
     async def _hit_slots(self, groups: list[_Group], nonce: str, items: list[_Item], charge: bool) -> list[list[int]]:
@@ -468,7 +485,7 @@ class RedisLimiter:
         raised at once. A slot that timed out may still run its script later (its charge then
         stays until it ages out: an error on the safe side).
         """
-        tasks = [asyncio.ensure_future(self._hit_one(g)) for g in groups]
+        tasks = [asyncio.ensure_future(self._hit_one(g, nonce)) for g in groups]
         try:
             outcomes = await asyncio.gather(*tasks, return_exceptions=True)
         except asyncio.CancelledError:  # the timeout (or the caller) gave up on us
