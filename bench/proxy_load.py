@@ -1,6 +1,6 @@
 """Proxy load: pyproxy against nginx as a reverse proxy, in the same run, with wrk.
 
-    python bench/proxy_load.py [--rounds 3] [--duration 5] [--connections 50] [--ratelimit local] [--cache]
+    python bench/proxy_load.py [--rounds 3] [--duration 5] [--connections 50] [--ratelimit local|hybrid] [--cache]
 
 Needs ``nginx`` and ``wrk`` (Debian packages ``nginx-light``/``nginx`` and ``wrk``). One nginx serves
 the upstream files (a ~100-byte body and a 16 KiB body); a second nginx (1 worker, upstream
@@ -14,6 +14,7 @@ process started is stopped by its PID.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -201,8 +202,9 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--workers", type=int, default=1, help="workers for both proxies")
-    parser.add_argument("--ratelimit", choices=("off", "local"), default="off",
-                        help="pyproxy with rate limiting (global + per-client level) or without")
+    parser.add_argument("--ratelimit", choices=("off", "local", "hybrid"), default="off",
+                        help="pyproxy with rate limiting (global + per-client level; hybrid: reconciled with "
+                             "a redis-server this script starts) or without")
     parser.add_argument("--cache", action="store_true",
                         help="both proxies cache the (cacheable) answers: measures cache hits")
     args = parser.parse_args()
@@ -212,7 +214,13 @@ def main() -> int:
             return 2
 
     started: list[subprocess.Popen[bytes]] = []
-    with tempfile.TemporaryDirectory(prefix="pyproxy-bench-") as tmp:
+    with contextlib.ExitStack() as services, tempfile.TemporaryDirectory(prefix="pyproxy-bench-") as tmp:
+        redis = None
+        if args.ratelimit == "hybrid":
+            sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+            from services import RedisServer  # the tests' real-service fixture (redis-server by PID)
+
+            redis = services.enter_context(RedisServer())
         d = Path(tmp)
         (d / "www").mkdir()
         (d / "www" / "small").write_bytes(b"s" * 100)
@@ -228,7 +236,11 @@ def main() -> int:
         ))
         (d / "pyproxy.toml").write_text(PYPROXY.format(
             port=pyx, upstream=up, workers=args.workers,
-            ratelimit=RATELIMIT_LOCAL if args.ratelimit == "local" else "",
+            ratelimit=(
+                RATELIMIT_LOCAL if args.ratelimit == "local"
+                else RATELIMIT_LOCAL + f'[ratelimit]\nmode = "hybrid"\nredis_url = "{redis.url}"\n' if redis is not None
+                else ""
+            ),
             cache=PYPROXY_CACHE if args.cache else "",
         ))
         try:
