@@ -13,7 +13,7 @@ user key, several limits per level), all charged or none. The answer is a :class
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, Literal
 
 __all__ = ["ALGORITHMS", "Algorithm", "BlockedKey", "Check", "CheckResult", "Decision", "Penalty"]
@@ -68,6 +68,8 @@ class Check:
     algorithm: Algorithm = "sliding_window_counter"
     name: str = ""
     penalty: Penalty | None = None
+    # This check's item of the RateLimit-Policy field, made on first use (headers.policy_value).
+    policy_item: str = field(default="", init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.key, str) or not self.key:

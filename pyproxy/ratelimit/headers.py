@@ -119,18 +119,22 @@ def _whole_seconds(seconds: float) -> int:
     return max(0, math.ceil(seconds - 1e-9))
 
 
+def policy_item(check: Check) -> str:
+    """``check``'s item of ``RateLimit-Policy``: its name, quota and window (kept on the check)."""
+    return f"{_sf_string(check.name)};q={check.limit};w={max(1, _whole_seconds(check.window))}"
+
+
 def policy_value(results: Iterable[CheckResult]) -> bytes:
     """The ``RateLimit-Policy`` value: each check (once per name) with its quota and window."""
-    items: list[str] = []
-    seen: set[str] = set()
+    items: dict[str, str] = {}  # name → item: once per name, in order
     for result in results:
         check = result.check
-        if check.name in seen:
-            continue
-        seen.add(check.name)
-        window = max(1, _whole_seconds(check.window))
-        items.append(f"{_sf_string(check.name)};q={check.limit};w={window}")
-    return ", ".join(items).encode()
+        item = check.policy_item
+        if not item:
+            item = policy_item(check)
+            object.__setattr__(check, "policy_item", item)  # frozen: made once, like the name
+        items.setdefault(check.name, item)
+    return ", ".join(items.values()).encode()
 
 
 def state_value(decision: Decision) -> bytes | None:
