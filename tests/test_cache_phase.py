@@ -347,3 +347,18 @@ def test_warm_start_loads_the_hottest_keys_from_l3_into_memory(tmp_path: Any) ->
 
     run(first)
     run(second)
+
+
+def test_fast_path_serves_vary_variants() -> None:
+    async def main() -> None:
+        p = phase(Clock())
+        for enc, body in ((b"gzip", b"zipped"), (b"br", b"brotli")):
+            plan = await fetch(p, headers=[(b"Accept-Encoding", enc)])
+            assert isinstance(plan, Plan)
+            await origin(p, plan, 200, [(b"Cache-Control", b"max-age=60"), (b"Vary", b"Accept-Encoding")], body)
+        for enc, body in ((b"gzip", b"zipped"), (b"br", b"brotli"), (b"gzip", b"zipped")):
+            hit = p.lookup_now("r", b"GET", "http", b"h", b"/a", [(b"Accept-Encoding", enc)])
+            assert hit is not None and bytes(hit.body) == body
+        assert p.lookup_now("r", b"GET", "http", b"h", b"/a", [(b"Accept-Encoding", b"identity")]) is None
+
+    run(main)

@@ -83,6 +83,14 @@ _NOT_STORED = frozenset(
     }
 )
 _VARY_MARKER = b"pyproxy-vary:"  # the value of an entry that only says which fields a key varies on
+@dataclass(frozen=True, slots=True)
+class _Variants:
+    """A key whose responses vary: the request fields that pick the variant (its ``Vary``)."""
+
+    record: bytes
+    names: tuple[str, ...]
+
+
 # Request fields that take a request off the synchronous fast path (the full rules apply then).
 _SLOW_REQUEST_FIELDS = frozenset({b"cache-control", b"pragma", b"authorization", b"if-none-match", b"if-modified-since"})
 _READY_MAX = 4096  # stored responses kept parsed for the fast path (cleared when full)
@@ -203,7 +211,7 @@ class HttpCachePhase:
         self._refreshing: set[str] = set()
         self.counters: dict[str, int] = {}
         self._memory = next((t for t in cache.tiers if isinstance(t, MemoryTier)), None)
-        self._ready: dict[str, _Ready] = {}
+        self._ready: dict[str, _Ready | _Variants] = {}
         # Warming (warming.py): hit counts, the next-request model, the background-fetch budget,
         # how to ask for a key again, and the keys fetched ahead and not used yet.
         self.warming = warming or WarmingConfig()
@@ -284,8 +292,9 @@ class HttpCachePhase:
         self, route: str, method: bytes, scheme: str, host: bytes, target: bytes, headers: Headers, client: str = ""
     ) -> Answer | None:
         """The fast path, without awaiting: a fresh response in this worker's memory for a plain
-        GET/HEAD (no request directives, conditionals or credentials; no ``Vary``), answered from
-        a parsed copy kept beside it. ``None``: take :meth:`lookup` (everything else, same rules)."""
+        GET/HEAD (no request directives, conditionals or credentials; ``Vary`` variants included),
+        answered from a parsed copy kept beside it. ``None``: take :meth:`lookup` (everything else,
+        same rules)."""
         memory = self._memory
         policy = self.policies.get(route)
         if memory is None or policy is None or not policy.enabled or (method != b"GET" and method != b"HEAD"):
@@ -302,6 +311,17 @@ class HttpCachePhase:
             ready = self._prepare(key, record, policy)
             if ready is None:
                 return None
+        if isinstance(ready, _Variants):
+            # The key varies: the request's values of the named fields pick the stored variant.
+            key = vary_key(key, ready.names, headers)
+            record = memory.get_now(key)
+            if record is None:
+                return None
+            ready = self._ready.get(key)
+            if ready is None or ready.record is not record:
+                ready = self._prepare(key, record, policy)
+        if not isinstance(ready, _Ready):
+            return None  # a variant that is itself a variant map: never stored that way
         age = ready.initial_age + max(0.0, self.clock() - ready.response_time)
         ttl = ready.lifetime - age
         if ttl <= 0:
@@ -317,11 +337,14 @@ class HttpCachePhase:
             return Answer(ready.status, fields, b"", "memory", length=len(ready.body), head=head)
         return Answer(ready.status, fields, ready.body, "memory", head=head)
 
-    def _prepare(self, key: str, record: bytes, policy: CachePolicy) -> _Ready | None:
+    def _prepare(self, key: str, record: bytes, policy: CachePolicy) -> _Ready | _Variants | None:
         try:
             entry = decode(record, verify=False)
             if bytes(entry.value[: len(_VARY_MARKER)]) == _VARY_MARKER:
-                return None
+                names = tuple(n for n in bytes(entry.value[len(_VARY_MARKER) :]).decode("latin-1").split(",") if n)
+                variants = _Variants(record, names)
+                self._keep_ready(key, variants)
+                return variants
             stored = StoredResponse.from_meta(entry.meta)
         except (CorruptEntry, ValueError, IndexError, struct.error):
             return None
@@ -333,10 +356,13 @@ class HttpCachePhase:
             freshness_lifetime(stored, policy, cc), current_age(stored, stored.response_time), stored.response_time,
             stored, serialize_response_head(stored.status, None, list(stored.headers))[:-2],
         )
+        self._keep_ready(key, ready)
+        return ready
+
+    def _keep_ready(self, key: str, ready: _Ready | _Variants) -> None:
         if len(self._ready) >= _READY_MAX:
             self._ready.clear()
         self._ready[key] = ready
-        return ready
 
     async def lookup(
         self,
