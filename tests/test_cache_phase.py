@@ -74,13 +74,17 @@ def test_miss_store_hit_with_age_and_cache_status() -> None:
     run(main)
 
 
+async def store_two_variants(p: HttpCachePhase) -> None:
+    for enc, body in ((b"gzip", b"zipped"), (b"br", b"brotli")):
+        plan = await fetch(p, headers=[(b"Accept-Encoding", enc)])
+        assert isinstance(plan, Plan)
+        await origin(p, plan, 200, [(b"Cache-Control", b"max-age=60"), (b"Vary", b"Accept-Encoding")], body)
+
+
 def test_vary_keeps_one_variant_per_request_value() -> None:
     async def main() -> None:
         p = phase(Clock())
-        for enc, body in ((b"gzip", b"zipped"), (b"br", b"brotli")):
-            plan = await fetch(p, headers=[(b"Accept-Encoding", enc)])
-            assert isinstance(plan, Plan)
-            await origin(p, plan, 200, [(b"Cache-Control", b"max-age=60"), (b"Vary", b"Accept-Encoding")], body)
+        await store_two_variants(p)
         for enc, body in ((b"gzip", b"zipped"), (b"br", b"brotli")):
             hit = await fetch(p, headers=[(b"Accept-Encoding", enc)])
             assert isinstance(hit, Answer) and bytes(hit.body) == body
@@ -352,10 +356,7 @@ def test_warm_start_loads_the_hottest_keys_from_l3_into_memory(tmp_path: Any) ->
 def test_fast_path_serves_vary_variants() -> None:
     async def main() -> None:
         p = phase(Clock())
-        for enc, body in ((b"gzip", b"zipped"), (b"br", b"brotli")):
-            plan = await fetch(p, headers=[(b"Accept-Encoding", enc)])
-            assert isinstance(plan, Plan)
-            await origin(p, plan, 200, [(b"Cache-Control", b"max-age=60"), (b"Vary", b"Accept-Encoding")], body)
+        await store_two_variants(p)
         for enc, body in ((b"gzip", b"zipped"), (b"br", b"brotli"), (b"gzip", b"zipped")):
             hit = p.lookup_now("r", b"GET", "http", b"h", b"/a", [(b"Accept-Encoding", enc)])
             assert hit is not None and bytes(hit.body) == body

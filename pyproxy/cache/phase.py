@@ -303,23 +303,11 @@ class HttpCachePhase:
             if name.lower() in _SLOW_REQUEST_FIELDS:
                 return None
         key = primary_key(scheme, host, target, policy)
-        record = memory.get_now(key)
-        if record is None:
-            return None
-        ready = self._ready.get(key)
-        if ready is None or ready.record is not record:
-            ready = self._prepare(key, record, policy)
-            if ready is None:
-                return None
+        ready = self._ready_for(key, policy)
         if isinstance(ready, _Variants):
             # The key varies: the request's values of the named fields pick the stored variant.
             key = vary_key(key, ready.names, headers)
-            record = memory.get_now(key)
-            if record is None:
-                return None
-            ready = self._ready.get(key)
-            if ready is None or ready.record is not record:
-                ready = self._prepare(key, record, policy)
+            ready = self._ready_for(key, policy)
         if not isinstance(ready, _Ready):
             return None  # a variant that is itself a variant map: never stored that way
         age = ready.initial_age + max(0.0, self.clock() - ready.response_time)
@@ -336,6 +324,17 @@ class HttpCachePhase:
         if method == b"HEAD":
             return Answer(ready.status, fields, b"", "memory", length=len(ready.body), head=head)
         return Answer(ready.status, fields, ready.body, "memory", head=head)
+
+    def _ready_for(self, key: str, policy: CachePolicy) -> _Ready | _Variants | None:
+        """The parsed copy of what memory holds for ``key`` (parsed now if it changed)."""
+        assert self._memory is not None
+        record = self._memory.get_now(key)
+        if record is None:
+            return None
+        ready = self._ready.get(key)
+        if ready is None or ready.record is not record:
+            ready = self._prepare(key, record, policy)
+        return ready
 
     def _prepare(self, key: str, record: bytes, policy: CachePolicy) -> _Ready | _Variants | None:
         try:
