@@ -48,15 +48,11 @@ from pyproxy.errors import HeaderError
 from pyproxy.headers import (
     CHUNKED,
     UNTIL_CLOSE,
-    get_first,
-    new_request_id,
     reason_phrase,
     request_framing,
     response_framing,
     rewrite_request_head,
-    rewrite_response_head,
     serialize_response_head,
-    validate_headers,
 )
 from pyproxy.observe.access_log import AccessLog
 from pyproxy.cache.phase import Answer
@@ -79,10 +75,31 @@ _PENDING_BODY_LIMIT = 256 * 1024
 
 
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_Check, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcmp, memcpy
+
+from http import HTTPStatus as _HTTPStatus
+from os import register_at_fork as _register_at_fork, urandom as _urandom
 
 include "deadline.pxi"
 include "scan.pxi"
 include "counters.pxi"
+# The head helpers of pyproxy._speedups, compiled in here as well: validation and the forwarding
+# rewrites are C calls from the protocol objects (a call into _speedups parsed its keyword
+# arguments: ~8k instructions a request), and a head validated on arrival is not checked again
+# when it is rewritten.
+include "tables.pxi"
+include "buffer.pxi"
+include "fields.pxi"
+include "request_id.pxi"
+include "rewrite.pxi"
+
+cdef bytes _VIA = b"1.1 pyproxy"  # the Via element and request-id field of pyproxy.headers' defaults
+cdef bytes _RID_FIELD = b"X-Request-ID"
+cdef bytes _HTTP = b"http"
 
 
 cdef class ConnectionPool
@@ -232,6 +249,7 @@ cdef class Exchange:
     """
 
     cdef public object headers, host, method, pending, refusal, request_id, route, server, target
+    cdef object checked_headers  # the header list validated on arrival (not checked again)
     cdef public double response_timeout
     # balancing: the pool's run-time side, the server chosen (UpstreamServer), servers tried so far
     cdef public object upool, chosen, tried, waiter, last_failure
@@ -719,15 +737,20 @@ cdef class Exchange:
     cpdef _attach(self, UpstreamConnection upstream):
         assert self.route is not None and self.server is not None
         try:
-            head, self.request_id = rewrite_request_head(
+            head, self.request_id = _rewrite_request(
                 self.method,
                 self.target,
                 self.headers,
-                client=self.client.peer,
-                host=self.route.host_header.encode() if self.route.host_header else None,
-                content_length=self.framing if (self.framing > 0 or self.had_length) else None,
-                chunked=self.framing == CHUNKED,
-                upgrade=self.upgrade,
+                self.client.peer,
+                _HTTP,
+                self.route.host_header.encode() if self.route.host_header else None,
+                _VIA,
+                None,
+                _RID_FIELD,
+                self.upgrade,
+                _framing(self.framing if (self.framing > 0 or self.had_length) else None, self.framing == CHUNKED),
+                (),
+                self.headers is self.checked_headers,
             )
         except HeaderError as e:
             upstream.pool.release(upstream)
@@ -974,8 +997,9 @@ cdef class Exchange:
             return [(b"Connection", b"close")] if close else ()
         return self.extra_headers + [(b"Connection", b"close")] if close else self.extra_headers
 
-    cpdef response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: int, declared_length: int | None):
-        """Write the response head to the client; whether its body must be chunk-encoded."""
+    cpdef response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: int, declared_length: int | None, bint checked=False):
+        """Write the response head to the client; whether its body must be chunk-encoded
+        (``checked``: ``headers`` were validated on arrival)."""
         self.stop_response_timer()
         client = self.client
         if self.sent_at and self.route is not None:
@@ -994,15 +1018,18 @@ cdef class Exchange:
             length = declared_length  # HEAD and 304 keep the length they describe
         if status == 204 or 100 <= status < 200:
             length = None
-        head = rewrite_response_head(
+        head = _rewrite_response(
             status,
             reason or None,
             headers,
-            request_id=self.request_id,
-            content_length=length,
-            chunked=chunked,
-            upgrade=switching,
-            extra=self._extra_fields(close),
+            _VIA,
+            self.request_id,
+            _RID_FIELD,
+            False,
+            switching,
+            _framing(length, chunked),
+            self._extra_fields(close),
+            checked,
         )
         if close:
             self.keep_alive = False
@@ -1200,7 +1227,7 @@ cdef class UpstreamConnection:
             # final one.
             self.reason, self.headers = b"", []
             return
-        validate_headers(self.headers)
+        _validate_fields(self.headers)
         if ex.hedge_chosen is not None or ex.hedge_handle is not None:
             ex.claim_response(self)  # hedged: the first head wins, the other attempt is cancelled
         if status == 101:
@@ -1208,7 +1235,7 @@ cdef class UpstreamConnection:
                 raise HeaderError("101 Switching Protocols to a request that did not ask", None, 502)
             self.status = status
             self.tunnel = True
-            ex.response_head(status, self.reason, self.headers, 0, None)
+            ex.response_head(status, self.reason, self.headers, 0, None, True)
             self.head_received = True
             return
         declared = None
@@ -1236,7 +1263,7 @@ cdef class UpstreamConnection:
             self.head_received = True
             return
         self.head_only = ex.method == b"HEAD"
-        self.chunk_to_client = ex.response_head(status, self.reason, self.headers, self.framing, declared)
+        self.chunk_to_client = ex.response_head(status, self.reason, self.headers, self.framing, declared, True)
         self.head_received = True
 
     def on_body(self, body: bytes) -> None:
@@ -1488,7 +1515,8 @@ cdef class ClientConnection:
             if version not in ("1.1", "1.0"):
                 # HTTP/0.9 has no headers to check and no way to answer it safely; others: 505.
                 raise _Refuse(400 if version.startswith("0.") else 505, f"HTTP/{version} is not supported")
-            validate_headers(ex.headers)
+            _validate_fields(ex.headers)
+            ex.checked_headers = ex.headers
             fields = _REQUEST_FIELDS
             fields.scan(ex.headers)
             ex.framing = fields.plain_framing()
@@ -1639,8 +1667,8 @@ cdef class ClientConnection:
         """Answered before forwarding: the client's id if it sent a usable one, else a new one, so
         every response can be traced."""
         if not ex.request_id:
-            sent = get_first(ex.headers, b"x-request-id") if ex.headers else None
-            ex.request_id = sent if sent and _REQUEST_ID.fullmatch(sent) else new_request_id()
+            sent = _get_first(ex.headers, b"x-request-id") if ex.headers else None
+            ex.request_id = sent if sent and _REQUEST_ID.fullmatch(sent) else _new_id()
 
     def respond_cached(self, ex: Exchange, answer: object) -> None:
         """Send a response the cache made: like :meth:`respond_local`, but the connection stays

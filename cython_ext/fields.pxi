@@ -73,35 +73,13 @@ cdef int _check_param(object value, object header, str what) except -1:
     return 0
 
 
-def validate_name(name):
-    """Raise :class:`HeaderError` unless ``name`` is a non-empty RFC 9110 ``token``."""
-    cdef Py_ssize_t bad
-    if not PyBytes_Check(name):
-        raise TypeError(f"header name must be bytes, not {type(name).__name__}")
-    bad = _first_bad(_ptr(name), PyBytes_GET_SIZE(name), _TCHAR)
-    if bad >= 0 or PyBytes_GET_SIZE(name) == 0:
-        raise _ref()._bad_name(name, bad if bad >= 0 else 0)
-
-
-def validate_value(value, name=b""):
-    """Raise :class:`HeaderError` if ``value`` holds NUL, CR, LF or another CTL other than HTAB.
-
-    ``name`` only labels the error.
-    """
-    cdef Py_ssize_t bad
-    if not PyBytes_Check(value) or not PyBytes_Check(name):
-        raise TypeError("header name and value must be bytes")
-    bad = _first_bad(_ptr(value), PyBytes_GET_SIZE(value), _VALUE_OK)
-    if bad >= 0:
-        raise _ref()._bad_value(name, value, bad)
-
-
-def validate_headers(headers):
-    """Validate every ``(name, value)`` pair in order; raise :class:`HeaderError` on the first bad one."""
+cdef int _validate_fields(object headers) except -1:
+    """Every ``(name, value)`` pair in order (:func:`validate_headers`)."""
     cdef tuple pair
     for item in headers:
         pair = _pair(item)
         _check_field(<object>PyTuple_GET_ITEM(pair, 0), <object>PyTuple_GET_ITEM(pair, 1))
+    return 0
 
 
 # --- lists --------------------------------------------------------------------------------------
@@ -159,19 +137,6 @@ cdef int _split_into(list out, object value, bint lower) except -1:
     return 0
 
 
-def split_list(value):
-    """Split a list-based field value into its elements (RFC 9110 §5.6.1).
-
-    Commas inside quoted-strings (with backslash escapes) do not split; OWS around elements is
-    stripped and empty elements are dropped.
-    """
-    if not PyBytes_Check(value):
-        raise TypeError(f"value must be bytes, not {type(value).__name__}")
-    cdef list out = []
-    _split_into(out, value, False)
-    return out
-
-
 # --- lookups ------------------------------------------------------------------------------------
 
 cdef inline object _lookup_name(object name):
@@ -187,27 +152,14 @@ cdef inline bint _name_is(object n, object name) except -1:
             and _ieq(_ptr(n), _ptr(name), PyBytes_GET_SIZE(name)))
 
 
-def get_first(headers, name):
-    """The value of the first header called ``name`` (case-insensitive), or ``None``."""
+cdef object _get_first(object headers, object name):
+    """:func:`get_first` once ``name`` is known to be bytes."""
     cdef tuple pair
-    _lookup_name(name)
     for item in headers:
         pair = _pair(item)
         if _name_is(<object>PyTuple_GET_ITEM(pair, 0), name):
             return <object>PyTuple_GET_ITEM(pair, 1)
     return None
-
-
-def get_all(headers, name):
-    """The values of every header called ``name`` (case-insensitive), in order."""
-    cdef tuple pair
-    cdef list out = []
-    _lookup_name(name)
-    for item in headers:
-        pair = _pair(item)
-        if _name_is(<object>PyTuple_GET_ITEM(pair, 0), name):
-            out.append(<object>PyTuple_GET_ITEM(pair, 1))
-    return out
 
 
 cdef list _get_list(object headers, object name, bint lower):
@@ -221,17 +173,6 @@ cdef list _get_list(object headers, object name, bint lower):
                 raise TypeError(f"value must be bytes, not {type(value).__name__}")
             _split_into(out, value, lower)
     return out
-
-
-def get_list(headers, name):
-    """The list elements (:func:`split_list`) of every header called ``name``, in order."""
-    _lookup_name(name)
-    return _get_list(headers, name, False)
-
-
-def connection_tokens(headers):
-    """The lower-cased connection options of every ``Connection`` line (``close``, header names ...)."""
-    return frozenset(_get_list(headers, b"connection", True))
 
 
 # --- reason phrases -----------------------------------------------------------------------------
@@ -248,8 +189,3 @@ cdef int _check_status(object status) except -1:
     if not 100 <= status <= 999:
         raise ValueError(f"status must be a 3-digit code, got {status}")
     return <int>status
-
-
-def reason_phrase(status):
-    """The standard reason phrase for ``status`` (``b""`` for codes without one)."""
-    return <object>PyList_GET_ITEM(_REASONS, _check_status(status))

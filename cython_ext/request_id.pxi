@@ -36,8 +36,3 @@ cdef bytes _new_id():
         w[2 * i] = _HEX[r[i] >> 4]
         w[2 * i + 1] = _HEX[r[i] & 15]
     return out
-
-
-def new_request_id():
-    """A fresh request id: 32 lowercase hex digits of 16 random bytes (``os.urandom``, batched)."""
-    return _new_id()

@@ -58,7 +58,7 @@ cdef struct _Scan:
 
 cdef int _scan(list hl, unsigned char* act, _Spans* tokens, _Scan* st, bint is_request,
                bint manage_via, bint rid_given, object rid_header, bint upgrade,
-               bint drop_server) except -1:
+               bint drop_server, bint checked) except -1:
     """Pass 1: validate every line in order, decide its fate, collect Connection options."""
     cdef Py_ssize_t i, nn, nv, s, e, pos
     cdef Py_ssize_t rn = PyBytes_GET_SIZE(rid_header)
@@ -73,7 +73,8 @@ cdef int _scan(list hl, unsigned char* act, _Spans* tokens, _Scan* st, bint is_r
         item = <object>PyList_GET_ITEM(hl, i)
         name = <object>PyTuple_GET_ITEM(item, 0)
         value = <object>PyTuple_GET_ITEM(item, 1)
-        _check_field(name, value)
+        if not checked:
+            _check_field(name, value)
         np = _ptr(name)
         nn = PyBytes_GET_SIZE(name)
         vp = _ptr(value)
@@ -243,66 +244,12 @@ cdef inline int _write_request_line(_Buf* out, object method, object target) exc
     return 0
 
 
-def serialize_request_head(method, target, headers):
-    """``METHOD SP target SP HTTP/1.1 CRLF``, the headers in order and case as given, ``CRLF``.
-
-    Everything is validated first (:class:`HeaderError` names the first problem).
-    """
-    cdef char stack[STACK_BYTES]
-    cdef _Buf out
-    cdef tuple pair
-    _check_method(method)
-    _check_target(target)
-    _buf_init(&out, stack, STACK_BYTES)
-    try:
-        _write_request_line(&out, method, target)
-        for item in headers:
-            pair = _pair(item)
-            name = <object>PyTuple_GET_ITEM(pair, 0)
-            value = <object>PyTuple_GET_ITEM(pair, 1)
-            _check_field(name, value)
-            _put_header(&out, name, value)
-        _put(&out, b"\r\n", 2)
-        return PyBytes_FromStringAndSize(out.data, out.size)
-    finally:
-        _buf_free(&out)
-
-
-def serialize_response_head(status, reason, headers):
-    """``HTTP/1.1 SP status SP reason CRLF``, the headers in order and case as given, ``CRLF``.
-
-    ``reason=None`` or ``b""`` uses :func:`reason_phrase`.
-    """
-    cdef char stack[STACK_BYTES]
-    cdef _Buf out
-    cdef tuple pair
-    _buf_init(&out, stack, STACK_BYTES)
-    try:
-        _write_status_line(&out, status, reason)
-        for item in headers:
-            pair = _pair(item)
-            name = <object>PyTuple_GET_ITEM(pair, 0)
-            value = <object>PyTuple_GET_ITEM(pair, 1)
-            _check_field(name, value)
-            _put_header(&out, name, value)
-        _put(&out, b"\r\n", 2)
-        return PyBytes_FromStringAndSize(out.data, out.size)
-    finally:
-        _buf_free(&out)
-
-
-def rewrite_request_head(method, target, headers, *, client, proto=b"http", host=None,
-                         via=b"1.1 pyproxy", request_id=None, request_id_header=b"X-Request-ID",
-                         upgrade=False, content_length=None, chunked=False, extra=()):
-    """Rewrite a received request head for the upstream; return ``(head, request_id)``.
-
-    ``client`` is the peer address appended to ``X-Forwarded-For``; ``proto`` goes to
-    ``X-Forwarded-Proto``; ``host`` replaces the Host value; ``via`` is the element appended to
-    ``Via`` (``None``: leave Via alone); ``request_id`` replaces the client's id (``None``: keep the
-    client's or generate one); ``upgrade=True`` keeps ``Upgrade`` for a tunnel; ``content_length``
-    / ``chunked`` choose the framing header; ``extra`` pairs are appended. See
-    ``pyproxy.headers`` for the rules.
-    """
+cdef tuple _rewrite_request(object method, object target, object headers, object client, object proto,
+                            object host, object via, object request_id, object request_id_header,
+                            object upgrade, long long framing, object extra, bint checked):
+    """:func:`rewrite_request_head` with its arguments decided (``framing`` from ``_framing``);
+    ``checked``: every field of ``headers`` already passed ``_check_field`` (a head the data plane
+    validated on arrival is not checked twice)."""
     cdef char stack[STACK_BYTES]
     cdef unsigned char act_stack[128]
     cdef _Span token_stack[16]
@@ -310,7 +257,6 @@ def rewrite_request_head(method, target, headers, *, client, proto=b"http", host
     cdef _Buf act
     cdef _Spans tokens
     cdef _Scan st
-    cdef long long framing = _framing(content_length, chunked)
     cdef list hl, extra_pairs
     cdef Py_ssize_t i, n, pos, s, e
     cdef bint first
@@ -335,7 +281,7 @@ def rewrite_request_head(method, target, headers, *, client, proto=b"http", host
         if n > act.cap:
             _buf_grow(&act, n)
         _scan(hl, <unsigned char*>act.data, &tokens, &st, True, via is not None,
-              request_id is not None, request_id_header, upgrade, False)
+              request_id is not None, request_id_header, upgrade, False, checked)
         extra_pairs = _check_extra(extra)
         if st.host < 0 and host is None:
             raise _ref()._missing_host()
@@ -389,16 +335,11 @@ def rewrite_request_head(method, target, headers, *, client, proto=b"http", host
         _spans_free(&tokens)
 
 
-def rewrite_response_head(status, reason, headers, *, via=b"1.1 pyproxy", request_id=None,
-                          request_id_header=b"X-Request-ID", drop_server=False, upgrade=False,
-                          content_length=None, chunked=False, extra=()):
-    """Rewrite an upstream response head for the client; return the serialized head.
-
-    Hop-by-hop removal as for requests; ``via`` appended to ``Via``; the request-id header
-    replaced by ``request_id`` when given; ``Server`` removed when ``drop_server``; ``reason``
-    ``None``/``b""`` takes the standard phrase; ``content_length`` / ``chunked`` / ``extra`` as for
-    :func:`rewrite_request_head`.
-    """
+cdef bytes _rewrite_response(object status, object reason, object headers, object via,
+                             object request_id, object request_id_header, object drop_server,
+                             object upgrade, long long framing, object extra, bint checked):
+    """:func:`rewrite_response_head` with its arguments decided; ``checked`` as for
+    ``_rewrite_request``."""
     cdef char stack[STACK_BYTES]
     cdef unsigned char act_stack[128]
     cdef _Span token_stack[16]
@@ -406,7 +347,6 @@ def rewrite_response_head(status, reason, headers, *, via=b"1.1 pyproxy", reques
     cdef _Buf act
     cdef _Spans tokens
     cdef _Scan st
-    cdef long long framing = _framing(content_length, chunked)
     cdef list hl, extra_pairs
     _buf_init(&out, stack, STACK_BYTES)
     _buf_init(&act, <char*>act_stack, 128)
@@ -422,7 +362,7 @@ def rewrite_response_head(status, reason, headers, *, via=b"1.1 pyproxy", reques
         if PyList_GET_SIZE(hl) > act.cap:
             _buf_grow(&act, PyList_GET_SIZE(hl))
         _scan(hl, <unsigned char*>act.data, &tokens, &st, False, via is not None,
-              request_id is not None, request_id_header, upgrade, drop_server)
+              request_id is not None, request_id_header, upgrade, drop_server, checked)
         extra_pairs = _check_extra(extra)
 
         _write_kept(&out, hl, <unsigned char*>act.data, &tokens, None)

@@ -11,7 +11,7 @@
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 
 
-cdef bint _name_is(bytes name, const char* lower, Py_ssize_t size):
+cdef bint _lower_name_is(bytes name, const char* lower, Py_ssize_t size):
     """Whether ``name`` equals the lower-case ASCII ``lower`` case-insensitively."""
     if PyBytes_GET_SIZE(name) != size:
         return False
@@ -57,20 +57,20 @@ cdef class HeadFields:
         for name, value in headers:
             size = PyBytes_GET_SIZE(name)
             if size == 4:
-                if _name_is(name, b"host", 4):
+                if _lower_name_is(name, b"host", 4):
                     self.hosts += 1
                     if self.host is None:
                         self.host = value
             elif size == 14:
-                if _name_is(name, b"content-length", 14):
+                if _lower_name_is(name, b"content-length", 14):
                     self.lengths += 1
                     if self.content_length is None:
                         self.content_length = value
             elif size == 17:
-                if _name_is(name, b"transfer-encoding", 17):
+                if _lower_name_is(name, b"transfer-encoding", 17):
                     self.transfer_encoding = True
             elif size == 6:
-                if self.expect is None and _name_is(name, b"expect", 6):
+                if self.expect is None and _lower_name_is(name, b"expect", 6):
                     self.expect = value
 
     cdef long long plain_framing(self):
