@@ -126,6 +126,7 @@ class TieredCache:
         self.instance_id = instance_id or uuid.uuid4().hex
         self._redis = next((t for t in tiers if isinstance(t, RedisTier)), None)
         self._background: set[asyncio.Task[Any]] = set()
+        self._decoded: dict[str, tuple[bytes, CacheEntry]] = {}  # memory records, decoded
         self._listener: asyncio.Task[None] | None = None
         self.purge_messages = 0
 
@@ -246,7 +247,18 @@ class TieredCache:
                 st.stats.misses += 1
                 continue
             try:
-                entry = decode(record, verify=tier.verify)
+                if st.memory is not None:
+                    # Memory returns the stored object itself: decoded once, kept by identity.
+                    memo = self._decoded.get(key)
+                    if memo is not None and memo[0] is record:
+                        entry = memo[1]
+                    else:
+                        entry = decode(record, verify=False)
+                        if len(self._decoded) >= 4096:
+                            self._decoded.clear()
+                        self._decoded[key] = (record, entry)
+                else:
+                    entry = decode(record, verify=tier.verify)
             except CorruptEntry as e:
                 st.stats.corrupt += 1
                 log.warning("dropping a corrupt %s cache entry for %r: %s", tier.name, key, e)
