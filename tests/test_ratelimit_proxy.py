@@ -376,3 +376,14 @@ def test_admin_unblocks_a_key_for_every_instance_sharing_redis(tmp_path: Path, r
                 )
                 status, body = admin_call(admin_port, "GET", "/ratelimits/blocked")
                 assert body["mode"] == mode
+
+
+def test_without_fields_on_allowed_responses_limits_still_hold_and_429s_keep_theirs() -> None:
+    route_limit = {"key": "header:X-User", "key_limits": [{"limit": 3, "window": "1h"}]}
+    with limited_proxy({"headers_on_allowed": False}, route_limit) as server:
+        conn = http.client.HTTPConnection(*server.addresses[0], timeout=10)
+        seen = [get(conn, {"X-User": "carol"}) for _ in range(5)]
+        assert [status for status, _, _ in seen] == [200, 200, 200, 429, 429]
+        assert all("ratelimit" not in headers and "ratelimit-policy" not in headers for _, headers, _ in seen[:3])
+        assert seen[3][1]["ratelimit"].startswith('"key";r=0;t=') and "retry-after" in seen[3][1]
+        conn.close()

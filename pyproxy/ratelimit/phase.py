@@ -118,10 +118,17 @@ class RateLimitPhase:
         checks = self._checks(route, headers, target, peer)
         if not checks:
             return _GO_ON
-        if self.shared is None:
-            return self._outcome(route, self.local.hit_sync(checks))
+        limiter = self.local if self.shared is None else self.shared
         try:
-            decision = self.shared.hit_sync(checks)  # hybrid: local decision, Redis in the background
+            if not self.headers_on_allowed:
+                # No fields for an allowed response: the limiter skips the per-check details
+                # (remaining, reset) that only those fields need — most of a decision's cost.
+                denied = limiter.admit(checks)
+                if denied is None:
+                    self.decisions[(route, "", "allowed")] += 1
+                    return _GO_ON
+                return self._outcome(route, denied)
+            decision = limiter.hit_sync(checks)  # hybrid: local decision, Redis in the background
         except self._unavailable:
             self.fallbacks += 1
             if self.on_redis_error == "allow":
