@@ -205,6 +205,8 @@ def main() -> int:
     parser.add_argument("--ratelimit", choices=("off", "local", "hybrid"), default="off",
                         help="pyproxy with rate limiting (global + per-client level; hybrid: reconciled with "
                              "a redis-server this script starts) or without")
+    parser.add_argument("--no-ratelimit-headers", action="store_true",
+                        help="with --ratelimit: headers_on_allowed = false (RateLimit fields on 429s only)")
     parser.add_argument("--cache", action="store_true",
                         help="both proxies cache the (cacheable) answers: measures cache hits")
     args = parser.parse_args()
@@ -237,9 +239,12 @@ def main() -> int:
         (d / "pyproxy.toml").write_text(PYPROXY.format(
             port=pyx, upstream=up, workers=args.workers,
             ratelimit=(
-                RATELIMIT_LOCAL if args.ratelimit == "local"
-                else RATELIMIT_LOCAL + f'[ratelimit]\nmode = "hybrid"\nredis_url = "{redis.url}"\n' if redis is not None
-                else ""
+                ""
+                if args.ratelimit == "off"
+                else RATELIMIT_LOCAL
+                + "[ratelimit]\n"
+                + (f'mode = "hybrid"\nredis_url = "{redis.url}"\n' if redis is not None else "")
+                + ("headers_on_allowed = false\n" if args.no_ratelimit_headers else "")
             ),
             cache=PYPROXY_CACHE if args.cache else "",
         ))
