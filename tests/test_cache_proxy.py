@@ -334,3 +334,23 @@ cache = {{}}
             # No worker still serves the old copy (it would be at least 2 s old).
             assert all(a is None or a < 2 for a in after), after
             assert before
+
+
+def test_tag_cascade_purge_reaches_another_proxy_instance(redis_clean: RedisServer, tmp_path: Path) -> None:
+    up = SampleServer(name="up")
+    up.headers = [(b"Cache-Control", b"max-age=600"), (b"Cache-Tag", b"page:home"), (b"X-Cache-Depends", b"user:7")]
+    cache = {"redis_url": redis_clean.url}
+    with up.running(), cached_proxy(up, cache=cache, admin=True) as a, cached_proxy(up, cache=cache) as b:
+        host = {"Host": "api.example"}
+        cb = http.client.HTTPConnection(*b.addresses[0], timeout=10)
+        assert get(cb, "/home", host)[1]["cache-status"].startswith("pyproxy; fwd=uri-miss")
+        assert get(cb, "/home", host)[1]["cache-status"].startswith("pyproxy; hit"), "in B's memory"
+        time.sleep(0.3)  # B's store (and the dependency page:home -> user:7) reached Redis
+        assert a.admin is not None and a.admin.address is not None
+        started = time.monotonic()
+        status, body = _admin_purge(a.admin.address[1], {"tags": "user:7"})
+        assert status == 200 and set(body["tags"]) == {"user:7", "page:home"}, body
+        while get(cb, "/home", host)[1]["cache-status"].startswith("pyproxy; hit"):
+            assert time.monotonic() - started < 1.0, "B dropped its copy"
+            time.sleep(0.01)
+        cb.close()
