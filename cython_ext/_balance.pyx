@@ -13,6 +13,8 @@ request. Why: each was a Python frame per request (started, finished, pick) plus
 lookups; as C methods over C fields they cost a fraction (see the commit for the measured effect).
 """
 
+cimport cython
+from cpython.mem cimport PyMem_Calloc, PyMem_Free
 from libc.math cimport exp
 
 ERROR_ALPHA = 0.05
@@ -80,3 +82,139 @@ cdef class Rotation:
                 self._next = i
                 return s
         return None
+
+
+@cython.auto_pickle(False)  # C arrays: nothing to pickle them by
+cdef class BucketCounter:
+    """Two rolling counters, ``a`` and ``b`` (say requests and failures), over ``window`` seconds
+    cut into ``buckets`` slots (:mod:`pyproxy.resilience._buckets` documents the ring)."""
+
+    cdef double _per_second
+    cdef Py_ssize_t _n
+    cdef long long* _a
+    cdef long long* _b
+    cdef long long _epoch  # absolute slot number (now // width) of the newest slot
+    cdef Py_ssize_t _index  # its position in the ring: _epoch % _n
+    cdef public long long a, b  # totals over the window
+
+    def __cinit__(self, window: float, buckets: int = 10):
+        self._a = self._b = NULL
+
+    def __init__(self, window: float, buckets: int = 10) -> None:
+        if not window > 0.0:
+            raise ValueError(f"window must be > 0 seconds, got {window!r}")
+        if buckets < 1:
+            raise ValueError(f"buckets must be >= 1, got {buckets!r}")
+        # Slot number = now × buckets / window: a multiplication, exact for round numbers where
+        # now // (window / buckets) is not (1001.5 // 0.1 == 10014.0).
+        self._per_second = buckets / window
+        self._n = buckets
+        PyMem_Free(self._a)
+        PyMem_Free(self._b)
+        self._a = <long long*>PyMem_Calloc(buckets, sizeof(long long))
+        self._b = <long long*>PyMem_Calloc(buckets, sizeof(long long))
+        if self._a == NULL or self._b == NULL:
+            raise MemoryError()
+        self._epoch = 0
+        self._index = 0
+        self.a = 0
+        self.b = 0
+
+    def __dealloc__(self):
+        PyMem_Free(self._a)
+        PyMem_Free(self._b)
+
+    cpdef advance(self, double now):
+        """Move the newest slot to ``now``, dropping the slots that left the window."""
+        cdef long long epoch = <long long>(now * self._per_second)  # monotonic time is positive: truncation is floor
+        if epoch > self._epoch:  # else the same slot (the common case) or a stale clock reading
+            self._roll(epoch)
+
+    cpdef add(self, double now, long long da, long long db):
+        """Count ``da`` and ``db`` events at ``now``."""
+        cdef long long epoch = <long long>(now * self._per_second)
+        if epoch > self._epoch:
+            self._roll(epoch)
+        self._a[self._index] += da
+        self._b[self._index] += db
+        self.a += da
+        self.b += db
+
+    cdef void _roll(self, long long epoch) noexcept:
+        cdef Py_ssize_t n = self._n, i = self._index
+        cdef long long gap = epoch - self._epoch, k
+        if gap >= n:  # idle for a whole window: everything expired
+            self.clear()
+        else:
+            for k in range(gap):
+                i += 1
+                if i == n:
+                    i = 0
+                self.a -= self._a[i]
+                self.b -= self._b[i]
+                self._a[i] = 0
+                self._b[i] = 0
+        self._epoch = epoch
+        self._index = epoch % n
+
+    cpdef void clear(self) noexcept:
+        """Forget every event (the ring keeps its position)."""
+        cdef Py_ssize_t i
+        for i in range(self._n):
+            self._a[i] = 0
+            self._b[i] = 0
+        self.a = 0
+        self.b = 0
+
+
+cdef class BudgetWindow:
+    """The per-request part of :class:`pyproxy.resilience.budget.RetryBudget` (its base): the
+    window of original requests (``a``) and retries (``b``)."""
+
+    cdef public BucketCounter _window
+
+    cpdef record_request(self, double now):
+        """Count one original request (not a retry)."""
+        self._window.add(now, 1, 0)
+
+
+cdef class PoolCore:
+    """The two per-request calls of :class:`pyproxy.balance.pool.UpstreamPool` (its base, which
+    documents them and holds everything else): ``choose`` on its common path and ``finished``."""
+
+    cdef public object balancer, states, outlier, _recent, _recent_at
+    cdef public bint _plain
+
+    cpdef choose(self, request, double now, tried):
+        """A server for ``request`` other than those in ``tried``, or ``None``."""
+        if not tried and self._plain:
+            # The common case: first try, no per-server limit nor breakers to ask.
+            server = self.balancer.pick(request, now, ())
+            if server is not None:
+                return server
+        return self._choose_among(request, now, tried)
+
+    cpdef finished(self, ServerStats server, double latency, ok, bint connect_failure, double now):
+        """The outcome of one request to ``server`` (``ok=None``: no verdict)."""
+        if ok is None:
+            if server.in_flight > 0:
+                server.in_flight -= 1
+        else:
+            server.finished(latency, ok, now)
+            if ok:
+                self._recent.append(latency)
+                self._recent_at.append(now)
+        st = self.states.get(server.id)
+        if st is None:
+            return
+        breaker = st.breaker
+        if breaker is not None:
+            if ok is None:
+                breaker.release_probe()
+            else:
+                breaker.record(ok, now)
+                self._update(st, now)  # opened (unavailable until retry_at) or closed again
+        if self.outlier is not None and ok is not None:
+            self.outlier.record(server.id, ok, connect_failure, now)
+        if st.removed_when_idle and server.in_flight == 0:
+            self._remove(st)

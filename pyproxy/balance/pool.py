@@ -29,6 +29,7 @@ import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from pyproxy._balance import PoolCore
 from pyproxy.balance.algorithms import Balancer, RequestInfo, make_balancer
 from pyproxy.balance.health import HealthChecker
 from pyproxy.balance.outlier import OutlierDetector
@@ -64,8 +65,14 @@ class ServerState:
         self.removed_when_idle = False  # DELETE: drop from the pool once nothing is in flight
 
 
-class UpstreamPool:
-    """The run-time side of one configured :class:`~pyproxy.config.Pool`."""
+class UpstreamPool(PoolCore):
+    """The run-time side of one configured :class:`~pyproxy.config.Pool`.
+
+    :meth:`choose` and :meth:`finished` are its compiled base's (:class:`pyproxy._balance.PoolCore`,
+    the same steps as C calls: a Python frame each per request was ~2k instructions): ``choose``
+    asks the balancer directly on a first try of a plain pool (no per-server limit, no breakers),
+    else :meth:`_choose_among`; ``finished`` is documented where it stood, below.
+    """
 
     def __init__(self, pool: Pool, *, loop: asyncio.AbstractEventLoop | None = None, rng: random.Random | None = None) -> None:
         self.config = pool
@@ -272,15 +279,10 @@ class UpstreamPool:
         """Give back the bulkhead slot :meth:`admit` took."""
         self.bulkhead.leave()
 
-    def choose(self, request: RequestInfo | None, now: float, tried: Sequence[UpstreamServer]) -> UpstreamServer | None:
-        """A server for ``request`` other than those in ``tried``; ``None`` when the pool cannot
-        serve it (every server unavailable with ``on_all_unhealthy = "reject"``, all at their
-        concurrency limit, or all tried)."""
-        if not tried and self._plain:
-            # The common case: first try, no per-server limit nor breakers to ask.
-            server = self.balancer.pick(request, now, ())
-            if server is not None:
-                return server
+    def _choose_among(self, request: RequestInfo | None, now: float, tried: Sequence[UpstreamServer]) -> UpstreamServer | None:
+        """:meth:`choose` past its common case: a server for ``request`` other than those in
+        ``tried``; ``None`` when the pool cannot serve it (every server unavailable with
+        ``on_all_unhealthy = "reject"``, all at their concurrency limit, or all tried)."""
         exclude: list[UpstreamServer] = list(tried)
         for _ in range(len(self.states) + 1):
             server = self.balancer.pick(request, now, exclude)
@@ -319,37 +321,13 @@ class UpstreamPool:
             soonest.append(self.health.config.interval * self.health.config.rise)
         return max(1, math.ceil(min(soonest))) if soonest else 1
 
-    def finished(
-        self, server: UpstreamServer, latency: float, ok: bool | None, connect_failure: bool, now: float
-    ) -> None:
-        """The outcome of one request to ``server`` (``started()`` was called when it was sent).
-
-        ``ok=None`` is no verdict: the attempt ended without a response and without a failure of
-        the server's (the client left first, the proxy refused the request itself). Its slots are
-        given back (in flight, a half-open probe); its EWMAs, breaker and ejection counters are
-        left alone — a client giving up says nothing about the server (nginx's 499).
-        """
-        if ok is None:
-            if server.in_flight > 0:
-                server.in_flight -= 1
-        else:
-            server.finished(latency, ok, now)
-            if ok:
-                self._recent.append(latency)
-                self._recent_at.append(now)
-        st = self.states.get(server.id)
-        if st is None:
-            return
-        if st.breaker is not None:
-            if ok is None:
-                st.breaker.release_probe()
-            else:
-                st.breaker.record(ok, now)
-                self._update(st, now)  # opened (unavailable until retry_at) or closed again
-        if self.outlier is not None and ok is not None:
-            self.outlier.record(server.id, ok, connect_failure, now)
-        if st.removed_when_idle and server.in_flight == 0:
-            self._remove(st)
+    # finished(server, latency, ok, connect_failure, now) is PoolCore's (compiled):
+    #   The outcome of one request to ``server`` (``started()`` was called when it was sent): fed to
+    #   the server's EWMAs, its breaker and the outlier detector, and the slots given back.
+    #   ``ok=None`` is no verdict: the attempt ended without a response and without a failure of
+    #   the server's (the client left first, the proxy refused the request itself). Its slots are
+    #   given back (in flight, a half-open probe); its EWMAs, breaker and ejection counters are
+    #   left alone — a client giving up says nothing about the server (nginx's 499).
 
     def can_retry_elsewhere(self, tried: Sequence[UpstreamServer]) -> bool:
         """Whether :meth:`choose` could find a server outside ``tried`` (checked before a retry is

@@ -23,6 +23,7 @@ from __future__ import annotations
 import random
 from typing import Final
 
+from pyproxy._balance import BudgetWindow
 from pyproxy.resilience._buckets import BucketCounter
 
 __all__ = ["RetryBudget", "backoff"]
@@ -30,10 +31,13 @@ __all__ = ["RetryBudget", "backoff"]
 _MAX_EXPONENT: Final = 62  # keeps 2.0**n finite; any sane base is already past its cap there
 
 
-class RetryBudget:
-    """Retries allowed as a share of requests over a sliding window (one event loop, no locking)."""
+class RetryBudget(BudgetWindow):
+    """Retries allowed as a share of requests over a sliding window (one event loop, no locking).
 
-    __slots__ = ("_min", "_percent", "_window", "budget_percent", "exhausted", "retries")
+    ``record_request`` (once per request) is its compiled base's (:class:`pyproxy._balance.BudgetWindow`).
+    """
+
+    __slots__ = ("_min", "_percent", "budget_percent", "exhausted", "retries")
 
     def __init__(
         self,
@@ -52,10 +56,6 @@ class RetryBudget:
         self._window = BucketCounter(window, buckets)  # a = requests, b = retries
         self.retries = 0  # retries granted, ever
         self.exhausted = 0  # retries denied, ever
-
-    def record_request(self, now: float) -> None:
-        """Count one original request (not a retry)."""
-        self._window.add(now, 1, 0)
 
     def try_acquire(self, now: float) -> bool:
         """May one retry go now? True counts it against the budget; False counts as exhausted."""
