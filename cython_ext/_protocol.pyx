@@ -78,6 +78,7 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_Check, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcmp, memcpy
 
@@ -157,6 +158,44 @@ cdef inline double _monotonic() noexcept:
 # Scratch results of the header scans: one each, reused (the event loop runs one callback at a time).
 cdef HeadFields _REQUEST_FIELDS = HeadFields()
 cdef HeadFields _RESPONSE_FIELDS = HeadFields()
+
+
+cdef bytes _cached_response(bytes head, unsigned long long length, bytes request_id, object body):
+    """``head`` + ``Content-Length: length`` + ``X-Request-ID: request_id`` + blank line + ``body``
+    (bytes or a contiguous buffer), written into one new bytes object: a cache hit's whole answer
+    with one copy of each part (the concatenations it replaced copied the body twice)."""
+    cdef char digits[24]
+    cdef int d = 24
+    cdef Py_buffer view
+    cdef Py_ssize_t hn = PyBytes_GET_SIZE(head), rn = PyBytes_GET_SIZE(request_id), total
+    cdef char* w
+    while True:
+        d -= 1
+        digits[d] = <char>(c'0' + length % 10)
+        length //= 10
+        if length == 0:
+            break
+    PyObject_GetBuffer(body, &view, PyBUF_SIMPLE)
+    try:
+        total = hn + 16 + (24 - d) + 16 + rn + 4 + view.len
+        out = PyBytes_FromStringAndSize(NULL, total)
+        w = PyBytes_AS_STRING(out)  # fresh and unshared: filled in place
+        memcpy(w, PyBytes_AS_STRING(head), hn)
+        w += hn
+        memcpy(w, b"Content-Length: ", 16)
+        w += 16
+        memcpy(w, digits + d, 24 - d)
+        w += 24 - d
+        memcpy(w, b"\r\nX-Request-ID: ", 16)
+        w += 16
+        memcpy(w, PyBytes_AS_STRING(request_id), rn)
+        w += rn
+        memcpy(w, b"\r\n\r\n", 4)
+        w += 4
+        memcpy(w, view.buf, view.len)
+        return out
+    finally:
+        PyBuffer_Release(&view)
 
 
 def _chunk(data: bytes) -> bytes:
@@ -397,7 +436,7 @@ cdef class Exchange:
     @property
     def client_ip(self) -> str:
         """The client's address (balancing key for ``consistent_hash`` with ``client_ip``)."""
-        return self.client.peer.decode("latin-1")
+        return self.client.peer_text
 
     # -- the forward phase
     cpdef start(self):
@@ -1335,6 +1374,7 @@ cdef class ClientConnection:
     """One client connection: parse its requests, queue them, answer them in order."""
 
     cdef public object _loop, body_timer, limits, out, parser, peer, queue, read_pauses, send_timer, state, transport
+    cdef readonly str peer_text  # peer decoded (latin-1), once per connection
     cdef public Deadline deadline  # head (408) or keep-alive idle timeout
     cdef public WorkerMetrics metrics  # the worker's counters (typed: C calls)
     cdef long long max_head_size, max_header_count
@@ -1363,6 +1403,7 @@ cdef class ClientConnection:
         self.parser = httptools.HttpRequestParser(self)
         self.transport = None
         self.peer = b"unknown"
+        self.peer_text = "unknown"
         self.parsing = None
         self.queue = collections.deque()
         self.head_raw = 0  # bytes read while the current head is incomplete
@@ -1390,6 +1431,7 @@ cdef class ClientConnection:
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = str(peer[0]).encode()
+            self.peer_text = self.peer.decode("latin-1")
         if len(self.state.clients) >= self.limits.max_connections:
             log.warning("max_connections (%d) reached: closing a new connection", self.limits.max_connections)
             self.closing = True
@@ -1663,14 +1705,14 @@ cdef class ClientConnection:
             headers.append((b"Retry-After", str(ex.retry_after).encode()))
         self.respond_local(ex, status, headers, body, close)
 
-    def _ensure_request_id(self, ex: Exchange) -> None:
+    cdef _ensure_request_id(self, Exchange ex):
         """Answered before forwarding: the client's id if it sent a usable one, else a new one, so
         every response can be traced."""
         if not ex.request_id:
             sent = _get_first(ex.headers, b"x-request-id") if ex.headers else None
             ex.request_id = sent if sent and _REQUEST_ID.fullmatch(sent) else _new_id()
 
-    def respond_cached(self, ex: Exchange, answer: object) -> None:
+    cpdef respond_cached(self, Exchange ex, answer):
         """Send a response the cache made: like :meth:`respond_local`, but the connection stays
         open while the request body is still arriving (it is read and dropped), and the response
         carries the rate-limit fields as a relayed one would."""
@@ -1679,7 +1721,8 @@ cdef class ClientConnection:
             return
         self._ensure_request_id(ex)
         body = answer.body
-        if answer.head is not None and not ex.extra_headers and ex.keep_alive and not self.state.draining:
+        head = answer.head
+        if head is not None and not ex.extra_headers and ex.keep_alive and not self.state.draining:
             # The fast path's answer comes with its head serialized: only our fields to add.
             length = len(body) if answer.length is None else answer.length
             ex.response_started = True
@@ -1687,10 +1730,7 @@ cdef class ClientConnection:
             if ex.method == b"HEAD":
                 body = b""
             ex.bytes_out += len(body)
-            self.write(
-                answer.head + b"Content-Length: " + str(length).encode() + b"\r\nX-Request-ID: "
-                + ex.request_id + b"\r\n\r\n" + bytes(body)
-            )
+            self.write(_cached_response(head, length, ex.request_id, body))
             return
         headers = list(answer.headers)
         if answer.status != 304 and answer.status != 204:
