@@ -253,6 +253,11 @@ class _Spec:
     triple: tuple[int, float, str] = (0, 0.0, "")  # counters: what hit_all is given
 
 
+# What the usual request needs, made once per tuple of checks (LocalLimiter._fast_plan): the specs,
+# hit_all's triples, the keys under a penalty box (checked for a block per request), the one cost.
+_FastPlan = tuple[list[_Spec], list[tuple[int, float, str]], tuple[str, ...], int]
+
+
 @dataclass(slots=True)
 class _Item:
     """A distinct counter of a request (checks on the same one are merged, costs added)."""
@@ -353,6 +358,7 @@ class LocalLimiter:
         self.clock = clock
         self._journal = _Journal(self.table)
         self._specs: dict[tuple[str, str, int, float], _Spec] = {}
+        self._fast_plans: dict[int, tuple[Sequence[Check], _FastPlan | None]] = {}
         # logs: counts of finished sub-windows, per sub-window key (they no longer change)
         self._past: dict[str, int] = {}
         # counters: (window index, its start, the next one's start as the table's `now`), per window
@@ -492,6 +498,32 @@ class LocalLimiter:
         ``hit_all`` refused it (nothing charged); ``None``, having done nothing, for another kind of
         request (the general path decides it).
         """
+        plan = self._fast_plan(checks)
+        if plan is None:
+            return None
+        chosen, triples, penalized, cost = plan
+        for key in penalized:
+            if self._is_blocked(key, t, now):
+                return None
+        ok, first, retry, _ = self.table.hit_all(triples, cost, now)
+        return chosen if ok else (first, retry)
+
+    def _fast_plan(self, checks: Sequence[Check]) -> _FastPlan | None:
+        """What :meth:`_fast_charge` needs of ``checks`` (``None``: not a usual request), kept for
+        a tuple of checks seen before — by identity: a tuple never changes, and the memo holds it
+        (a rate-limit policy hands out the same tuple per route and key)."""
+        if type(checks) is tuple:
+            memo = self._fast_plans.get(id(checks))
+            if memo is not None and memo[0] is checks:
+                return memo[1]
+        plan = self._make_fast_plan(checks)
+        if type(checks) is tuple:
+            if len(self._fast_plans) >= 4096:
+                self._fast_plans.clear()
+            self._fast_plans[id(checks)] = (checks, plan)
+        return plan
+
+    def _make_fast_plan(self, checks: Sequence[Check]) -> _FastPlan | None:
         specs = self._specs
         cost = checks[0].cost
         if cost < 1:
@@ -512,12 +544,9 @@ class LocalLimiter:
                 known = seen.get(check.key)
                 if known is None:
                     seen[check.key] = check.penalty
-                    if self._is_blocked(check.key, t, now):
-                        return None
                 elif known != check.penalty:
                     return None  # the general path refuses it
-        ok, first, retry, _ = self.table.hit_all([spec.triple for spec in chosen], cost, now)
-        return chosen if ok else (first, retry)
+        return chosen, [spec.triple for spec in chosen], tuple(seen), cost
 
     def _allowed_decision(self, checks: Sequence[Check], chosen: list[_Spec], t: int) -> Decision:
         """The details of a request :meth:`_fast_charge` allowed (two reads per counter)."""
