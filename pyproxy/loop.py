@@ -41,8 +41,10 @@ def in_thread(
             return
         started.set()
         loop.run_forever()
-        loop.run_until_complete(stop())
-        loop.close()
+        try:
+            loop.run_until_complete(stop())
+        finally:
+            _close(loop)
 
     thread = threading.Thread(target=serve, name=name, daemon=True)
     thread.start()
@@ -54,6 +56,23 @@ def in_thread(
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=30)
+
+
+def _close(loop: asyncio.AbstractEventLoop) -> None:
+    """Close ``loop`` as ``asyncio.run`` does: cancel the tasks still pending and let them finish
+    first. A task left pending would be finalized later by the garbage collector, in whatever
+    thread runs it, with its loop closed: its coroutines' cleanup then runs outside any loop
+    (seen: redis-py failing in ``disconnect``, and a crash in CPython while closing a coroutine
+    chain during a collection)."""
+    try:
+        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        loop.close()
 
 
 def serve_until_signal(
@@ -74,5 +93,7 @@ def serve_until_signal(
             loop.add_signal_handler(signal.SIGHUP, on_hangup)
         loop.run_until_complete(stopping.wait())
     finally:
-        loop.run_until_complete(stop())
-        loop.close()
+        try:
+            loop.run_until_complete(stop())
+        finally:
+            _close(loop)
