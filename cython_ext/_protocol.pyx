@@ -1732,21 +1732,8 @@ cdef class ClientConnection:
             ex.bytes_out += len(body)
             self.write(_cached_response(head, length, ex.request_id, body))
             return
-        headers = list(answer.headers)
-        if answer.status != 304 and answer.status != 204:
-            headers.append((b"Content-Length", str(len(body) if answer.length is None else answer.length).encode()))
-        headers.append((b"X-Request-ID", ex.request_id))
-        if ex.extra_headers:
-            headers += ex.extra_headers
-        if not ex.keep_alive or self.state.draining:
-            headers.append((b"Connection", b"close"))
-            ex.keep_alive = False
-        ex.response_started = True
-        ex.status = answer.status
-        if ex.method == b"HEAD" or answer.status == 304:
-            body = b""
-        ex.bytes_out += len(body)
-        self.write(serialize_response_head(answer.status, None, headers) + bytes(body))
+        length = None if answer.status == 304 or answer.status == 204 else len(body) if answer.length is None else answer.length
+        self._respond(ex, answer.status, answer.headers, body, length, False, ex.extra_headers)
 
     def respond_local(self, ex: Exchange, status: int, fields: list, body: bytes, close: bool) -> None:
         """Answer ``ex`` from the proxy itself: ``fields`` (no framing), ``body``, and the
@@ -1755,20 +1742,27 @@ cdef class ClientConnection:
             self.abort()
             return
         self._ensure_request_id(ex)
-        headers = [
-            *fields,
-            (b"Content-Length", str(len(body)).encode()),
-            (b"X-Request-ID", ex.request_id),
-        ]
-        if close or not ex.keep_alive or not ex.request_done or self.state.draining:
+        self._respond(ex, status, fields, body, len(body), close or not ex.request_done, None)
+
+    cdef _respond(self, Exchange ex, int status, fields, body, length, bint close, extra):
+        """Write a response of our own making: ``fields``, ``Content-Length: length`` (none when
+        ``None``), the request id, ``extra`` fields, ``Connection: close`` when closing (asked, or
+        the connection cannot be kept), and the body unless HEAD or 304."""
+        headers = list(fields)
+        if length is not None:
+            headers.append((b"Content-Length", str(length).encode()))
+        headers.append((b"X-Request-ID", ex.request_id))
+        if extra:
+            headers += extra
+        if close or not ex.keep_alive or self.state.draining:
             headers.append((b"Connection", b"close"))
             ex.keep_alive = False
         ex.response_started = True
         ex.status = status
-        if ex.method == b"HEAD":
+        if ex.method == b"HEAD" or status == 304:
             body = b""
         ex.bytes_out += len(body)
-        self.write(serialize_response_head(status, None, headers) + body)
+        self.write(serialize_response_head(status, None, headers) + bytes(body))
 
     # -- helpers
     def _refuse_current(self, refusal: _Refuse) -> None:

@@ -25,7 +25,7 @@ import logging
 import re
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -273,16 +273,21 @@ class SqlTier:
 
     # -- the tier ----------------------------------------------------------------------------------
 
-    async def _guard(self, what: str, op: Any) -> Any:
+    async def _guard(self, what: str, op: Callable[[_Sqlite | _Postgres], Awaitable[Any]]) -> Any:
+        """Run ``op`` on the database, opening the tier first if it could not open before (a
+        database down at start is used once it answers); driver failures as TierUnavailable."""
+        if self._db is None:
+            await self.open()
+        assert self._db is not None
         try:
-            return await op
+            return await op(self._db)
         except _FAILURES as e:
             raise TierUnavailable(f"{self.name} {what} failed: {e}") from e
 
     async def get(self, key: str) -> bytes | None:
         rows = await self._guard(
             "read",
-            self.db.fetch(
+            lambda db: db.fetch(
                 f"SELECT record FROM {self.entries} WHERE key = ? AND (expires_at IS NULL OR expires_at > ?)",
                 key,
                 self.clock(),
@@ -297,8 +302,8 @@ class SqlTier:
             return
         expires = None if ttl is None else now + ttl
 
-        async def write() -> None:
-            async with self.db.transaction() as tx:
+        async def write(db: _Sqlite | _Postgres) -> None:
+            async with db.transaction() as tx:
                 await tx.execute(
                     f"INSERT INTO {self.entries} (key, record, stored_at, expires_at) VALUES (?, ?, ?, ?)"
                     " ON CONFLICT (key) DO UPDATE SET record = excluded.record,"
@@ -312,7 +317,7 @@ class SqlTier:
                 for tag in dict.fromkeys(tags):
                     await tx.execute(f"INSERT INTO {self.tags} (tag, key) VALUES (?, ?)", tag, key)
 
-        await self._guard("write", write())
+        await self._guard("write", write)
 
     async def _delete_where_in(self, column: str, values: Sequence[str]) -> int:
         removed = 0
@@ -323,7 +328,7 @@ class SqlTier:
                 sql = f"DELETE FROM {self.entries} WHERE key IN ({marks})"
             else:
                 sql = f"DELETE FROM {self.entries} WHERE key IN (SELECT key FROM {self.tags} WHERE tag IN ({marks}))"
-            removed += await self._guard("delete", self.db.execute(sql, *chunk))
+            removed += await self._guard("delete", lambda db: db.execute(sql, *chunk))
         return removed
 
     async def delete(self, keys: Sequence[str]) -> int:
@@ -333,11 +338,11 @@ class SqlTier:
         return await self._delete_where_in("tag", list(dict.fromkeys(tags)))
 
     async def clear(self) -> None:
-        await self._guard("clear", self.db.execute(f"DELETE FROM {self.entries}"))
+        await self._guard("clear", lambda db: db.execute(f"DELETE FROM {self.entries}"))
 
     async def count(self) -> int:
         """Rows stored, expired ones not swept yet included."""
-        rows = await self._guard("count", self.db.fetch(f"SELECT COUNT(*) FROM {self.entries}"))
+        rows = await self._guard("count", lambda db: db.fetch(f"SELECT COUNT(*) FROM {self.entries}"))
         return int(rows[0][0])
 
     async def sweep(self, max_statements: int = 8) -> int:
@@ -347,7 +352,7 @@ class SqlTier:
         for _ in range(max_statements):
             n = await self._guard(
                 "sweep",
-                self.db.execute(
+                lambda db: db.execute(
                     f"DELETE FROM {self.entries} WHERE key IN (SELECT key FROM {self.entries}"
                     " WHERE expires_at <= ? LIMIT ?)",
                     self.clock(),

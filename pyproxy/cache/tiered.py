@@ -184,8 +184,6 @@ class TieredCache:
             raise _Skipped
         try:
             async with asyncio.timeout(self.timeout):
-                if isinstance(st.tier, SqlTier) and st.failures:
-                    await st.tier.open()  # was down at start: connects now (no-op when open)
                 result = await op()
         except TimeoutError as e:
             self._failed(st, e, timeout=True)

@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 from pyproxy.ratelimit import lua
-from pyproxy.ratelimit.checks import BlockedKey, Check, CheckResult, Decision, Penalty
+from pyproxy.ratelimit.checks import BlockedKey, Check, CheckResult, Decision, Penalty, add_penalty
 from pyproxy.ratelimit.local import MAX_LIMIT, LocalLimiter, _BoxState, _counter_decide, _counter_reset, _Item, _ns
 from pyproxy.ratelimit.redis_backend import RedisLimiter, RedisUnavailable
 
@@ -491,12 +491,7 @@ class HybridLimiter:
             else:
                 items[at].cost += check.cost
             mapping.append(at)
-            if check.penalty is not None:
-                known = penalties.setdefault(check.key, check.penalty)
-                if known != check.penalty:
-                    raise ValueError(
-                        f"checks on key {check.key!r} give different penalty boxes: {known} and {check.penalty}"
-                    )
+            add_penalty(penalties, check.key, check)
         boxes: dict[str, _BoxState] = {key: local._box_state(key, pen, t, now) for key, pen in penalties.items()}
         for key in penalties:
             self._penalty_keys.setdefault(key, 0)

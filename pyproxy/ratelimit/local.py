@@ -104,7 +104,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from pyproxy.core import SharedWindows
-from pyproxy.ratelimit.checks import BlockedKey, Check, CheckResult, Decision, Penalty
+from pyproxy.ratelimit.checks import BlockedKey, Check, CheckResult, Decision, Penalty, add_penalty
 
 if TYPE_CHECKING:
     from pyproxy.ratelimit.base import Limiter
@@ -539,13 +539,11 @@ class LocalLimiter:
         if len({spec.name for spec in chosen}) != len(chosen):
             return None
         seen: dict[str, Penalty] = {}
-        for check in checks:
-            if check.penalty is not None:
-                known = seen.get(check.key)
-                if known is None:
-                    seen[check.key] = check.penalty
-                elif known != check.penalty:
-                    return None  # the general path refuses it
+        try:
+            for check in checks:
+                add_penalty(seen, check.key, check)
+        except ValueError:
+            return None  # the general path refuses it
         return chosen, [spec.triple for spec in chosen], tuple(seen), cost
 
     def _allowed_decision(self, checks: Sequence[Check], chosen: list[_Spec], t: int) -> Decision:
@@ -618,12 +616,7 @@ class LocalLimiter:
             else:
                 items[at].cost += check.cost
             mapping.append(at)
-            if check.penalty is not None:
-                known = penalties.setdefault(check.key, check.penalty)
-                if known != check.penalty:
-                    raise ValueError(
-                        f"checks on key {check.key!r} give different penalty boxes: {known} and {check.penalty}"
-                    )
+            add_penalty(penalties, check.key, check)
         # -- the penalty box first: a blocked key is denied without charging anything
         boxes = {key: self._box_state(key, pen, t, now) for key, pen in penalties.items()}
         blocked_before = any(b.was for b in boxes.values())

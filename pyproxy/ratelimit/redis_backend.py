@@ -71,7 +71,7 @@ from redis.retry import Retry
 
 from pyproxy.errors import PyproxyError
 from pyproxy.ratelimit import lua
-from pyproxy.ratelimit.checks import BlockedKey, Check, CheckResult, Decision, Penalty
+from pyproxy.ratelimit.checks import BlockedKey, Check, CheckResult, Decision, Penalty, add_penalty
 
 __all__ = ["LATENCY_BOUNDS", "BlockedKey", "RedisLimiter", "RedisLimiterStats", "RedisUnavailable"]
 
@@ -426,12 +426,7 @@ class RedisLimiter:
             else:
                 items[at].cost += check.cost
             mapping.append(at)
-            if check.penalty is not None:
-                known = penalties.setdefault(tag, check.penalty)
-                if known != check.penalty:
-                    raise ValueError(
-                        f"checks on key {check.key!r} give different penalty boxes: {known} and {check.penalty}"
-                    )
+            add_penalty(penalties, tag, check)
         by_slot: dict[int, _Group] = {}
         for i, item in enumerate(items):
             group = by_slot.get(item.slot)

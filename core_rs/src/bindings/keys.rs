@@ -3,7 +3,7 @@
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyString};
+use pyo3::types::{PyBytes, PyString, PyTuple};
 
 use crate::cache::KeyKind;
 use crate::clock;
@@ -104,3 +104,20 @@ pub(crate) fn wrong_type(what: &str, expected: &str, got: &Bound<'_, PyAny>) -> 
         .unwrap_or_else(|_| "?".into());
     PyTypeError::new_err(format!("{what} must be {expected}, not {name}"))
 }
+
+/// One item of a `hit_all` `checks` sequence: a tuple of `n` items (`shape` names them in the
+/// messages, e.g. "(limit, window, key)"), else a `TypeError` saying what it was.
+#[inline]
+pub(crate) fn check_tuple<'a, 'py>(item: &'a Bound<'py, PyAny>, n: usize, shape: &str) -> PyResult<&'a Bound<'py, PyTuple>> {
+    let tuple = item
+        .cast::<PyTuple>()
+        .map_err(|_| wrong_type("each check", &format!("a {shape} tuple"), item))?;
+    if tuple.len() != n {
+        return Err(PyTypeError::new_err(format!(
+            "each check must be a {shape} tuple, got a tuple of {}",
+            tuple.len()
+        )));
+    }
+    Ok(tuple)
+}
+

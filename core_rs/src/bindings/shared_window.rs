@@ -4,11 +4,9 @@
 //! processes, so the pyclass is `frozen` and its methods take `&self`. The GIL is kept (a hit is
 //! far below the cost of releasing it).
 
-use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
-use pyo3::types::PyTuple;
 
-use super::keys::{at_least, key_parts, wrong_type};
+use super::keys::{at_least, check_tuple, key_parts};
 use super::window::{cost_arg, decision_tuple, now_ns, retry_secs, scratch, with_parsed, INLINE};
 use crate::clock;
 use crate::error::check_seconds;
@@ -190,15 +188,7 @@ type Triple<'py> = (u64, u64, Bound<'py, PyAny>);
 
 #[inline]
 fn triple<'py>(item: &Bound<'py, PyAny>) -> PyResult<Triple<'py>> {
-    let tuple = item
-        .cast::<PyTuple>()
-        .map_err(|_| wrong_type("each check", "a (limit, window, key) tuple", item))?;
-    if tuple.len() != 3 {
-        return Err(PyTypeError::new_err(format!(
-            "each check must be a (limit, window, key) tuple, got a tuple of {}",
-            tuple.len()
-        )));
-    }
+    let tuple = check_tuple(item, 3, "(limit, window, key)")?;
     let limit = limit_arg(tuple.get_item(0)?.extract()?)?;
     let window = window_ns(tuple.get_item(1)?.extract()?)?;
     Ok((limit, window, tuple.get_item(2)?))

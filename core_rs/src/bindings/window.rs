@@ -6,12 +6,11 @@
 //! converted before any borrow); with a mutex per limiter, three levels cost 2.2x one `hit`, mostly
 //! in lock round trips.
 
-use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
 
 use super::gil_cell::{GilCell, GilRefMut};
-use super::keys::{at_least, key_parts, wrong_type};
+use super::keys::{at_least, check_tuple, key_parts, wrong_type};
 use crate::clock;
 use crate::error::check_seconds;
 use crate::window::{self, Decision, KeyKind};
@@ -303,15 +302,7 @@ fn run_checks(pairs: &[Option<Pair<'_>>], cost: u64, now: u64) -> PyResult<(bool
 /// One `(SlidingWindow, key)` item of `hit_all`'s `checks`, validated.
 #[inline]
 fn pair<'py>(item: &Bound<'py, PyAny>) -> PyResult<Pair<'py>> {
-    let tuple = item
-        .cast::<PyTuple>()
-        .map_err(|_| wrong_type("each check", "a (SlidingWindow, key) tuple", item))?;
-    if tuple.len() != 2 {
-        return Err(PyTypeError::new_err(format!(
-            "each check must be a (SlidingWindow, key) tuple, got a tuple of {}",
-            tuple.len()
-        )));
-    }
+    let tuple = check_tuple(item, 2, "(SlidingWindow, key)")?;
     let limiter = &tuple.as_slice()[0];
     if limiter.cast::<SlidingWindow>().is_err() {
         return Err(wrong_type("a check's limiter", "SlidingWindow", limiter));
