@@ -33,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from email.utils import formatdate, parsedate_to_datetime
 from enum import Enum
@@ -531,8 +531,3 @@ def cache_status(
     if tier is not None:
         params.append(f"detail={tier}")
     return "; ".join(params).encode()
-
-
-def without(headers: Iterable[tuple[bytes, bytes]], names: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
-    """``headers`` without the fields called one of ``names`` (lower case)."""
-    return [(n, v) for n, v in headers if n.lower() not in names]

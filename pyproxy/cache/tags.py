@@ -34,10 +34,6 @@ class TagGraph:
         known.add(dependent)
         return True
 
-    def dependents(self, tag: str) -> set[str]:
-        """Tags depending directly on ``tag``."""
-        return set(self._dependents.get(tag, ()))
-
     def __len__(self) -> int:
         return sum(len(v) for v in self._dependents.values())
 
