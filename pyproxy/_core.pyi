@@ -169,6 +169,19 @@ class SharedWindows:
 
         Returns ``(allowed, first_denied_index_or_-1, retry_after_max, remaining_min)``.
         """
+    def hit_all_binding(
+        self,
+        checks: Iterable[tuple[int, float, str | bytes]],
+        cost: int = 1,
+        now: float | None = None,
+    ) -> tuple[bool, int, float, int, int, float]:
+        """``hit_all``, and when allowed which triple a ``RateLimit`` header advertises.
+
+        Returns ``(allowed, first_denied_index_or_-1, retry_after_max, remaining, binding, reset)``:
+        allowed, ``binding`` is the index of the triple with the least remaining after the charge
+        (on a tie, the one whose usage ages out last), ``remaining`` its remaining and ``reset``
+        the seconds until its usage has aged out; denied, ``binding`` is -1 and ``reset`` 0.0.
+        """
     def live(self, now: float | None = None) -> int: ...
     @property
     def capacity(self) -> int: ...

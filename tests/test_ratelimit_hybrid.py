@@ -85,6 +85,40 @@ def test_a_lone_instance_matches_the_model_exactly(redis_clean: RedisServer) -> 
     run(main)
 
 
+def test_hit_binding_is_the_decisions_binding(redis_clean: RedisServer) -> None:
+    """``hit_binding`` names the check a full decision would advertise, with its numbers. Checked
+    against a peek right after: a peek's ``remaining`` is what would be left after one more
+    request (cost 1), so one less than ours, check by check (down to 0)."""
+
+    async def main() -> None:
+        lim = hybrid(redis_clean, sync_interval=0.01)
+        checks = (Check("g", 50, 1.0, name="g"), Check("k", 6, 0.5, name="k"), Check("r", 9, 2.0, name="r"))
+        try:
+            seen, fast = set(), 0
+            for step in range(60):
+                got = lim.hit_binding(checks)
+                if not isinstance(got, tuple):
+                    assert not got.allowed, step  # nothing here leaves the fast path but a denial
+                    await asyncio.sleep(0.05)
+                    continue
+                fast += 1
+                check, remaining, reset = got
+                peek = lim.peek_sync(checks)
+                least = min(r.remaining for r in peek.results)
+                assert max(remaining - 1, 0) == least, step  # (a peek never says less than 0)
+                if least > 0:
+                    tied = [r.check.name for r in peek.results if r.remaining == least]
+                    assert check.name in tied, step
+                assert 0 < reset <= 2 * check.window
+                seen.add(check.name)
+                await asyncio.sleep(0.004)
+            assert fast > 10 and seen & {"k", "r"}
+        finally:
+            await close(lim)
+
+    run(main)
+
+
 def test_other_instances_usage_is_folded_in(redis_clean: RedisServer) -> None:
     async def main() -> None:
         a, b = hybrid(redis_clean), hybrid(redis_clean)

@@ -104,6 +104,39 @@ def test_counter_matches_model_property(steps: list[tuple[int, int, int]]) -> No
         assert (d.allowed, d.results[0].remaining, ns(d.results[0].retry_after)) == (ok, remaining, model_ns(wait))
 
 
+def test_hit_binding_is_what_hit_sync_advertises() -> None:
+    """Two limiters in lockstep: ``hit_binding``'s (check, remaining, reset) for an allowed
+    request is the full decision's binding result, and its fields are rate_limit_headers' own."""
+    from pyproxy.ratelimit.headers import binding_fields, rate_limit_headers
+
+    rng = random.Random(5)
+    clock = Clock()
+    full, quick = limiter(clock), limiter(clock)
+    specs = [("global", 40, 1.0), ("route:/a", 9, 0.3), ("user:u", 5, 0.2), ("user:u", 30, 10.0)]
+    fast_answers = allowed = 0
+    for step in range(400):
+        cost = rng.choice([1, 1, 1, 2])
+        checks = tuple(Check(k, limit, w, cost=cost, name=f"{k}/{w}") for k, limit, w in specs)
+        want = full.hit_sync(checks)
+        allowed += want.allowed
+        got = quick.hit_binding(checks)
+        if isinstance(got, tuple):
+            fast_answers += 1
+            assert want.allowed, step
+            b = want.binding
+            assert b is not None
+            check, remaining, reset = got
+            assert (check, remaining) == (b.check, b.remaining), step
+            assert ns(reset) == ns(b.reset), step
+            assert binding_fields(checks, got) == rate_limit_headers(want), step
+        else:
+            assert got.allowed == want.allowed and got.denied == want.denied, step
+            assert [r.remaining for r in got.results] == [r.remaining for r in want.results]
+        clock.advance(rng.choice([0, 0, 0.001, 0.01, 0.05, 0.2]))
+    assert fast_answers == allowed > 40  # every allowed request took the fast path
+    assert quick.hit_binding(()) == full.hit_sync(())
+
+
 def test_three_levels_match_model_hit_all() -> None:
     """global + route + user (different windows): all-or-none exactly as the model's hit_all."""
     rng = random.Random(11)

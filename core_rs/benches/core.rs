@@ -8,7 +8,9 @@ use criterion::{criterion_group, criterion_main, Criterion};
 
 fn cache(c: &mut Criterion) {
     let n = 100_000u64;
-    let keys: Vec<Vec<u8>> = (0..n).map(|i| format!("/api/v1/items/{i:08}").into_bytes()).collect();
+    let keys: Vec<Vec<u8>> = (0..n)
+        .map(|i| format!("/api/v1/items/{i:08}").into_bytes())
+        .collect();
     let value = vec![b'v'; 100];
     let mut lru = LruCache::new(1 << 40, Some(n as usize), Some(600_000_000_000)).unwrap();
     for k in &keys {
@@ -29,13 +31,16 @@ fn cache(c: &mut Criterion) {
         b.iter(|| {
             j += 1;
             let key = format!("/api/v1/new/{j:010}");
-            lru.set(KeyKind::Str, key.as_bytes(), &value, Ttl::Default, 3).unwrap();
+            lru.set(KeyKind::Str, key.as_bytes(), &value, Ttl::Default, 3)
+                .unwrap();
         })
     });
 }
 
 fn ring(c: &mut Criterion) {
-    let keys: Vec<Vec<u8>> = (0..10_000).map(|i| format!("/api/v1/items/{i:08}").into_bytes()).collect();
+    let keys: Vec<Vec<u8>> = (0..10_000)
+        .map(|i| format!("/api/v1/items/{i:08}").into_bytes())
+        .collect();
     c.bench_function("ring/hash64_22b", |b| {
         let mut i = 0usize;
         b.iter(|| {
@@ -43,7 +48,11 @@ fn ring(c: &mut Criterion) {
             black_box(ring::hash64(&keys[i]))
         })
     });
-    for (nodes, vnodes) in [(10u32, ring::DEFAULT_VNODES), (1000, 160), (1000, ring::DEFAULT_VNODES)] {
+    for (nodes, vnodes) in [
+        (10u32, ring::DEFAULT_VNODES),
+        (1000, 160),
+        (1000, ring::DEFAULT_VNODES),
+    ] {
         let r: HashRing = HashRing::with_nodes(
             vnodes,
             None,
@@ -75,7 +84,9 @@ fn ring(c: &mut Criterion) {
 fn window(c: &mut Criterion) {
     use _core::window::{self, SlidingWindow};
     const S: u64 = 1_000_000_000;
-    let keys: Vec<Vec<u8>> = (0..10_000).map(|i| format!("user-{i:08}").into_bytes()).collect();
+    let keys: Vec<Vec<u8>> = (0..10_000)
+        .map(|i| format!("user-{i:08}").into_bytes())
+        .collect();
     for exact in [false, true] {
         let mode = if exact { "exact" } else { "counter" };
         let mut w = SlidingWindow::new(1_000_000, 60 * S, exact).unwrap();
@@ -103,9 +114,21 @@ fn window(c: &mut Criterion) {
         b.iter(|| {
             i = (i + 7919) % keys.len();
             now += 1_000;
-            let checks: [(usize, KeyKind, &[u8]); 3] =
-                [(0, KeyKind::Str, b"*"), (1, KeyKind::Str, b"/v1/chat"), (2, KeyKind::Str, &keys[i])];
-            black_box(window::hit_all(&mut [Some(&mut g), Some(&mut r), Some(&mut u)], &checks, 1, now).unwrap().allowed)
+            let checks: [(usize, KeyKind, &[u8]); 3] = [
+                (0, KeyKind::Str, b"*"),
+                (1, KeyKind::Str, b"/v1/chat"),
+                (2, KeyKind::Str, &keys[i]),
+            ];
+            black_box(
+                window::hit_all(
+                    &mut [Some(&mut g), Some(&mut r), Some(&mut u)],
+                    &checks,
+                    1,
+                    now,
+                )
+                .unwrap()
+                .allowed,
+            )
         })
     });
 }
@@ -113,14 +136,20 @@ fn window(c: &mut Criterion) {
 fn shared_window(c: &mut Criterion) {
     use _core::shared_window::{Check, SharedWindows};
     const S: u64 = 1_000_000_000;
-    let keys: Vec<Vec<u8>> = (0..10_000).map(|i| format!("user-{i:08}").into_bytes()).collect();
+    let keys: Vec<Vec<u8>> = (0..10_000)
+        .map(|i| format!("user-{i:08}").into_bytes())
+        .collect();
     let sw = SharedWindows::new(20_000).unwrap();
     let (mut i, mut now) = (0usize, S);
     c.bench_function("shared_window/hit_10k_keys", |b| {
         b.iter(|| {
             i = (i + 7919) % keys.len();
             now += 1_000;
-            black_box(sw.hit(0, 1_000_000, 60 * S, &keys[i], 1, now).unwrap().allowed)
+            black_box(
+                sw.hit(0, 1_000_000, 60 * S, &keys[i], 1, now)
+                    .unwrap()
+                    .allowed,
+            )
         })
     });
     c.bench_function("shared_window/hit_hot_key_denying", |b| {
@@ -134,9 +163,24 @@ fn shared_window(c: &mut Criterion) {
             i = (i + 7919) % keys.len();
             now += 1_000;
             let checks = [
-                Check { limiter: 0, limit: u32::MAX as u64, window: S, key: b"*" },
-                Check { limiter: 1, limit: u32::MAX as u64, window: S, key: b"/v1/chat" },
-                Check { limiter: 2, limit: u32::MAX as u64, window: S, key: &keys[i] },
+                Check {
+                    limiter: 0,
+                    limit: u32::MAX as u64,
+                    window: S,
+                    key: b"*",
+                },
+                Check {
+                    limiter: 1,
+                    limit: u32::MAX as u64,
+                    window: S,
+                    key: b"/v1/chat",
+                },
+                Check {
+                    limiter: 2,
+                    limit: u32::MAX as u64,
+                    window: S,
+                    key: &keys[i],
+                },
             ];
             black_box(sw.hit_all(&checks, 1, now).unwrap().allowed)
         })

@@ -163,7 +163,11 @@ impl<S: SharedValue> NewValue<'_, S> {
 impl LruCache {
     /// A cache that copies every value in. `max_bytes` > 0; `max_entries` ≥ 1 if given;
     /// `default_ttl` in nanoseconds, > 0 if given.
-    pub fn new(max_bytes: u64, max_entries: Option<usize>, default_ttl: Option<u64>) -> Result<Self> {
+    pub fn new(
+        max_bytes: u64,
+        max_entries: Option<usize>,
+        default_ttl: Option<u64>,
+    ) -> Result<Self> {
         Self::with_shared_values(max_bytes, max_entries, default_ttl)
     }
 }
@@ -171,7 +175,11 @@ impl LruCache {
 impl<S: SharedValue> LruCache<S> {
     /// A cache that may also hold values as `S` objects ([`LruCache::get_shared`],
     /// [`LruCache::set_shared`]); arguments as [`LruCache::new`].
-    pub fn with_shared_values(max_bytes: u64, max_entries: Option<usize>, default_ttl: Option<u64>) -> Result<Self> {
+    pub fn with_shared_values(
+        max_bytes: u64,
+        max_entries: Option<usize>,
+        default_ttl: Option<u64>,
+    ) -> Result<Self> {
         if max_bytes == 0 {
             return Err(invalid("max_bytes must be > 0"));
         }
@@ -181,7 +189,9 @@ impl<S: SharedValue> LruCache<S> {
         if default_ttl == Some(0) {
             return Err(invalid("default_ttl must be > 0"));
         }
-        let max_entries = max_entries.unwrap_or(u32::MAX as usize - 1).min(u32::MAX as usize - 1);
+        let max_entries = max_entries
+            .unwrap_or(u32::MAX as usize - 1)
+            .min(u32::MAX as usize - 1);
         Ok(LruCache {
             table: HashTable::new(),
             slots: Vec::new(),
@@ -314,17 +324,38 @@ impl<S: SharedValue> LruCache<S> {
 
     /// Insert or replace, copying `value`. Fails (changing nothing) if the entry alone exceeds the
     /// byte budget.
-    pub fn set(&mut self, kind: KeyKind, key: &[u8], value: &[u8], ttl: Ttl, now: u64) -> Result<()> {
+    pub fn set(
+        &mut self,
+        kind: KeyKind,
+        key: &[u8],
+        value: &[u8],
+        ttl: Ttl,
+        now: u64,
+    ) -> Result<()> {
         self.store(kind, key, NewValue::Copy(value), ttl, now)
     }
 
     /// Insert or replace, keeping `value` itself (no copy); as [`LruCache::set`] otherwise. On
     /// failure `value` is dropped.
-    pub fn set_shared(&mut self, kind: KeyKind, key: &[u8], value: S, ttl: Ttl, now: u64) -> Result<()> {
+    pub fn set_shared(
+        &mut self,
+        kind: KeyKind,
+        key: &[u8],
+        value: S,
+        ttl: Ttl,
+        now: u64,
+    ) -> Result<()> {
         self.store(kind, key, NewValue::Shared(value), ttl, now)
     }
 
-    fn store(&mut self, kind: KeyKind, key: &[u8], value: NewValue<'_, S>, ttl: Ttl, now: u64) -> Result<()> {
+    fn store(
+        &mut self,
+        kind: KeyKind,
+        key: &[u8],
+        value: NewValue<'_, S>,
+        ttl: Ttl,
+        now: u64,
+    ) -> Result<()> {
         let charge = Self::charge_for(key.len(), value.len());
         if charge > self.max_bytes {
             return Err(too_large(key.len(), value.len(), self.max_bytes));
@@ -333,7 +364,9 @@ impl<S: SharedValue> LruCache<S> {
             return Err(invalid("key is longer than 4 GiB"));
         }
         let deadline = match ttl {
-            Ttl::Default => self.default_ttl.map_or(NO_DEADLINE, |t| now.saturating_add(t)),
+            Ttl::Default => self
+                .default_ttl
+                .map_or(NO_DEADLINE, |t| now.saturating_add(t)),
             Ttl::Never => NO_DEADLINE,
             Ttl::Nanos(t) => now.saturating_add(t),
         };
@@ -344,7 +377,9 @@ impl<S: SharedValue> LruCache<S> {
             self.stats.bytes -= old;
             let slot = &mut self.slots[i as usize];
             match value {
-                NewValue::Copy(v) if slot.shared.is_none() && slot.data.len() == key.len() + 1 + v.len() => {
+                NewValue::Copy(v)
+                    if slot.shared.is_none() && slot.data.len() == key.len() + 1 + v.len() =>
+                {
                     slot.data[key.len() + 1..].copy_from_slice(v);
                 }
                 NewValue::Copy(v) => {
@@ -382,7 +417,8 @@ impl<S: SharedValue> LruCache<S> {
         });
         let slots = &self.slots;
         let hasher = &self.hasher;
-        self.table.insert_unique(hash, i, |&j| rehash(hasher, slots[j as usize].key()));
+        self.table
+            .insert_unique(hash, i, |&j| rehash(hasher, slots[j as usize].key()));
         self.link_front(i);
         self.stats.bytes += charge;
         self.stats.entries += 1;
@@ -433,7 +469,11 @@ impl<S: SharedValue> LruCache<S> {
         let mut i = self.head;
         while i != NIL {
             let s = &self.slots[i as usize];
-            let kind = if s.data[0] == KeyKind::Str as u8 { KeyKind::Str } else { KeyKind::Bytes };
+            let kind = if s.data[0] == KeyKind::Str as u8 {
+                KeyKind::Str
+            } else {
+                KeyKind::Bytes
+            };
             out.push((kind, s.key()[1..].to_vec()));
             i = s.next;
         }
@@ -464,7 +504,10 @@ impl<S: SharedValue> LruCache<S> {
             } else {
                 self.tail
             };
-            debug_assert!(victim != NIL, "the budget check guarantees the new entry fits alone");
+            debug_assert!(
+                victim != NIL,
+                "the budget check guarantees the new entry fits alone"
+            );
             if victim == NIL {
                 return;
             }
@@ -651,7 +694,9 @@ fn bytes_eq(a: &[u8], b: &[u8]) -> bool {
     while a.len() >= 8 {
         let (x, rest_a) = a.split_at(8);
         let (y, rest_b) = b.split_at(8);
-        if u64::from_ne_bytes(x.try_into().unwrap_or_default()) != u64::from_ne_bytes(y.try_into().unwrap_or_default()) {
+        if u64::from_ne_bytes(x.try_into().unwrap_or_default())
+            != u64::from_ne_bytes(y.try_into().unwrap_or_default())
+        {
             return false;
         }
         a = rest_a;
@@ -699,7 +744,11 @@ mod tests {
         let mut c = cache(10_000);
         c.set(KeyKind::Str, b"a", b"1", Ttl::Default, 1).unwrap();
         assert_eq!(c.get(KeyKind::Str, b"a", || 1), Some(&b"1"[..]));
-        assert_eq!(c.get(KeyKind::Bytes, b"a", || 1), None, "str and bytes keys are distinct");
+        assert_eq!(
+            c.get(KeyKind::Bytes, b"a", || 1),
+            None,
+            "str and bytes keys are distinct"
+        );
         assert!(c.delete(KeyKind::Str, b"a", 1));
         assert!(!c.delete(KeyKind::Str, b"a", 1));
         assert_eq!(c.len(), 0);
@@ -716,7 +765,8 @@ mod tests {
             c.set(KeyKind::Str, k, &[0; 10], Ttl::Default, 1).unwrap();
         }
         c.get(KeyKind::Str, b"a", || 1); // a is now MRU; b is LRU
-        c.set(KeyKind::Str, b"d", &[0; 10], Ttl::Default, 1).unwrap();
+        c.set(KeyKind::Str, b"d", &[0; 10], Ttl::Default, 1)
+            .unwrap();
         assert!(!c.contains(KeyKind::Str, b"b", 1));
         assert!(c.contains(KeyKind::Str, b"a", 1));
         assert_eq!(c.stats().evictions, 1);
@@ -728,7 +778,9 @@ mod tests {
         let mut c = cache(200);
         c.set(KeyKind::Str, b"a", b"x", Ttl::Default, 1).unwrap();
         let before = c.stats();
-        assert!(c.set(KeyKind::Str, b"b", &[0; 500], Ttl::Default, 1).is_err());
+        assert!(c
+            .set(KeyKind::Str, b"b", &[0; 500], Ttl::Default, 1)
+            .is_err());
         assert_eq!(c.stats(), before);
     }
 
@@ -739,7 +791,8 @@ mod tests {
         for k in [b"a", b"b", b"c"] {
             c.set(KeyKind::Str, k, &[0; 10], Ttl::Default, 1).unwrap();
         }
-        c.set(KeyKind::Str, b"a", &[1; 40], Ttl::Default, 1).unwrap();
+        c.set(KeyKind::Str, b"a", &[1; 40], Ttl::Default, 1)
+            .unwrap();
         assert!(c.contains(KeyKind::Str, b"a", 1));
         assert_eq!(c.get(KeyKind::Str, b"a", || 1).unwrap(), &[1; 40][..]);
         assert!(c.bytes() <= c.max_bytes());
@@ -764,7 +817,11 @@ mod tests {
     /// The heap holds exactly one item per entry with a deadline, each knowing its position, and
     /// satisfies the heap order.
     fn check_heap(c: &LruCache) {
-        let with_deadline = c.slots.iter().filter(|s| !s.data.is_empty() && s.deadline != NO_DEADLINE).count();
+        let with_deadline = c
+            .slots
+            .iter()
+            .filter(|s| !s.data.is_empty() && s.deadline != NO_DEADLINE)
+            .count();
         assert_eq!(c.expiry.len(), with_deadline);
         for (pos, &(d, i)) in c.expiry.iter().enumerate() {
             assert_eq!(c.slots[i as usize].heap_pos as usize, pos);
@@ -777,7 +834,9 @@ mod tests {
 
     #[test]
     fn heap_stays_exact_under_rewrites_evictions_and_deletes() {
-        let mut c = LruCache::<Inline>::new(LruCache::<Inline>::charge_for(3, 1) * 50, None, Some(S)).unwrap();
+        let mut c =
+            LruCache::<Inline>::new(LruCache::<Inline>::charge_for(3, 1) * 50, None, Some(S))
+                .unwrap();
         for n in 0..20_000u64 {
             let key = format!("{:03}", (n * 7919) % 120);
             let ttl = match n % 4 {
@@ -785,7 +844,8 @@ mod tests {
                 1 => Ttl::Nanos(S * (n % 13 + 1)),
                 _ => Ttl::Default,
             };
-            c.set(KeyKind::Str, key.as_bytes(), b"v", ttl, n * 1000).unwrap();
+            c.set(KeyKind::Str, key.as_bytes(), b"v", ttl, n * 1000)
+                .unwrap();
             if n % 5 == 0 {
                 c.delete(KeyKind::Str, format!("{:03}", n % 120).as_bytes(), n * 1000);
             }
@@ -842,24 +902,34 @@ mod tests {
     fn first_read_shares_the_value_and_later_reads_reuse_it() {
         let live = std::rc::Rc::new(std::cell::Cell::new(0));
         let mut c: LruCache<Counted> = LruCache::with_shared_values(10_000, None, None).unwrap();
-        c.set(KeyKind::Str, b"k", b"value", Ttl::Default, 1).unwrap();
+        c.set(KeyKind::Str, b"k", b"value", Ttl::Default, 1)
+            .unwrap();
         let charged = c.bytes();
         let mut made = 0;
         for _ in 0..3 {
-            let v = c.get_shared(KeyKind::Str, b"k", || 1, |v| {
-                made += 1;
-                Counted::new(v, &live)
-            });
+            let v = c.get_shared(
+                KeyKind::Str,
+                b"k",
+                || 1,
+                |v| {
+                    made += 1;
+                    Counted::new(v, &live)
+                },
+            );
             assert_eq!(v.map(|v| v.bytes()), Some(&b"value"[..]));
         }
         assert_eq!(made, 1, "made once, then reused");
         assert_eq!(live.get(), 1);
-        let slot = &c.slots[c.find(c.hash(KeyKind::Str, b"k"), KeyKind::Str, b"k").unwrap() as usize];
+        let slot = &c.slots[c
+            .find(c.hash(KeyKind::Str, b"k"), KeyKind::Str, b"k")
+            .unwrap() as usize];
         assert_eq!(&slot.data[..], b"\x00k", "the inline copy is freed");
         assert_eq!(c.bytes(), charged, "sharing changes no accounting");
         assert_eq!(c.get(KeyKind::Str, b"k", || 1), Some(&b"value"[..]));
         assert_eq!(c.stats().hits, 4);
-        assert!(c.get_shared(KeyKind::Str, b"missing", || 1, |v| Counted::new(v, &live)).is_none());
+        assert!(c
+            .get_shared(KeyKind::Str, b"missing", || 1, |v| Counted::new(v, &live))
+            .is_none());
         assert_eq!(c.stats().misses, 1);
     }
 
@@ -867,25 +937,57 @@ mod tests {
     fn shared_values_are_replaced_evicted_and_dropped() {
         let live = std::rc::Rc::new(std::cell::Cell::new(0));
         let per_entry = LruCache::<Counted>::charge_for(1, 4);
-        let mut c: LruCache<Counted> = LruCache::with_shared_values(2 * per_entry, None, None).unwrap();
-        c.set_shared(KeyKind::Bytes, b"a", Counted::new(b"aaaa", &live), Ttl::Default, 1).unwrap();
+        let mut c: LruCache<Counted> =
+            LruCache::with_shared_values(2 * per_entry, None, None).unwrap();
+        c.set_shared(
+            KeyKind::Bytes,
+            b"a",
+            Counted::new(b"aaaa", &live),
+            Ttl::Default,
+            1,
+        )
+        .unwrap();
         assert_eq!(c.bytes(), per_entry);
         assert_eq!(c.get(KeyKind::Bytes, b"a", || 1), Some(&b"aaaa"[..]));
         // Replaced by a copy: the object goes, the value is inline again.
-        c.set(KeyKind::Bytes, b"a", b"AAAA", Ttl::Default, 1).unwrap();
+        c.set(KeyKind::Bytes, b"a", b"AAAA", Ttl::Default, 1)
+            .unwrap();
         assert_eq!(live.get(), 0);
         assert_eq!(c.get(KeyKind::Bytes, b"a", || 1), Some(&b"AAAA"[..]));
         // Replaced by another object of a different size: accounting follows.
-        c.set_shared(KeyKind::Bytes, b"a", Counted::new(b"aa", &live), Ttl::Default, 1).unwrap();
+        c.set_shared(
+            KeyKind::Bytes,
+            b"a",
+            Counted::new(b"aa", &live),
+            Ttl::Default,
+            1,
+        )
+        .unwrap();
         assert_eq!(c.bytes(), per_entry - 2);
-        c.set_shared(KeyKind::Bytes, b"b", Counted::new(b"bbbb", &live), Ttl::Default, 1).unwrap();
-        c.set_shared(KeyKind::Bytes, b"c", Counted::new(b"cccc", &live), Ttl::Default, 1).unwrap();
+        c.set_shared(
+            KeyKind::Bytes,
+            b"b",
+            Counted::new(b"bbbb", &live),
+            Ttl::Default,
+            1,
+        )
+        .unwrap();
+        c.set_shared(
+            KeyKind::Bytes,
+            b"c",
+            Counted::new(b"cccc", &live),
+            Ttl::Default,
+            1,
+        )
+        .unwrap();
         assert_eq!(c.len(), 2, "the LRU entry was evicted");
         assert_eq!(live.get(), 2, "and its object dropped");
         assert!(c.delete(KeyKind::Bytes, b"b", 1));
         assert_eq!(live.get(), 1);
         let too_big = Counted::new(&vec![0; 2 * per_entry as usize], &live);
-        assert!(c.set_shared(KeyKind::Bytes, b"d", too_big, Ttl::Default, 1).is_err());
+        assert!(c
+            .set_shared(KeyKind::Bytes, b"d", too_big, Ttl::Default, 1)
+            .is_err());
         assert_eq!(live.get(), 1, "a refused object is dropped");
         c.clear();
         assert_eq!(live.get(), 0);

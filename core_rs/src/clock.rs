@@ -9,7 +9,10 @@ pub const NANOS_PER_SEC: f64 = 1e9;
 /// `CLOCK_MONOTONIC` in nanoseconds (the same value as `time.monotonic_ns()`); never 0.
 #[inline]
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC is always supported on Linux.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64 + 1
@@ -38,7 +41,10 @@ pub fn ns_to_secs(ns: u64) -> f64 {
 /// For hot paths that tolerate that lag, like cache-expiry checks.
 #[inline]
 pub fn coarse_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: as in `monotonic_ns`; CLOCK_MONOTONIC_COARSE exists on Linux since 2.6.32.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64 + 1
@@ -49,7 +55,10 @@ pub fn coarse_resolution_ns() -> u64 {
     use std::sync::OnceLock;
     static RES: OnceLock<u64> = OnceLock::new();
     *RES.get_or_init(|| {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
         // SAFETY: valid out-pointer.
         let rc = unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
         if rc == 0 {

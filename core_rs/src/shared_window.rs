@@ -304,6 +304,32 @@ enum Applied {
     Claiming(u128),
 }
 
+/// The check an allowed [`SharedWindows::hit_all_binding`] advertises (`RateLimit` header).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Binding {
+    /// Index into the checks.
+    pub index: usize,
+    /// Whole units it has left after the charge.
+    pub remaining: u64,
+    /// Nanoseconds until its usage has aged out entirely (`remaining` back to its limit).
+    pub reset: u64,
+}
+
+/// Nanoseconds until a counter with `prev` units in the previous fixed window and `cur` in this
+/// one, `e` ns into a window of `w`, no longer counts anything: the current window's units weigh
+/// until its successor has slid past them, the previous window's until the weight rounds to 0.
+fn counter_reset(prev: u64, cur: u64, e: u64, w: u64) -> u64 {
+    // ⌊n·(W−e')/W⌋ = 0 from e' = W + 1 − ⌈W/n⌉ on.
+    let fades = |n: u64| (w + 1).saturating_sub(w.div_ceil(n));
+    if cur > 0 {
+        (w - e) + fades(cur)
+    } else if prev > 0 {
+        fades(prev).saturating_sub(e)
+    } else {
+        0
+    }
+}
+
 /// One triple of [`SharedWindows::hit_all`].
 #[derive(Clone, Copy, Debug)]
 pub struct Check<'a> {
@@ -590,6 +616,31 @@ impl SharedWindows {
     /// triple listed twice is charged twice; its later occurrences are decided with the cost of
     /// all its occurrences so far, as [`crate::window::hit_all`] does.
     pub fn hit_all(&self, checks: &[Check<'_>], cost: u64, now: u64) -> Result<AllDecision> {
+        self.hit_all_with(checks, cost, now, None)
+    }
+
+    /// [`SharedWindows::hit_all`], and when it allows the request, the check a `RateLimit`
+    /// header advertises: the one with the least remaining after the charge (on a tie, the one
+    /// whose usage ages out last) — `None` when denied. Computed from the counts the decision
+    /// read, so it costs no second look at the table.
+    pub fn hit_all_binding(
+        &self,
+        checks: &[Check<'_>],
+        cost: u64,
+        now: u64,
+    ) -> Result<(AllDecision, Option<Binding>)> {
+        let mut binding = None;
+        let d = self.hit_all_with(checks, cost, now, Some(&mut binding))?;
+        Ok((d, binding))
+    }
+
+    fn hit_all_with(
+        &self,
+        checks: &[Check<'_>],
+        cost: u64,
+        now: u64,
+        mut binding: Option<&mut Option<Binding>>,
+    ) -> Result<AllDecision> {
         if checks.is_empty() {
             return Err(invalid("checks must not be empty"));
         }
@@ -669,6 +720,23 @@ impl SharedWindows {
             }
             charged[i] = at;
             remaining = remaining.min(d.remaining);
+            if let Some(best) = binding.as_deref_mut() {
+                let v = view(found.map_or(0, |(_, s)| s), f);
+                let reset = counter_reset(v.prev, v.cur.saturating_add(cost), v.e, f.w);
+                let better = match best {
+                    None => true,
+                    Some(b) => {
+                        d.remaining < b.remaining || (d.remaining == b.remaining && reset > b.reset)
+                    }
+                };
+                if better {
+                    *best = Some(Binding {
+                        index: i,
+                        remaining: d.remaining,
+                        reset,
+                    });
+                }
+            }
         }
         Ok(AllDecision {
             allowed: true,
@@ -1277,6 +1345,48 @@ mod tests {
         assert_eq!(d.remaining, 0);
         // at 6_000 + e it needs ⌊4·(1000−e)/1000⌋ + 1 + 1 ≤ 4, i.e. e ≥ 251; plus the 100 ns lag
         assert_eq!(d.retry_after, Some(100 + 251));
+    }
+
+    #[test]
+    fn hit_all_binding_names_the_tightest_check_and_when_it_resets() {
+        let sw = SharedWindows::new(64).unwrap();
+        let check = |limit, window, key| Check {
+            limiter: 0,
+            limit,
+            window,
+            key,
+        };
+        // global 100/s, key 5/s, route 5/10s: the key and route both have 4 left after the first
+        // hit; the route's usage ages out later, so it binds.
+        let checks = [
+            check(100, S, b"g"),
+            check(5, S, b"k"),
+            check(5, 10 * S, b"r"),
+        ];
+        let now = 3 * S + S / 4;
+        let (d, b) = sw.hit_all_binding(&checks, 1, now).unwrap();
+        assert!(d.allowed);
+        let b = b.unwrap();
+        assert_eq!((b.index, b.remaining), (2, 4));
+        // one unit in the current 10 s window, 3.25 s in: it counts in full to the window's end,
+        // and from the next window's first nanosecond ⌊1·(W−e)/W⌋ is 0
+        assert_eq!(b.reset, (10 * S - now) + 1);
+        // the same hit, as plain hit_all, agrees on the decision
+        let plain = sw.hit_all(&checks[..2], 1, now).unwrap();
+        assert!(plain.allowed);
+        // now the key has 2 left, the route 3: the key binds
+        let (_, b) = sw.hit_all_binding(&checks, 1, now).unwrap();
+        assert_eq!(b.unwrap().index, 1);
+        assert_eq!(b.unwrap().remaining, 2);
+        // denied: no binding
+        let (d, b) = sw
+            .hit_all_binding(&[check(1, S, b"k2"), check(1, S, b"k2")], 1, now)
+            .unwrap();
+        assert!(!d.allowed);
+        assert_eq!(b, None);
+        assert_eq!(counter_reset(0, 0, 5, 10), 0);
+        assert_eq!(counter_reset(4, 0, 5, 10), 10 + 1 - 3 - 5);
+        assert_eq!(counter_reset(1, 0, 5, 10), 0); // 1 ns into the window it weighs nothing
     }
 
     #[test]

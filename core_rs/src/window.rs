@@ -422,9 +422,16 @@ impl<S: KeyState> Table<S> {
     #[inline]
     fn probe(&self, kind: KeyKind, key: &[u8]) -> Probe {
         let last = self.last.get();
-        if self.slots.get(last as usize).is_some_and(|s| s.matches(kind, key)) {
+        if self
+            .slots
+            .get(last as usize)
+            .is_some_and(|s| s.matches(kind, key))
+        {
             // The hash is only needed to insert a key that is not there: this one is.
-            return Probe { hash: 0, slot: last };
+            return Probe {
+                hash: 0,
+                slot: last,
+            };
         }
         let hash = self.hash(kind, key);
         let slot = self.find(hash, kind, key).unwrap_or(NIL);

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
-__all__ = ["ALGORITHMS", "Algorithm", "BlockedKey", "Check", "CheckResult", "Decision", "Penalty"]
+__all__ = ["ALGORITHMS", "Algorithm", "Binding", "BlockedKey", "Check", "CheckResult", "Decision", "Penalty"]
 
 Algorithm = Literal["sliding_window_counter", "sliding_log"]
 ALGORITHMS: Final[tuple[Algorithm, ...]] = ("sliding_window_counter", "sliding_log")
@@ -163,6 +163,12 @@ class Decision:
         if self.allowed or math.isinf(self.retry_after):
             return None
         return max(1, math.ceil(self.retry_after))
+
+
+Binding = tuple[Check, int, float]
+"""An allowed request's binding check as limiters' ``hit_binding`` answer it: the check, its
+``remaining`` after the charge and its ``reset`` in seconds (what ``Decision.binding`` would say,
+without building the whole decision)."""
 
 
 @dataclass(frozen=True, slots=True)

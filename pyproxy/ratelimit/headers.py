@@ -43,14 +43,15 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Final, NamedTuple
 
-from pyproxy.ratelimit.checks import Check, CheckResult, Decision
+from pyproxy.ratelimit.checks import Binding, Check, CheckResult, Decision
 
 __all__ = [
     "LEVELS",
     "RateLimitResponse",
+    "binding_fields",
     "check_name",
     "denied_body",
     "denied_response",
@@ -126,15 +127,48 @@ def policy_item(check: Check) -> str:
 
 def policy_value(results: Iterable[CheckResult]) -> bytes:
     """The ``RateLimit-Policy`` value: each check (once per name) with its quota and window."""
+    return _policy_of(result.check for result in results)
+
+
+def _policy_of(checks: Iterable[Check]) -> bytes:
     items: dict[str, str] = {}  # name → item: once per name, in order
-    for result in results:
-        check = result.check
+    for check in checks:
         item = check.policy_item
         if not item:
             item = policy_item(check)
             object.__setattr__(check, "policy_item", item)  # frozen: made once, like the name
         items.setdefault(check.name, item)
     return ", ".join(items.values()).encode()
+
+
+# binding_fields' memos: the policy value per tuple of checks (by identity: a rate-limit policy
+# hands out the same tuple per route and key, and the memo holds it), the start of the RateLimit
+# value per check name. Both bounded: cleared when full.
+_POLICIES: dict[int, tuple[Sequence[Check], bytes]] = {}
+_STATE_PREFIXES: dict[str, bytes] = {}
+_MEMO_SIZE: Final = 4096
+
+
+def binding_fields(checks: Sequence[Check], binding: Binding) -> list[tuple[bytes, bytes]]:
+    """``RateLimit-Policy`` and ``RateLimit`` for an allowed request from a limiter's
+    ``hit_binding`` answer: the fields :func:`rate_limit_headers` gives for the whole decision."""
+    memo = _POLICIES.get(id(checks))
+    if memo is not None and memo[0] is checks:
+        policy = memo[1]
+    else:
+        policy = _policy_of(checks)
+        if type(checks) is tuple:
+            if len(_POLICIES) >= _MEMO_SIZE:
+                _POLICIES.clear()
+            _POLICIES[id(checks)] = (checks, policy)
+    check, remaining, reset = binding
+    prefix = _STATE_PREFIXES.get(check.name)
+    if prefix is None:
+        if len(_STATE_PREFIXES) >= _MEMO_SIZE:
+            _STATE_PREFIXES.clear()
+        prefix = _STATE_PREFIXES[check.name] = f"{_sf_string(check.name)};r=".encode()
+    state = b"%s%d;t=%d" % (prefix, max(0, remaining), _whole_seconds(reset))
+    return [(b"RateLimit-Policy", policy), (b"RateLimit", state)]
 
 
 def state_value(decision: Decision) -> bytes | None:

@@ -104,7 +104,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from pyproxy.core import SharedWindows
-from pyproxy.ratelimit.checks import BlockedKey, Check, CheckResult, Decision, Penalty, add_penalty
+from pyproxy.ratelimit.checks import Binding, BlockedKey, Check, CheckResult, Decision, Penalty, add_penalty
 
 if TYPE_CHECKING:
     from pyproxy.ratelimit.base import Limiter
@@ -256,6 +256,8 @@ class _Spec:
 # What the usual request needs, made once per tuple of checks (LocalLimiter._fast_plan): the specs,
 # hit_all's triples, the keys under a penalty box (checked for a block per request), the one cost.
 _FastPlan = tuple[list[_Spec], list[tuple[int, float, str]], tuple[str, ...], int]
+# a fast plan and what SharedWindows.hit_all_binding answered for it
+_FastCharge = tuple[_FastPlan, tuple[bool, int, float, int, int, float]]
 
 
 @dataclass(slots=True)
@@ -485,28 +487,46 @@ class LocalLimiter:
         now = self.clock()
         t = _ns(now)
         fast = self._fast_charge(checks, now, t)
-        if isinstance(fast, list):
+        if fast is not None and fast[1][0]:
             self._allowed += 1
             return None
         decision = self._decide(checks, True, now, t, fast)
         return None if decision.allowed else decision
 
-    def _fast_charge(self, checks: Sequence[Check], now: float, t: int) -> list[_Spec] | tuple[int, float] | None:
+    def hit_binding(self, checks: Sequence[Check]) -> Decision | Binding:
+        """:meth:`hit_sync` for a data plane whose allowed responses advertise one check (the
+        ``RateLimit`` header names the binding check only): the usual allowed request answers
+        ``(check, remaining, reset)`` for that check, charged — what the table's ``hit_all``
+        works out anyway, so it costs no per-check reads and no :class:`CheckResult`; any other
+        request gets the full :class:`Decision` (allowed or denied).
+        """
+        if not checks:
+            return Decision(True, ())
+        now = self.clock()
+        t = _ns(now)
+        fast = self._fast_charge(checks, now, t)
+        if fast is not None:
+            ok, _, _, remaining, binding, reset = fast[1]
+            if ok:
+                self._allowed += 1
+                return (checks[binding], remaining, reset)
+        return self._decide(checks, True, now, t, fast)
+
+    def _fast_charge(self, checks: Sequence[Check], now: float, t: int) -> _FastCharge | None:
         """The usual request, quickly: counters only, one cost, each counter once, no key blocked.
 
-        The checks' specs when allowed (charged); ``(index of the denying check, retry_after)`` when
-        ``hit_all`` refused it (nothing charged); ``None``, having done nothing, for another kind of
-        request (the general path decides it).
+        ``(its plan, the table's hit_all_binding answer)``: allowed (and charged) or refused
+        (nothing charged); ``None``, having done nothing, for another kind of request (the general
+        path decides it).
         """
         plan = self._fast_plan(checks)
         if plan is None:
             return None
-        chosen, triples, penalized, cost = plan
+        _, triples, penalized, cost = plan
         for key in penalized:
             if self._is_blocked(key, t, now):
                 return None
-        ok, first, retry, _ = self.table.hit_all(triples, cost, now)
-        return chosen if ok else (first, retry)
+        return plan, self.table.hit_all_binding(triples, cost, now)
 
     def _fast_plan(self, checks: Sequence[Check]) -> _FastPlan | None:
         """What :meth:`_fast_charge` needs of ``checks`` (``None``: not a usual request), kept for
@@ -587,9 +607,10 @@ class LocalLimiter:
         charge: bool,
         now: float | None = None,
         t: int = 0,
-        pre: tuple[int, float] | None = None,
+        pre: _FastCharge | None = None,
     ) -> Decision:
-        """The general path; ``pre``: the fast path's ``hit_all`` already refused the request."""
+        """The general path; ``pre``: what the fast path's ``hit_all`` answered (a refusal when it
+        gets here, unless the fast path was not taken yet)."""
         if not checks:
             return Decision(True, ())
         table = self.table
@@ -597,10 +618,9 @@ class LocalLimiter:
             now = self.clock()
             t = _ns(now)
             if charge:
-                fast = self._fast_charge(checks, now, t)
-                if isinstance(fast, list):
-                    return self._allowed_decision(checks, fast, t)
-                pre = fast
+                pre = self._fast_charge(checks, now, t)
+        if pre is not None and pre[1][0]:
+            return self._allowed_decision(checks, pre[0][0], t)
         # -- plan: distinct counters, check -> counter, penalty boxes by key
         items: list[_Item] = []
         index: dict[str, int] = {}
@@ -648,7 +668,7 @@ class LocalLimiter:
         if pre is not None:
             # the fast path's hit_all refused the request (checks there are items here, in order)
             called = True
-            rust_denied, rust_retry = mapping[pre[0]], pre[1]
+            rust_denied, rust_retry = mapping[pre[1][1]], pre[1][2]
         elif charge and not blocked_before and not python_denied:
             paid = [i for i, item in enumerate(items) if item.cost > 0]
             if paid:

@@ -23,9 +23,10 @@ from typing import Any, NamedTuple
 
 from pyproxy.config import Config
 from pyproxy.core import SharedWindows
-from pyproxy.ratelimit.checks import Check, Decision
+from pyproxy.ratelimit.checks import Binding, Check, Decision
 from pyproxy.ratelimit.headers import (
     RateLimitResponse,
+    binding_fields,
     denied_response,
     level_of,
     rate_limit_headers,
@@ -128,7 +129,13 @@ class RateLimitPhase:
                     self.decisions[(route, "", "allowed")] += 1
                     return _GO_ON
                 return self._outcome(route, denied)
-            decision = limiter.hit_sync(checks)  # hybrid: local decision, Redis in the background
+            # hybrid: local decision, Redis in the background
+            got: Decision | Binding = limiter.hit_binding(checks)
+            if isinstance(got, tuple):
+                # the usual allowed request: only the binding check's state, no full decision
+                self.decisions[(route, "", "allowed")] += 1
+                return Outcome(True, binding_fields(checks, got), None)
+            decision = got
         except self._unavailable:
             self.fallbacks += 1
             if self.on_redis_error == "allow":

@@ -69,7 +69,14 @@ impl<'a> Incoming<'a> {
         }
     }
 
-    fn store(self, c: &mut Inner, kind: KeyKind, key: &[u8], ttl: Ttl, now: u64) -> crate::error::Result<()> {
+    fn store(
+        self,
+        c: &mut Inner,
+        kind: KeyKind,
+        key: &[u8],
+        ttl: Ttl,
+        now: u64,
+    ) -> crate::error::Result<()> {
         match self {
             Incoming::Copy(v) => c.set(kind, key, v.as_slice(), ttl, now),
             Incoming::Shared(s) => c.set_shared(kind, key, s, ttl, now),
@@ -135,7 +142,9 @@ impl LruCache {
 
     /// Key/value pairs of a mapping or an iterable of pairs, collected before the cell is entered
     /// (iterating may run Python code).
-    fn collect_items<'py>(items: &Bound<'py, PyAny>) -> PyResult<Vec<(Bound<'py, PyAny>, Bound<'py, PyAny>)>> {
+    fn collect_items<'py>(
+        items: &Bound<'py, PyAny>,
+    ) -> PyResult<Vec<(Bound<'py, PyAny>, Bound<'py, PyAny>)>> {
         let iter = match items.cast::<PyDict>() {
             Ok(d) => d.items().into_any().try_iter()?,
             Err(_) => items.try_iter()?,
@@ -143,7 +152,11 @@ impl LruCache {
         iter.map(|pair| pair?.extract()).collect()
     }
 
-    fn lookup<'py>(&self, py: Python<'py>, key: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyBytes>>> {
+    fn lookup<'py>(
+        &self,
+        py: Python<'py>,
+        key: &Bound<'py, PyAny>,
+    ) -> PyResult<Option<Bound<'py, PyBytes>>> {
         let (kind, k) = key_parts(key)?;
         let clock = self.clock(py)?;
         self.inner.with(py, |c| {
@@ -173,7 +186,11 @@ impl LruCache {
             Some(s) => ttl_ns("default_ttl", s)?,
         };
         Ok(LruCache {
-            inner: GilCell::new(Inner::with_shared_values(max_bytes, max_entries, default_ttl)?),
+            inner: GilCell::new(Inner::with_shared_values(
+                max_bytes,
+                max_entries,
+                default_ttl,
+            )?),
             timer,
         })
     }
@@ -209,7 +226,8 @@ impl LruCache {
         let (kind, k) = key_parts(key)?;
         let v = Incoming::from_value(value)?;
         let clock = self.clock(py)?;
-        self.inner.with(py, |c| v.store(c, kind, k, ttl, clock.stamp()))??;
+        self.inner
+            .with(py, |c| v.store(c, kind, k, ttl, clock.stamp()))??;
         Ok(())
     }
 
@@ -229,7 +247,11 @@ impl LruCache {
     }
 
     /// ``{key: value}`` for each of ``keys`` that is present (one pass, in one borrow of the cache).
-    fn get_many<'py>(&self, py: Python<'py>, keys: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDict>> {
+    fn get_many<'py>(
+        &self,
+        py: Python<'py>,
+        keys: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyDict>> {
         let keys: Vec<Bound<'py, PyAny>> = keys.try_iter()?.collect::<PyResult<_>>()?;
         let clock = self.clock(py)?;
         let parts = keys.iter().map(key_parts).collect::<PyResult<Vec<_>>>()?;
@@ -285,7 +307,8 @@ impl LruCache {
     fn purge_expired(&self, py: Python<'_>, limit: i64) -> PyResult<usize> {
         let limit = at_least("limit", limit, 0)? as usize;
         let clock = self.clock(py)?;
-        self.inner.with(py, |c| c.purge_expired(clock.stamp(), limit))
+        self.inner
+            .with(py, |c| c.purge_expired(clock.stamp(), limit))
     }
 
     /// Drop every entry; counters other than ``bytes``/``entries`` are kept.
@@ -339,7 +362,8 @@ impl LruCache {
 
     #[getter]
     fn default_ttl(&self, py: Python<'_>) -> PyResult<Option<f64>> {
-        self.inner.with(py, |c| c.default_ttl().map(clock::ns_to_secs))
+        self.inner
+            .with(py, |c| c.default_ttl().map(clock::ns_to_secs))
     }
 
     fn __contains__(&self, py: Python<'_>, key: &Bound<'_, PyAny>) -> PyResult<bool> {
@@ -348,12 +372,21 @@ impl LruCache {
         self.inner.with(py, |c| c.contains(kind, k, clock.check()))
     }
 
-    fn __getitem__<'py>(&self, py: Python<'py>, key: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyBytes>> {
+    fn __getitem__<'py>(
+        &self,
+        py: Python<'py>,
+        key: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
         self.lookup(py, key)?
             .ok_or_else(|| PyKeyError::new_err(key.clone().unbind()))
     }
 
-    fn __setitem__(&self, py: Python<'_>, key: &Bound<'_, PyAny>, value: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn __setitem__(
+        &self,
+        py: Python<'_>,
+        key: &Bound<'_, PyAny>,
+        value: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         self.set(py, key, value, None)
     }
 

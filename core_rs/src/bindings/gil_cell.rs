@@ -31,7 +31,10 @@ unsafe impl<T: Send> Sync for GilCell<T> {}
 
 impl<T> GilCell<T> {
     pub(crate) fn new(value: T) -> Self {
-        GilCell { value: UnsafeCell::new(value), borrowed: Cell::new(false) }
+        GilCell {
+            value: UnsafeCell::new(value),
+            borrowed: Cell::new(false),
+        }
     }
 
     /// Exclusive access until the returned guard drops. The guard is `!Send`, so it cannot be moved
@@ -42,7 +45,10 @@ impl<T> GilCell<T> {
         if self.borrowed.replace(true) {
             return Err(reentered());
         }
-        Ok(GilRefMut { cell: self, _not_send: PhantomData })
+        Ok(GilRefMut {
+            cell: self,
+            _not_send: PhantomData,
+        })
     }
 
     /// Run `f` with exclusive access. `f` must not call Python code (see the module doc).
@@ -87,5 +93,7 @@ impl<T> Drop for GilRefMut<'_, T> {
 #[cold]
 #[inline(never)]
 fn reentered() -> PyErr {
-    PyRuntimeError::new_err("structure re-entered while in use (a callback ran inside an operation)")
+    PyRuntimeError::new_err(
+        "structure re-entered while in use (a callback ran inside an operation)",
+    )
 }

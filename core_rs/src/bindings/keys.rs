@@ -67,7 +67,9 @@ pub(crate) fn value_bytes<'a>(value: &'a Bound<'_, PyAny>) -> PyResult<Value<'a>
 #[inline(never)]
 fn value_from_buffer<'a>(value: &'a Bound<'_, PyAny>) -> PyResult<Value<'a>> {
     if value.is_instance_of::<PyString>() {
-        return Err(PyTypeError::new_err("value must be bytes-like, not str (encode it first)"));
+        return Err(PyTypeError::new_err(
+            "value must be bytes-like, not str (encode it first)",
+        ));
     }
     let buf = PyBuffer::<u8>::get(value).map_err(|_| wrong_type("value", "bytes-like", value))?;
     Ok(Value::Owned(buf.to_vec(value.py())?))
@@ -89,7 +91,9 @@ pub(crate) fn ttl_ns(name: &str, seconds: f64) -> PyResult<Option<u64>> {
 /// A size or count that must be >= `min`.
 pub(crate) fn at_least(name: &str, value: i64, min: i64) -> PyResult<u64> {
     if value < min {
-        return Err(PyValueError::new_err(format!("{name} must be >= {min}, got {value}")));
+        return Err(PyValueError::new_err(format!(
+            "{name} must be >= {min}, got {value}"
+        )));
     }
     Ok(value as u64)
 }
@@ -108,7 +112,11 @@ pub(crate) fn wrong_type(what: &str, expected: &str, got: &Bound<'_, PyAny>) -> 
 /// One item of a `hit_all` `checks` sequence: a tuple of `n` items (`shape` names them in the
 /// messages, e.g. "(limit, window, key)"), else a `TypeError` saying what it was.
 #[inline]
-pub(crate) fn check_tuple<'a, 'py>(item: &'a Bound<'py, PyAny>, n: usize, shape: &str) -> PyResult<&'a Bound<'py, PyTuple>> {
+pub(crate) fn check_tuple<'a, 'py>(
+    item: &'a Bound<'py, PyAny>,
+    n: usize,
+    shape: &str,
+) -> PyResult<&'a Bound<'py, PyTuple>> {
     let tuple = item
         .cast::<PyTuple>()
         .map_err(|_| wrong_type("each check", &format!("a {shape} tuple"), item))?;
@@ -120,4 +128,3 @@ pub(crate) fn check_tuple<'a, 'py>(item: &'a Bound<'py, PyAny>, n: usize, shape:
     }
     Ok(tuple)
 }
-

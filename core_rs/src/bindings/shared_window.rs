@@ -109,38 +109,48 @@ impl SharedWindows {
         cost: i64,
         now: Option<f64>,
     ) -> PyResult<(bool, i64, f64, u64)> {
-        let cost = cost_arg(cost)?;
-        let now = now_ns(now)?;
-        // The triples' keys are borrowed from their objects while the table is charged.
-        let d = with_parsed(checks, triple, |triples| {
-            let empty = Check {
-                limiter: 0,
-                limit: 0,
-                window: 0,
-                key: &[],
-            };
-            let (mut checks_inline, mut checks_heap) = ([empty; INLINE], Vec::new());
-            let list = scratch(&mut checks_inline, &mut checks_heap, triples.len(), empty);
-            for (c, t) in list.iter_mut().zip(triples) {
-                let Some((limit, window, key)) = t else {
-                    continue;
-                };
-                let (kind, k) = key_parts(key)?;
-                *c = Check {
-                    limiter: kind as u64,
-                    limit: *limit,
-                    window: *window,
-                    key: k,
-                };
-            }
-            Ok(self.inner.hit_all(list, cost, now)?)
-        })?;
+        let (d, _) = self.decide_all(checks, cost, now, false)?;
         Ok((
             d.allowed,
             d.first_denied.map_or(-1, |i| i as i64),
             retry_secs(d.retry_after),
             d.remaining,
         ))
+    }
+
+    /// ``hit_all``, and when it allows the request, which triple a ``RateLimit`` header
+    /// advertises: returns ``(allowed, first_denied, retry_after, remaining, binding, reset)``,
+    /// where ``binding`` is the index of the triple with the least ``remaining`` after the charge
+    /// (on a tie, the one whose usage ages out last), ``remaining`` is its remaining, and
+    /// ``reset`` the seconds until its usage has aged out entirely. Denied: ``binding`` is -1,
+    /// ``reset`` 0.0 and the rest as ``hit_all`` gives them.
+    #[pyo3(signature = (checks, cost=1, now=None))]
+    fn hit_all_binding<'py>(
+        &self,
+        checks: &Bound<'py, PyAny>,
+        cost: i64,
+        now: Option<f64>,
+    ) -> PyResult<(bool, i64, f64, u64, i64, f64)> {
+        let (d, b) = self.decide_all(checks, cost, now, true)?;
+        let first = d.first_denied.map_or(-1, |i| i as i64);
+        Ok(match b {
+            Some(b) => (
+                d.allowed,
+                first,
+                retry_secs(d.retry_after),
+                b.remaining,
+                b.index as i64,
+                clock::ns_to_secs(b.reset),
+            ),
+            None => (
+                d.allowed,
+                first,
+                retry_secs(d.retry_after),
+                d.remaining,
+                -1,
+                0.0,
+            ),
+        })
     }
 
     /// Number of slots (``capacity`` rounded up to a power of two, at least 16).
@@ -180,6 +190,47 @@ impl SharedWindows {
             self.inner.capacity(),
             self.inner.overflows()
         )
+    }
+}
+
+impl SharedWindows {
+    /// Parse ``checks`` (borrowing the keys from their objects) and decide them.
+    fn decide_all(
+        &self,
+        checks: &Bound<'_, PyAny>,
+        cost: i64,
+        now: Option<f64>,
+        binding: bool,
+    ) -> PyResult<(crate::window::AllDecision, Option<shared_window::Binding>)> {
+        let cost = cost_arg(cost)?;
+        let now = now_ns(now)?;
+        with_parsed(checks, triple, |triples| {
+            let empty = Check {
+                limiter: 0,
+                limit: 0,
+                window: 0,
+                key: &[],
+            };
+            let (mut checks_inline, mut checks_heap) = ([empty; INLINE], Vec::new());
+            let list = scratch(&mut checks_inline, &mut checks_heap, triples.len(), empty);
+            for (c, t) in list.iter_mut().zip(triples) {
+                let Some((limit, window, key)) = t else {
+                    continue;
+                };
+                let (kind, k) = key_parts(key)?;
+                *c = Check {
+                    limiter: kind as u64,
+                    limit: *limit,
+                    window: *window,
+                    key: k,
+                };
+            }
+            if binding {
+                Ok(self.inner.hit_all_binding(list, cost, now)?)
+            } else {
+                Ok((self.inner.hit_all(list, cost, now)?, None))
+            }
+        })
     }
 }
 

@@ -118,7 +118,9 @@ impl SlidingWindow {
         let (kind, k) = key_parts(key)?;
         let cost = cost_arg(cost)?;
         let now = now_ns(now)?;
-        Ok(decision_tuple(self.inner.borrow_mut(py)?.peek(kind, k, cost, now)))
+        Ok(decision_tuple(
+            self.inner.borrow_mut(py)?.peek(kind, k, cost, now),
+        ))
     }
 
     /// Forget ``key``'s history; ``True`` if it had any that still counts (as of the latest
@@ -232,10 +234,17 @@ type Pair<'py> = Bound<'py, PyTuple>;
 
 /// The limiter and key of a validated pair.
 #[inline]
-fn pair_parts<'a, 'py>(pair: &'a Pair<'py>) -> (&'a Bound<'py, SlidingWindow>, &'a Bound<'py, PyAny>) {
+fn pair_parts<'a, 'py>(
+    pair: &'a Pair<'py>,
+) -> (&'a Bound<'py, SlidingWindow>, &'a Bound<'py, PyAny>) {
     let items = pair.as_slice();
     // SAFETY: `pair` checked the length (2) and the type of item 0; a tuple never changes.
-    unsafe { (items.get_unchecked(0).cast_unchecked::<SlidingWindow>(), items.get_unchecked(1)) }
+    unsafe {
+        (
+            items.get_unchecked(0).cast_unchecked::<SlidingWindow>(),
+            items.get_unchecked(1),
+        )
+    }
 }
 
 /// Scratch space of `n` items: the first `INLINE` on the stack, a `Vec` beyond.
@@ -261,13 +270,21 @@ fn run_checks(pairs: &[Option<Pair<'_>>], cost: u64, now: u64) -> PyResult<(bool
     let mut order_heap = Vec::new();
     let order = scratch(&mut order_inline, &mut order_heap, n, None);
     let (mut keys_inline, mut keys_heap) = ([(0, KeyKind::Str, &[][..]); INLINE], Vec::new());
-    let keys = scratch(&mut keys_inline, &mut keys_heap, n, (0, KeyKind::Str, &[][..]));
+    let keys = scratch(
+        &mut keys_inline,
+        &mut keys_heap,
+        n,
+        (0, KeyKind::Str, &[][..]),
+    );
     let mut distinct = 0;
     for (slot, p) in keys.iter_mut().zip(pairs) {
         let Some(p) = p else { continue };
         let (l, key) = pair_parts(p);
         let (kind, k) = key_parts(key)?;
-        let index = match order[..distinct].iter().position(|o| o.is_some_and(|o| o.as_ptr() == l.as_ptr())) {
+        let index = match order[..distinct]
+            .iter()
+            .position(|o| o.is_some_and(|o| o.as_ptr() == l.as_ptr()))
+        {
             Some(index) => index,
             None => {
                 order[distinct] = Some(l);
