@@ -167,7 +167,7 @@ def binding_fields(checks: Sequence[Check], binding: Binding) -> list[tuple[byte
         if len(_STATE_PREFIXES) >= _MEMO_SIZE:
             _STATE_PREFIXES.clear()
         prefix = _STATE_PREFIXES[check.name] = f"{_sf_string(check.name)};r=".encode()
-    state = b"%s%d;t=%d" % (prefix, max(0, remaining), _whole_seconds(reset))
+    state = b"%s%d;t=%d" % (prefix, max(0, remaining), max(0, math.ceil(reset - 1e-9)))  # _whole_seconds
     return [(b"RateLimit-Policy", policy), (b"RateLimit", state)]
 
 

@@ -370,6 +370,9 @@ class KeySource:
             raise ValueError(f"key source {spec!r} needs a JwtVerifier ([ratelimit.jwt])")
         self.claim = name
         self._name = name.lower().encode() if self.kind == "header" else name.encode()
+        # The key is a function of the peer's address alone (no header read): callers may keep
+        # what they derive from it by peer.
+        self.by_peer_only = self.kind == "client_ip" and not self.client.networks
 
     def resolve(self, headers: Headers, target: bytes, peer: str) -> KeyResult:
         """The request's key, or ``None`` and the reason it has none."""

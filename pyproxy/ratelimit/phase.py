@@ -98,8 +98,10 @@ class RateLimitPhase:
                 self.shared = redis
         # Decided without waiting: local mode, and hybrid when its limiter decides synchronously.
         self.synchronous = self.shared is None or hasattr(self.shared, "hit_sync")
-        # (route, level, "allowed" | "denied") -> requests; level "" when allowed
+        # (route, level, "denied") -> requests, and route -> requests allowed (apart: a key made
+        # per request costs as much as the count); snapshot() gives both as decisions
         self.decisions: dict[tuple[str, str, str], int] = defaultdict(int)
+        self.allowed: dict[str, int] = defaultdict(int)
         self.fallbacks = 0  # requests decided by on_redis_error because Redis failed
         self.blocks = 0  # keys put in the penalty box by this worker's decisions
 
@@ -111,12 +113,11 @@ class RateLimitPhase:
         self.on_redis_error = config.ratelimit.on_redis_error
 
     def _checks(self, route: str, headers: Headers, target: bytes, peer: str) -> tuple[Check, ...]:
-        checks, _ = self.policy.checks(route, headers, target, peer)
-        return checks
+        return self.policy.routes[route].checks(headers, target, peer)[0]
 
     def decide_sync(self, route: str, headers: Headers, target: bytes, peer: str) -> Outcome:
         """The verdict without waiting (local mode; hybrid decides locally too)."""
-        checks = self._checks(route, headers, target, peer)
+        checks = self.policy.routes[route].checks(headers, target, peer)[0]
         if not checks:
             return _GO_ON
         limiter = self.local if self.shared is None else self.shared
@@ -126,14 +127,14 @@ class RateLimitPhase:
                 # (remaining, reset) that only those fields need — most of a decision's cost.
                 denied = limiter.admit(checks)
                 if denied is None:
-                    self.decisions[(route, "", "allowed")] += 1
+                    self.allowed[route] += 1
                     return _GO_ON
                 return self._outcome(route, denied)
             # hybrid: local decision, Redis in the background
             got: Decision | Binding = limiter.hit_binding(checks)
             if isinstance(got, tuple):
                 # the usual allowed request: only the binding check's state, no full decision
-                self.decisions[(route, "", "allowed")] += 1
+                self.allowed[route] += 1
                 return Outcome(True, binding_fields(checks, got), None)
             decision = got
         except self._unavailable:
@@ -163,7 +164,7 @@ class RateLimitPhase:
         if decision.newly_blocked:
             self.blocks += len(decision.newly_blocked)
         if decision.allowed:
-            self.decisions[(route, "", "allowed")] += 1
+            self.allowed[route] += 1
             return Outcome(True, rate_limit_headers(decision) if self.headers_on_allowed else [], None)
         denied = decision.denied_check
         self.decisions[(route, level_of(denied) if denied is not None else "", "denied")] += 1
@@ -173,7 +174,8 @@ class RateLimitPhase:
         """Counters as plain data (metrics; summed over the workers)."""
         snap: dict[str, Any] = {
             "mode": self.mode,
-            "decisions": [[*k, v] for k, v in self.decisions.items()],
+            "decisions": [[*k, v] for k, v in self.decisions.items()]
+            + [[route, "", "allowed", n] for route, n in self.allowed.items()],
             "fallbacks": self.fallbacks,
             "blocks": self.blocks,
             "adaptive": self.policy.snapshot(),

@@ -96,6 +96,8 @@ class RoutePolicy:
         # The checks of recent keys (building a validated Check costs more than deciding it);
         # bounded, emptied when full or when an adaptive limit moves.
         self._memo: dict[str, tuple[Check, ...]] = {}
+        # For a key that is the peer's address alone (client_ip, no trusted proxy): by peer.
+        self._by_peer: dict[str, tuple[tuple[Check, ...], KeyResult]] = {}
         self._memo_version = -1
 
     @property
@@ -104,7 +106,7 @@ class RoutePolicy:
         return bool(self._shared or self.key is not None)
 
     def _shared_checks(self) -> tuple[Check, ...]:
-        version = sum(a.version for a in self._adaptive)
+        version = sum(a.version for a in self._adaptive) if self._adaptive else 0
         if version != self._version:
             self._static = tuple(
                 Check(
@@ -129,6 +131,16 @@ class RoutePolicy:
         source = self.key
         if source is None:
             return shared, None
+        if self._memo_version != self._version:
+            self._memo.clear()
+            self._by_peer.clear()
+            self._memo_version = self._version
+        by_peer = source.by_peer_only
+        if by_peer:
+            # The key is the peer's address as it stands: the checks by peer, without resolving.
+            known = self._by_peer.get(peer)
+            if known is not None:
+                return known
         found = source.resolve(headers, target, peer)
         if found.value is not None:
             counter = f"{self._prefix}{source.spec}:{found.value}"
@@ -137,9 +149,8 @@ class RoutePolicy:
         else:
             return shared, found
         memo = self._memo
-        if self._memo_version != self._version or len(memo) >= MEMO_SIZE:
+        if len(memo) >= MEMO_SIZE:
             memo.clear()
-            self._memo_version = self._version
         checks = memo.get(counter)
         if checks is None:
             key_checks = tuple(
@@ -155,6 +166,10 @@ class RoutePolicy:
                 for rule, name in self._key_limits
             )
             checks = memo[counter] = key_checks + shared
+        if by_peer:
+            if len(self._by_peer) >= MEMO_SIZE:
+                self._by_peer.clear()
+            self._by_peer[peer] = (checks, found)
         return checks, found
 
 
