@@ -75,20 +75,23 @@ def encode(entry: CacheEntry, compressor: Compressor | None = None) -> bytes:
     """The stored form of ``entry``; its value compressed by ``compressor`` when it decides to."""
     value = entry.value
     codec, payload = (0, value) if compressor is None else compressor.compress(value)
+    if len(entry.tags) > MAX_TAGS:
+        raise ValueError(f"an entry may carry at most {MAX_TAGS} tags, got {len(entry.tags)}")
     parts: list[bytes | memoryview] = [
         _HEAD.pack(MAGIC, FORMAT_VERSION, codec, 0, entry.stored_at, entry.expires_at or 0.0),
         _U16.pack(len(entry.tags)),
     ]
-    if len(entry.tags) > MAX_TAGS:
-        raise ValueError(f"an entry may carry at most {MAX_TAGS} tags, got {len(entry.tags)}")
     for tag in entry.tags:
         raw = tag.encode()
         if not raw or len(raw) > MAX_TAG_BYTES:
             raise ValueError(f"a tag must be 1..{MAX_TAG_BYTES} bytes of UTF-8, got {len(raw)}: {tag[:40]!r}")
         parts += (_U16.pack(len(raw)), raw)
     parts += (_U32.pack(len(entry.meta)), entry.meta, _U32.pack(len(value)), payload)
-    record = b"".join(parts)
-    return record + _CRC.pack(zlib.crc32(record))
+    crc = 0
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    parts.append(_CRC.pack(crc))
+    return b"".join(parts)  # one copy of the value, not two
 
 
 def decode(record: bytes | memoryview, *, verify: bool = True) -> CacheEntry:

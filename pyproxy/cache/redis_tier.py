@@ -61,7 +61,6 @@ class RedisTier:
     ) -> None:
         self.client = client
         self.prefix = prefix
-        self.cluster = isinstance(client, RedisCluster)
         self._owns_client = owns_client
         self._pubsub_client = pubsub_client
         self.channel = f"{prefix}purge"

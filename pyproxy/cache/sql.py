@@ -26,7 +26,7 @@ import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +62,12 @@ class _Sqlite:
 
     blob, real = "BLOB", "REAL"
 
-    def __init__(self, conn: aiosqlite.Connection) -> None:
+    def __init__(self, conn: aiosqlite.Connection, lock: asyncio.Lock | None = None) -> None:
         self.conn = conn
-        self.lock = asyncio.Lock()
-        self._in_transaction = False
+        self.lock = asyncio.Lock() if lock is None else lock
+        # A transaction's own handle (lock given) runs under the lock its transaction holds;
+        # every other statement, from any task, takes the lock first, so none slips into it.
+        self._guard: Any = nullcontext() if lock is not None else self.lock
 
     @classmethod
     async def open(cls, path: str | Path) -> _Sqlite:
@@ -75,16 +77,11 @@ class _Sqlite:
         return cls(conn)
 
     async def fetch(self, sql: str, *args: Any) -> list[Sequence[Any]]:
-        if self._in_transaction:
-            return list(await self.conn.execute_fetchall(sql, args))
-        async with self.lock:
+        async with self._guard:
             return list(await self.conn.execute_fetchall(sql, args))
 
     async def execute(self, sql: str, *args: Any) -> int:
-        if self._in_transaction:
-            cursor = await self.conn.execute(sql, args)
-            return cursor.rowcount
-        async with self.lock:
+        async with self._guard:
             cursor = await self.conn.execute(sql, args)
             return cursor.rowcount
 
@@ -92,14 +89,11 @@ class _Sqlite:
     async def transaction(self) -> AsyncIterator[_Sqlite]:
         async with self.lock:
             await self.conn.execute("BEGIN IMMEDIATE")
-            self._in_transaction = True
             try:
-                yield self
+                yield _Sqlite(self.conn, self.lock)
             except BaseException:
-                self._in_transaction = False
                 await self.conn.execute("ROLLBACK")
                 raise
-            self._in_transaction = False
             await self.conn.execute("COMMIT")
 
     async def close(self) -> None:
@@ -183,7 +177,6 @@ class SqlTier:
         self.sweep_interval = sweep_interval
         self.sweep_batch = sweep_batch
         self.clock = clock
-        self.swept = 0
         self._sweeper: asyncio.Task[None] | None = None
 
     @classmethod
@@ -362,7 +355,6 @@ class SqlTier:
             total += n
             if n < self.sweep_batch:
                 break
-        self.swept += total
         return total
 
     async def _sweep_forever(self) -> None:

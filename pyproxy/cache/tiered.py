@@ -197,6 +197,11 @@ class TieredCache:
             st.stats.up = True
         return result
 
+    def _backoff(self, failures: int) -> float:
+        """The wait after ``failures`` failures in a row: doubling, capped (the exponent too: a
+        float overflows past 2**1023, some 8 hours into an outage at a 30 s cap)."""
+        return min(self.max_backoff, self.backoff * 2.0 ** min(failures - 1, 62))
+
     def _failed(self, st: _TierState, error: BaseException, *, timeout: bool) -> None:
         if timeout:
             st.stats.timeouts += 1
@@ -204,7 +209,7 @@ class TieredCache:
             st.stats.errors += 1
         st.failures += 1
         st.stats.up = False
-        delay = min(self.max_backoff, self.backoff * 2 ** (st.failures - 1)) * random.uniform(0.8, 1.0)
+        delay = self._backoff(st.failures) * random.uniform(0.8, 1.0)
         st.skip_until = time.monotonic() + delay
         if st.failures == 1:
             what = f"timed out after {self.timeout * 1000:.0f} ms" if timeout else f"failed: {error}"
@@ -316,18 +321,18 @@ class TieredCache:
             raise ValueError(f"ttl must be > 0 seconds or None, got {ttl}")
         now = self.clock()
         entry = CacheEntry(value, now, None if ttl is None else now + ttl, tuple(dict.fromkeys(tags)), meta)
+        targets = [st for st in self._states if tiers is None or st.tier.name in tiers]
+        # Encoded once per form; a value the compressor leaves as it is has one form for all.
+        packed = encode(entry, self.compressor) if any(st.tier.compressed for st in targets) else None
         plain: bytes | None = None
-        packed: bytes | None = None
         writes = []
-        for st in self._states:
-            tier = st.tier
-            if tiers is not None and tier.name not in tiers:
-                continue
-            if tier.compressed:
-                packed = packed or encode(entry, self.compressor)
+        for st in targets:
+            if st.tier.compressed:
+                assert packed is not None
                 record = packed
             else:
-                plain = plain or encode(entry)
+                if plain is None:
+                    plain = packed if packed is not None and _uncompressed(packed) else encode(entry)
                 record = plain
             if st.memory is not None:
                 st.memory.set_now(key, record, ttl, entry.tags)
@@ -431,7 +436,7 @@ class TieredCache:
                         await self._on_all(lambda t: t.purge_tags(tags), local_only=True)
             except TierUnavailable as e:
                 failures += 1
-                delay = min(self.max_backoff, self.backoff * 2 ** (failures - 1))
+                delay = self._backoff(failures)
                 if failures == 1:
                     log.warning("purge subscription lost (%s); resubscribing in %.1f s", e, delay)
                 await asyncio.sleep(delay)

@@ -42,8 +42,7 @@ class HitCounts:
         self._counts: dict[str, tuple[float, float]] = {}  # key → (count, when)
 
     def hit(self, key: str, now: float) -> float:
-        count, when = self._counts.get(key, (0.0, now))
-        count = count * math.exp(-self.rate * max(0.0, now - when)) + 1.0
+        count = self.count(key, now) + 1.0
         self._counts[key] = (count, now)
         if len(self._counts) > self.max_keys:
             self._forget_coldest(now)
