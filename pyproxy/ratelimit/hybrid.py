@@ -426,7 +426,7 @@ class HybridLimiter:
                     return False
                 self._penalty_keys.setdefault(check.key, 0)
         t_us = self.redis_now_us()
-        found: list[tuple[int, int, int]] = []  # (window index, offset, used) per counter
+        found: list[tuple[int, int, int, int]] = []  # (window index, offset, current, used) per counter
         for counter in chosen:
             w = counter.w
             idx = t_us // w
@@ -449,20 +449,18 @@ class HybridLimiter:
             used = prev * (w - e) // w + cur
             if used + cost > counter.limit:
                 return False
-            found.append((idx, e, cur))
+            found.append((idx, e, cur, used))
         self._allowed += 1
-        for counter, (idx, _, _) in zip(chosen, found, strict=True):
+        for counter, (idx, _, _, _) in zip(chosen, found, strict=True):
             counter.pending[idx] = counter.pending.get(idx, 0) + cost
         if details == _NO_DETAILS:
             return None
         results: list[CheckResult] = []
         binding: Binding | None = None
-        for check, counter, (idx, e, cur) in zip(checks, chosen, found, strict=True):
+        for check, counter, (idx, e, cur, used) in zip(checks, chosen, found, strict=True):
             w = counter.w
-            c = cur + cost
-            prev_total = counter.count(idx - 1)
-            used = prev_total * (w - e) // w + c
-            remaining = counter.limit - used
+            c = cur + cost  # the charge went to this window: the previous one's share is as read
+            remaining = counter.limit - used - cost
             reset = ((w - e) + max(w + 1 - -(-w // c), 0)) / 1e6
             if details == _DECISION:
                 results.append(CheckResult(check, True, remaining, 0.0, reset))

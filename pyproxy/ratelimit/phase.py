@@ -71,10 +71,7 @@ class RateLimitPhase:
     def __init__(self, config: Config, local: LocalLimiter | None = None) -> None:
         rl = config.ratelimit
         self.mode = rl.mode
-        self.on_redis_error = rl.on_redis_error
-        self.headers_on_allowed = rl.headers_on_allowed
-        self.policy = RatePolicy(config)
-        self.routes = frozenset(name for name, p in self.policy.routes.items() if p.enabled)
+        self.reconfigure(config)
         # The local limiter is the whole story in local mode, and the fallback of the others.
         self.local = local if local is not None else LocalLimiter(SharedWindows(TABLE_CAPACITY))
         self.shared: Any = None  # RedisLimiter or HybridLimiter (imported only when configured)
@@ -106,7 +103,8 @@ class RateLimitPhase:
         self.blocks = 0  # keys put in the penalty box by this worker's decisions
 
     def reconfigure(self, config: Config) -> None:
-        """A reload: new limits and keys; the counters (shared table, Redis) carry on."""
+        """The policy and the answers' options (at start, and on a reload: the counters — shared
+        table, Redis — carry on)."""
         self.policy = RatePolicy(config)
         self.routes = frozenset(name for name, p in self.policy.routes.items() if p.enabled)
         self.headers_on_allowed = config.ratelimit.headers_on_allowed
@@ -117,7 +115,7 @@ class RateLimitPhase:
 
     def decide_sync(self, route: str, headers: Headers, target: bytes, peer: str) -> Outcome:
         """The verdict without waiting (local mode; hybrid decides locally too)."""
-        checks = self.policy.routes[route].checks(headers, target, peer)[0]
+        checks = self._checks(route, headers, target, peer)
         if not checks:
             return _GO_ON
         limiter = self.local if self.shared is None else self.shared

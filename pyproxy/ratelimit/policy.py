@@ -94,11 +94,10 @@ class RoutePolicy:
         self._static: tuple[Check, ...] = ()
         self._prefix = f"key:{name}:"
         # The checks of recent keys (building a validated Check costs more than deciding it);
-        # bounded, emptied when full or when an adaptive limit moves.
+        # bounded, emptied when full or when an adaptive limit moves (_shared_checks).
         self._memo: dict[str, tuple[Check, ...]] = {}
         # For a key that is the peer's address alone (client_ip, no trusted proxy): by peer.
         self._by_peer: dict[str, tuple[tuple[Check, ...], KeyResult]] = {}
-        self._memo_version = -1
 
     @property
     def enabled(self) -> bool:
@@ -108,6 +107,9 @@ class RoutePolicy:
     def _shared_checks(self) -> tuple[Check, ...]:
         version = sum(a.version for a in self._adaptive) if self._adaptive else 0
         if version != self._version:
+            # the limits moved: so do the checks made with them
+            self._memo.clear()
+            self._by_peer.clear()
             self._static = tuple(
                 Check(
                     key=lim.counter,
@@ -131,10 +133,6 @@ class RoutePolicy:
         source = self.key
         if source is None:
             return shared, None
-        if self._memo_version != self._version:
-            self._memo.clear()
-            self._by_peer.clear()
-            self._memo_version = self._version
         by_peer = source.by_peer_only
         if by_peer:
             # The key is the peer's address as it stands: the checks by peer, without resolving.
@@ -149,10 +147,10 @@ class RoutePolicy:
         else:
             return shared, found
         memo = self._memo
-        if len(memo) >= MEMO_SIZE:
-            memo.clear()
         checks = memo.get(counter)
         if checks is None:
+            if len(memo) >= MEMO_SIZE:
+                memo.clear()
             key_checks = tuple(
                 Check(
                     key=counter,
