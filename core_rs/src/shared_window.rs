@@ -114,7 +114,7 @@ use portable_atomic::AtomicU128;
 
 use crate::clock;
 use crate::error::{invalid, Error, Result};
-use crate::window::{counter_decide, AllDecision, Decision};
+use crate::window::{counter_decide, counter_reset, AllDecision, Decision};
 
 /// Largest `limit` (counts are 32-bit in a slot's state).
 pub const MAX_LIMIT: u64 = u32::MAX as u64;
@@ -313,21 +313,6 @@ pub struct Binding {
     pub remaining: u64,
     /// Nanoseconds until its usage has aged out entirely (`remaining` back to its limit).
     pub reset: u64,
-}
-
-/// Nanoseconds until a counter with `prev` units in the previous fixed window and `cur` in this
-/// one, `e` ns into a window of `w`, no longer counts anything: the current window's units weigh
-/// until its successor has slid past them, the previous window's until the weight rounds to 0.
-fn counter_reset(prev: u64, cur: u64, e: u64, w: u64) -> u64 {
-    // ⌊n·(W−e')/W⌋ = 0 from e' = W + 1 − ⌈W/n⌉ on.
-    let fades = |n: u64| (w + 1).saturating_sub(w.div_ceil(n));
-    if cur > 0 {
-        (w - e) + fades(cur)
-    } else if prev > 0 {
-        fades(prev).saturating_sub(e)
-    } else {
-        0
-    }
 }
 
 /// One triple of [`SharedWindows::hit_all`].

@@ -272,30 +272,47 @@ pub fn counter_decide(prev: u64, cur: u64, cost: u64, limit: u64, e: u64, window
             retry_after: None,
         };
     }
-    // First offset e' at which ⌊p·(W−e')/W⌋ <= s, i.e. p·(W−e') < (s+1)·W:
-    // e' = W + 1 − ⌈(s+1)·W / p⌉ (clamped at 0).
-    let first_fit = |p: u128, s: u128| -> u128 {
-        let num = (s + 1).saturating_mul(w);
-        // u64 division when it fits: a u128 one is a slow library call
-        let q = match (u64::try_from(num), u64::try_from(p)) {
-            (Ok(n), Ok(d)) => n.div_ceil(d) as u128,
-            _ => num.div_ceil(p),
-        };
-        (w + 1).saturating_sub(q)
-    };
     let wait = if cur + cost <= limit {
         // Later in this window (at worst at its end, where P' = C and C + cost fits).
         // P > 0 here, else the hit would have fitted.
-        first_fit(prev, limit - cur - cost).saturating_sub(e)
+        first_fit(w, prev, limit - cur - cost).saturating_sub(e)
     } else {
         // Only the next window can take it; there P' = C, which is > 0 since C > L − cost.
-        (w - e) + first_fit(cur, limit - cost)
+        (w - e) + first_fit(w, cur, limit - cost)
     };
     Decision {
         allowed: false,
         remaining,
         retry_after: Some(to_u64(wait)),
     }
+}
+
+/// First offset e' into a window of `w` at which ⌊p·(W−e')/W⌋ <= s, i.e. p·(W−e') < (s+1)·W:
+/// e' = W + 1 − ⌈(s+1)·W / p⌉ (clamped at 0). `p` > 0.
+#[inline]
+fn first_fit(w: u128, p: u128, s: u128) -> u128 {
+    let num = (s + 1).saturating_mul(w);
+    // u64 division when it fits: a u128 one is a slow library call
+    let q = match (u64::try_from(num), u64::try_from(p)) {
+        (Ok(n), Ok(d)) => n.div_ceil(d) as u128,
+        _ => num.div_ceil(p),
+    };
+    (w + 1).saturating_sub(q)
+}
+
+/// Nanoseconds until a counter with `prev` units in the previous fixed window and `cur` in this
+/// one, `e` ns into a window of `window`, no longer counts anything (its `remaining` is back to
+/// the limit): this window's units weigh until the next window has slid past enough of them,
+/// the previous window's until their weight rounds down to 0.
+pub fn counter_reset(prev: u64, cur: u64, e: u64, window: u64) -> u64 {
+    let (w, e) = (window as u128, e as u128);
+    to_u64(if cur > 0 {
+        (w - e) + first_fit(w, cur as u128, 0)
+    } else if prev > 0 {
+        first_fit(w, prev as u128, 0).saturating_sub(e)
+    } else {
+        0
+    })
 }
 
 #[inline]

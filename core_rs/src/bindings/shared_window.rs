@@ -132,25 +132,17 @@ impl SharedWindows {
         now: Option<f64>,
     ) -> PyResult<(bool, i64, f64, u64, i64, f64)> {
         let (d, b) = self.decide_all(checks, cost, now, true)?;
-        let first = d.first_denied.map_or(-1, |i| i as i64);
-        Ok(match b {
-            Some(b) => (
-                d.allowed,
-                first,
-                retry_secs(d.retry_after),
-                b.remaining,
-                b.index as i64,
-                clock::ns_to_secs(b.reset),
-            ),
-            None => (
-                d.allowed,
-                first,
-                retry_secs(d.retry_after),
-                d.remaining,
-                -1,
-                0.0,
-            ),
-        })
+        let (remaining, binding, reset) = b.map_or((d.remaining, -1, 0.0), |b| {
+            (b.remaining, b.index as i64, clock::ns_to_secs(b.reset))
+        });
+        Ok((
+            d.allowed,
+            d.first_denied.map_or(-1, |i| i as i64),
+            retry_secs(d.retry_after),
+            remaining,
+            binding,
+            reset,
+        ))
     }
 
     /// Number of slots (``capacity`` rounded up to a power of two, at least 16).
