@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from dataclasses import replace as replace_dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from pyproxy.balance.health import HealthCheckConfig
 from pyproxy.balance.outlier import OutlierConfig
@@ -1287,8 +1287,8 @@ def _read_routes(
     r: _Reader,
     raw: object,
     pools: Mapping[str, Pool],
-    ratelimit: _RateLimitContext | None = None,
-    cache: CacheConfig | None = None,
+    ratelimit: _RateLimitContext,
+    cache: CacheConfig,
 ) -> tuple[Route, ...]:
     if raw is None:
         r.problem("routes", "is required: at least one [[routes]] entry")
@@ -1314,12 +1314,11 @@ def _read_routes(
             close = difflib.get_close_matches(pool, sorted(pools), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             r.problem(_join(path, "pool"), f"no pool named {pool!r}{hint}")
-        rl = ratelimit or _RateLimitContext(RateLimitConfig(), False, _RouteLimitsRead(), [])
         own = _RouteLimitsRead()
         if "ratelimit" in t:
             own = _read_route_limits(
                 r, t["ratelimit"], _join(path, "ratelimit"), pools,
-                algorithm=rl.config.algorithm, jwt_present=rl.jwt_present,
+                algorithm=ratelimit.config.algorithm, jwt_present=ratelimit.jwt_present,
             )
         routes.append(
             Route(
@@ -1333,11 +1332,11 @@ def _read_routes(
                 max_body_size=r.get(t, path, "max_body_size", parse_size, None),
                 idempotent=r.get(t, path, "idempotent", _bool, False),
                 hedge_after=r.get(t, path, "hedge_after", _hedge_after, None),
-                ratelimit=_route_rate_limit(r, own, rl, pool or ""),
-                cache=_read_route_cache(r, t.get("cache"), _join(path, "cache"), (cache or CacheConfig()).defaults, cache),
+                ratelimit=_route_rate_limit(r, own, ratelimit, pool or ""),
+                cache=_read_route_cache(r, t.get("cache"), _join(path, "cache"), cache.defaults, cache),
             )
         )
-    if ratelimit is not None and not any(route.ratelimit.key_limits for route in routes):
+    if not any(route.ratelimit.key_limits for route in routes):
         for key in ("key", "on_missing_key"):
             if key in ratelimit.defaults.paths:
                 r.problem(ratelimit.defaults.paths[key], "has no effect: no route has key_limits")
@@ -1558,11 +1557,7 @@ def _read_rule(
     return RateLimitRule(limit=limit, window=window, algorithm=algo, adaptive=adaptive)
 
 
-def _algorithm(value: object) -> Algorithm:
-    for algorithm in RATELIMIT_ALGORITHMS:
-        if value == algorithm:
-            return algorithm
-    raise _Invalid(f"expected one of {', '.join(RATELIMIT_ALGORITHMS)}, got {value!r}")
+_algorithm = cast(Callable[[object], Algorithm], _choice(RATELIMIT_ALGORITHMS))
 
 
 def _read_rules(
@@ -1692,13 +1687,7 @@ def _route_rate_limit(
         else rule
         for rule in values.get("limits", ())
     )
-    limits_out = RouteRateLimit(
-        cost=values.get("cost", 1),
-        limits=limits,
-        key=values.get("key", "client_ip"),
-        key_limits=values.get("key_limits", ()),
-        on_missing_key=values.get("on_missing_key", "client_ip"),
-    )
+    limits_out = RouteRateLimit(**{**values, "limits": limits})  # what no table set: the defaults
     if not limits_out.key_limits:
         for key in ("key", "on_missing_key"):
             if key in own.paths:  # the defaults' are judged over all routes (_read_routes)
@@ -1916,8 +1905,7 @@ _ROUTE_CACHE_KEYS = set(RouteCache.__dataclass_fields__)
 _CACHE_KEYS = set(CacheConfig.__dataclass_fields__)
 
 
-def _tier_name(value: object) -> str:
-    return _choice(CACHE_TIERS)(value)
+_tier_name = _choice(CACHE_TIERS)
 
 
 def _param_name(value: object) -> str:
@@ -1928,7 +1916,7 @@ def _param_name(value: object) -> str:
 
 
 def _read_route_cache(
-    r: _Reader, raw: object, path: str, base: RouteCache, cache: CacheConfig | None
+    r: _Reader, raw: object, path: str, base: RouteCache, cache: CacheConfig
 ) -> RouteCache:
     """A ``cache`` table over ``base`` (``[cache.defaults]``, or the built-in defaults)."""
     if raw is None:
@@ -1938,13 +1926,12 @@ def _read_route_cache(
         return base
     r.check_keys(t, path, _ROUTE_CACHE_KEYS)
     tiers = r.items(t, path, "tiers", _tier_name, base.tiers)
-    if cache is not None:
-        configured = {"memory"} | ({"redis"} if cache.redis_url else set()) | (
-            {"sql"} if cache.sqlite_path or cache.postgres_dsn else set()
-        )
-        for i, tier in enumerate(tiers):
-            if tier not in configured:
-                r.problem(f"{_join(path, 'tiers')}[{i}]", f"tier {tier!r} is not configured in [cache]")
+    configured = {"memory"} | ({"redis"} if cache.redis_url else set()) | (
+        {"sql"} if cache.sqlite_path or cache.postgres_dsn else set()
+    )
+    for i, tier in enumerate(tiers):
+        if tier not in configured:
+            r.problem(f"{_join(path, 'tiers')}[{i}]", f"tier {tier!r} is not configured in [cache]")
     return RouteCache(
         # A route's cache table turns caching on unless it says otherwise; [cache.defaults] only
         # configures (each route opts in) unless it sets enabled itself.
