@@ -55,6 +55,7 @@ from pyproxy.headers import (
     serialize_response_head,
 )
 from pyproxy.observe.access_log import AccessLog
+from pyproxy.cache.http import UNSAFE_METHODS as _UNSAFE  # they invalidate what they change (RFC 9111 §4.4)
 from pyproxy.cache.phase import Answer
 
 __all__ = ["BUCKETS", "ClientConnection", "ConnectionPool", "Exchange", "Histogram", "UpstreamConnection", "WorkerMetrics"]
@@ -112,7 +113,6 @@ cdef class ClientConnection
 _NO_DECISION = object()  # not in the router's memo (None there means "no route")
 _IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))  # RFC 9110 §9.2.2
 _CACHE_METHODS = frozenset((b"GET", b"HEAD", b"POST"))  # looked up (POST: routes caching POST by body)
-_UNSAFE = frozenset((b"POST", b"PUT", b"DELETE", b"PATCH"))  # invalidate what they change (RFC 9111 §4.4)
 _CONDITIONALS = frozenset((b"if-none-match", b"if-modified-since"))
 
 

@@ -49,6 +49,7 @@ class ProxyState:
     # database tiers are shared.
     cache: HttpCachePhase | None = None
     _adapt_handle: asyncio.TimerHandle | None = None
+    _started: bool = False  # start() ran: a cache phase built later (a reload) starts at once
     _background: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def open_access_log(self) -> None:
@@ -85,7 +86,8 @@ class ProxyState:
         refresher = UpstreamRefresher(lambda: self.upstreams, lambda: {r.name: r.pool for r in self.config.routes})
         self.cache = HttpCachePhase.from_config(config.cache, config.routes, refresh=refresher)
         refresher.phase = self.cache
-        self._in_background(self.cache.start())
+        if self._started:
+            self._in_background(self.cache.start())
 
     def _close_cache(self) -> None:
         old, self.cache = self.cache, None
@@ -96,7 +98,7 @@ class ProxyState:
         try:
             task = asyncio.get_running_loop().create_task(coro)
         except RuntimeError:
-            coro.close()  # no loop yet (start() opens the cache) or any more (the process ends)
+            coro.close()  # no loop any more (the process ends)
             return
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -146,6 +148,7 @@ class ProxyState:
 
     def start(self) -> None:
         """Start what runs in the background per pool (health checks, ticks); on the loop."""
+        self._started = True
         for upstream in self.upstreams.values():
             upstream.start()
         if self.cache is not None:

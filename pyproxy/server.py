@@ -208,18 +208,12 @@ class ProxyServer:
                 self._apply_change(change)
                 self._changes_applied = change.seq
         if self.purges_path is not None:
+            memory = self.state.cache.memory if self.state is not None and self.state.cache is not None else None
             for purge in read_purges(self.purges_path, self._purges_applied):
-                memory = self._memory_tier()
                 if memory is not None:
                     memory.delete_now(list(purge.keys))
                     memory.purge_tags_now(purge.tags)
                 self._purges_applied = purge.seq
-
-    def _memory_tier(self) -> MemoryTier | None:
-        cache = self.state.cache if self.state is not None else None
-        if cache is None:
-            return None
-        return next((t for t in cache.cache.tiers if isinstance(t, MemoryTier)), None)
 
     async def purge_cache(self, keys: list[str], tags: list[str]) -> dict[str, Any]:
         """One process: its own tiers (shared ones included; Redis tells the other instances)."""

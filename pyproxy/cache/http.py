@@ -526,8 +526,8 @@ def cache_status(
         params.append(f"ttl={math.floor(ttl)}")  # stale: negative (RFC 9211 §2.7)
     if stored:
         params.append("stored")
-    if collapsed:
-        params.append("collapsed")
     if tier is not None:
         params.append(f"detail={tier}")
+    if collapsed:
+        params.append("collapsed")
     return "; ".join(params).encode()

@@ -37,6 +37,7 @@ from pyproxy.cache.coalesce import Coalescer
 from pyproxy.cache.compression import Compressor
 from pyproxy.cache.entry import decode
 from pyproxy.cache.http import (
+    UNSAFE_METHODS,
     CachePolicy,
     StoredResponse,
     Use,
@@ -145,7 +146,6 @@ class Plan:
     request_time: float = 0.0
     release: Callable[[bool], None] | None = None  # this request leads a coalesced miss: call when done
     client: str = ""  # who asked (the next-request model is per client)
-    collapsed: bool = False
     store: bool = False  # a copy of the body is being kept for storing
     status: int = 0
     response_headers: Headers = ()
@@ -276,6 +276,11 @@ class HttpCachePhase:
             except OSError as e:
                 log.warning("could not write the cache warm file %s: %s", self.warming.warm_file, e)
         await self.cache.aclose()
+
+    @property
+    def memory(self) -> MemoryTier | None:
+        """This worker's memory tier (``None`` when the cache has none)."""
+        return self._memory
 
     def _count(self, what: str) -> None:
         self.counters[what] = self.counters.get(what, 0) + 1
@@ -455,7 +460,8 @@ class HttpCachePhase:
         return None
 
     def _answer(
-        self, plan: Plan, stored: StoredResponse, body: bytes | memoryview, tier: str | None, now: float, *, fwd_status: int | None = None
+        self, plan: Plan, stored: StoredResponse, body: bytes | memoryview, tier: str | None, now: float, *,
+        fwd_status: int | None = None, collapsed: bool = False,
     ) -> Answer:
         """The stored response (or a 304, when the client's own condition holds) with ``Age`` and
         ``Cache-Status``: a hit (with its ttl; negative when served stale), or — after forwarding
@@ -463,7 +469,7 @@ class HttpCachePhase:
         age = current_age(stored, now)
         ttl = select(stored, (), plan.policy, now)[1].ttl
         if fwd_status is None:
-            status_field = cache_status(hit=True, tier=tier, ttl=ttl)
+            status_field = cache_status(hit=True, tier=tier, ttl=ttl, collapsed=collapsed)
         else:
             status_field = cache_status(hit=False, fwd=plan.fwd, fwd_status=fwd_status, ttl=ttl, stored=fwd_status == 304, tier=tier)
         if client_condition_met(plan.method, plan.request_headers, stored):
@@ -497,9 +503,7 @@ class HttpCachePhase:
                 use, _ = select(stored, headers, plan.policy, now)
                 if use is Use.FRESH:
                     self._count("collapsed_hit")
-                    answer = self._answer(plan, stored, body, tier, now)
-                    answer.headers = [(n, v + b"; collapsed") if n == b"Cache-Status" else (n, v) for n, v in answer.headers]
-                    return answer
+                    return self._answer(plan, stored, body, tier, now, collapsed=True)
         self._count("miss")
         return plan
 
@@ -653,7 +657,7 @@ class HttpCachePhase:
         once: the client's next request may be read before any task runs); the caller drops them
         from the other tiers (:meth:`TieredCache.delete`)."""
         policy = self.policies.get(route)
-        if policy is None or method not in (b"POST", b"PUT", b"DELETE", b"PATCH") or not (200 <= status < 400):
+        if policy is None or method not in UNSAFE_METHODS or not (200 <= status < 400):
             return []
         targets = [target, *invalidated_targets(method, status, host, response_headers)]
         keys = [primary_key(scheme, host, t, policy) for t in targets]
