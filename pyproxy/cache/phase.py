@@ -67,7 +67,7 @@ from pyproxy.cache.tiered import TieredCache
 from pyproxy.cache.warming import FetchBudget, HitCounts, Successors, read_warm_keys, write_warm_keys
 from pyproxy.config import CacheConfig, Route, RouteCache, WarmingConfig
 from pyproxy.errors import CorruptEntry
-from pyproxy.headers import get_first, get_list, serialize_response_head
+from pyproxy.headers import connection_tokens, get_all, get_first, get_list, serialize_response_head
 
 __all__ = ["Answer", "HttpCachePhase", "Plan", "Relay"]
 
@@ -668,14 +668,14 @@ class HttpCachePhase:
 
 
 def _storable_fields(headers: Headers) -> list[tuple[bytes, bytes]]:
-    connection = {e.strip().lower() for e in get_list(headers, b"connection")}
-    return [(n, v) for n, v in headers if n.lower() not in _NOT_STORED and n.lower() not in connection]
+    connection = connection_tokens(headers)
+    return [(n, v) for n, v in headers if (lower := n.lower()) not in _NOT_STORED and lower not in connection]
 
 
 def _tags(headers: Headers) -> list[str]:
     """Tags from ``Cache-Tag`` (comma-separated) and ``Surrogate-Key`` (space-separated)."""
     tags = [t.strip().decode("latin-1") for t in get_list(headers, b"cache-tag")]
-    for line in (v for n, v in headers if n.lower() == b"surrogate-key"):
+    for line in get_all(headers, b"surrogate-key"):
         tags += [t.decode("latin-1") for t in line.split()]
     return list(dict.fromkeys(t for t in tags if t))
 
