@@ -31,6 +31,7 @@ import urllib.request
 from pathlib import Path
 
 from proxy_load import free_port, stop, wait_ready
+from ratio import percentile
 
 UPSTREAMS = ((0.001, 0.0), (0.005, 0.05), (0.020, 0.0), (0.100, 0.0))  # (latency s, failure rate)
 ALGORITHMS = {
@@ -131,11 +132,6 @@ async def _open_loop(port: int, rate: float, duration: float) -> tuple[list[floa
     return latencies, errors
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def pyproxy_config(port: int, upstream_ports: list[int], options: dict[str, object]) -> str:
     extra = "\n".join(f"{k} = {json.dumps(v)}" for k, v in options.items())
     servers = ", ".join(f'"127.0.0.1:{p}"' for p in upstream_ports)
@@ -205,8 +201,8 @@ def main() -> int:
                         served = [a - b for a, b in zip(counts(ports), before)]
                     finally:
                         stop(proc)
-                    p50 = 1000 * _percentile(latencies, 0.50)
-                    p99[name] = 1000 * _percentile(latencies, 0.99)
+                    p50 = 1000 * percentile(latencies, 0.50)
+                    p99[name] = 1000 * percentile(latencies, 0.99)
                     total = sum(served) or 1
                     results[name].append((errors, p50, p99[name], [s / total for s in served]))
                 for name in ALGORITHMS:

@@ -28,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from services import PostgresServer, RedisCluster, RedisServer  # noqa: E402
 
+from ratio import percentile  # noqa: E402
+
 from pyproxy.cache import Compressor, MemoryTier, RedisTier, SqlTier, TieredCache  # noqa: E402
 from pyproxy.cache.compression import decompress  # noqa: E402
 from pyproxy.loop import new_event_loop  # noqa: E402
@@ -43,11 +45,6 @@ def payload(size: int) -> bytes:
         items.append(item)
         n = len(json.dumps(items))
     return json.dumps(items).encode()[:size]
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def time_gets(cache: TieredCache, key: str, gets: int) -> list[float]:

@@ -117,3 +117,9 @@ def report(comparison: Comparison, ours: str, benchmark: object | None = None) -
             "ratio_ours_over": ratios,
         }
     return ratios
+
+
+def percentile(samples: list[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of ``samples``: the sample at that rank, no interpolation."""
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
