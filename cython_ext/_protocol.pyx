@@ -454,12 +454,35 @@ cdef class Exchange:
         if limits is not None and route.name in limits.routes:
             # Phase 3, rate limits: decided here (shared memory) or after a round trip (Redis).
             if limits.synchronous:
-                if not self.rate_limited(limits.decide_sync(route.name, self.headers, self.target, self.client_ip)):
+                if not self._limit_now(limits, route.name):
                     return
             else:
                 self.client._loop.create_task(self._limit_then_forward(limits))
                 return
         self._cached_or_admit()
+
+    cdef bint _limit_now(self, limits, str route):
+        """Phase 3 decided without waiting: ``True`` to go on. The usual allowed request takes a
+        short path — the connection's own plan when its checks follow from its peer alone, else
+        ``allow_fast`` — and anything else ``decide_sync``."""
+        cdef ClientConnection client = self.client
+        if client.rl_policy is not limits.policy or client.rl_route is not route:
+            # kept per connection while the policy stands (a reload brings a new one)
+            client.rl_policy = limits.policy
+            client.rl_route = route
+            client.rl_plan = limits.connection_plan(route, client.peer_text)
+        plan = client.rl_plan
+        if plan is not None:
+            fields = plan.charge()
+            if fields is not None:
+                limits.allowed[route] += 1
+        else:
+            fields = limits.allow_fast(route, self.headers, self.target, client.peer_text)
+        if fields is not None:
+            if fields:
+                self.extra_headers = fields
+            return True
+        return self.rate_limited(limits.decide_sync(route, self.headers, self.target, client.peer_text))
 
     async def _limit_then_forward(self, limits: object) -> None:
         try:
@@ -1375,6 +1398,7 @@ cdef class ClientConnection:
 
     cdef public object _loop, body_timer, limits, out, parser, peer, queue, read_pauses, send_timer, state, transport
     cdef readonly str peer_text  # peer decoded (latin-1), once per connection
+    cdef object rl_policy, rl_route, rl_plan  # the rate-limit plan of this connection's requests (Exchange._limit_now)
     cdef public Deadline deadline  # head (408) or keep-alive idle timeout
     cdef public WorkerMetrics metrics  # the worker's counters (typed: C calls)
     cdef long long max_head_size, max_header_count

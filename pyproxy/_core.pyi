@@ -1,6 +1,6 @@
 """Type stubs for ``pyproxy._core`` (the PyO3 extension). Checked by ``python -m mypy.stubtest``."""
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Final, final
 
 from typing_extensions import Buffer, Self
@@ -14,6 +14,8 @@ __all__ = [
     "SlidingWindow",
     "hit_all",
     "SharedWindows",
+    "ChargePlan",
+    "Tally",
 ]
 
 __version__: Final[str]
@@ -190,3 +192,35 @@ class SharedWindows:
     @property
     def nbytes(self) -> int: ...
     def __len__(self) -> int: ...
+
+@final
+class ChargePlan:
+    """A fixed set of ``hit_all`` triples on one table, prepared once and charged many times.
+
+    ``fields``: ``(policy_field, state_name, state_prefixes)`` — the ``(name, value)`` pair an
+    allowed response carries as is, and the name and per-check start of the field stating the
+    binding check (``state_prefixes[i] + b"<remaining>;t=<seconds>"``).
+    """
+
+    def __new__(
+        cls,
+        table: SharedWindows,
+        checks: Iterable[tuple[int, float, str | bytes]],
+        cost: int = 1,
+        fields: tuple[tuple[bytes, bytes], bytes, Sequence[bytes]] | None = None,
+        tally: Tally | None = None,
+    ) -> Self: ...
+    def charge(self, now: float | None = None) -> list[tuple[bytes, bytes]] | None:
+        """Decide and charge as ``hit_all_binding``: allowed → the fields (``[]`` without
+        ``fields``) and one more in ``tally``; denied → ``None`` with nothing charged."""
+    @property
+    def tally(self) -> Tally: ...
+    def __len__(self) -> int: ...
+
+@final
+class Tally:
+    """A count several ``ChargePlan``s add their allowed charges to."""
+
+    def __new__(cls) -> Self: ...
+    @property
+    def value(self) -> int: ...

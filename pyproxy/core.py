@@ -6,18 +6,22 @@
 
 from pyproxy._core import (
     ENTRY_OVERHEAD,
+    ChargePlan,
     HashRing,
     LruCache,
     SharedWindows,
     SlidingWindow,
+    Tally,
     hit_all,
 )
 
 __all__ = [
     "ENTRY_OVERHEAD",
+    "ChargePlan",
     "HashRing",
     "LruCache",
     "SharedWindows",
     "SlidingWindow",
+    "Tally",
     "hit_all",
 ]

@@ -68,3 +68,27 @@ def children(pid: int) -> set[int]:
             if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
                 kids.add(int(entry.name))
     return kids
+
+
+class ReloadableConfig:
+    """A config file for a proxy with an admin listener and one route ``api`` to pool ``p`` (one
+    server): :meth:`write` puts the route's extra lines in it, :meth:`reload` applies it through
+    ``POST /reload``."""
+
+    def __init__(self, path: Path, upstream: str) -> None:
+        self.path = path
+        self.upstream = upstream
+        self.port, self.admin_port = free_port(), free_port()
+
+    def write(self, route_lines: str) -> None:
+        self.path.write_text(
+            f'[[listeners]]\nport = {self.port}\n[admin]\nport = {self.admin_port}\n'
+            f'[pools.p]\nservers = ["{self.upstream}"]\n[[routes]]\nname = "api"\npool = "p"\n{route_lines}\n'
+        )
+
+    def reload(self) -> None:
+        import urllib.request
+
+        request = urllib.request.Request(f"http://127.0.0.1:{self.admin_port}/reload", method="POST", data=b"")
+        with urllib.request.urlopen(request, timeout=10) as r:
+            assert r.status == 200

@@ -360,44 +360,29 @@ def test_tag_cascade_purge_reaches_another_proxy_instance(redis_clean: RedisServ
 
 
 def test_reload_turns_a_routes_caching_off_and_on(tmp_path: Path) -> None:
-    from helpers import free_port
+    from helpers import ReloadableConfig
 
     from pyproxy.config import load_config
 
     up = SampleServer(name="up")
     up.headers = [(b"Cache-Control", b"max-age=600")]
-    port, admin_port = free_port(), free_port()
-    path = tmp_path / "proxy.toml"
-
-    def write(cache: str) -> None:
-        path.write_text(
-            f'[[listeners]]\nport = {port}\n[admin]\nport = {admin_port}\n[pools.p]\nservers = ["{up.address}"]\n'
-            f'[[routes]]\nname = "api"\npool = "p"\n{cache}\n'
-        )
-
-    def reload() -> None:
-        import urllib.request
-
-        request = urllib.request.Request(f"http://127.0.0.1:{admin_port}/reload", method="POST", data=b"")
-        with urllib.request.urlopen(request, timeout=10) as r:
-            assert r.status == 200
-
     with up.running():
-        write("cache = {}")
-        with ProxyServer(load_config(path), path).running():
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        config = ReloadableConfig(tmp_path / "proxy.toml", up.address)
+        config.write("cache = {}")
+        with ProxyServer(load_config(config.path), config.path).running():
+            conn = http.client.HTTPConnection("127.0.0.1", config.port, timeout=10)
             get(conn)
             assert get(conn)[1]["cache-status"].startswith("pyproxy; hit")
-            write("cache = { enabled = false }")
-            reload()
+            config.write("cache = { enabled = false }")
+            config.reload()
             assert "cache-status" not in get(conn)[1], "caching off for the route: relayed as it is"
-            write('cache = { query = "sort" }')
-            reload()
+            config.write('cache = { query = "sort" }')
+            config.reload()
             # On again (no route cached in between, so the memory tier was let go): stored anew.
             assert get(conn)[1]["cache-status"].startswith("pyproxy; fwd=uri-miss")
             assert get(conn)[1]["cache-status"].startswith("pyproxy; hit")
             # A reload that keeps the route caching keeps the stored entries.
-            write('cache = { query = "sort", ttl = "30s" }')
-            reload()
+            config.write('cache = { query = "sort", ttl = "30s" }')
+            config.reload()
             assert get(conn)[1]["cache-status"].startswith("pyproxy; hit")
             conn.close()

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from helpers import accepts_connections, eventually, free_port, proxy_process
+from helpers import ReloadableConfig, accepts_connections, eventually, free_port, proxy_process
 
 # Windows are an hour long so that no test run straddles a window's start (counters are aligned
 # on fixed windows: a count that straddles one is a sliding estimate, not a fixed number).
@@ -387,3 +387,39 @@ def test_without_fields_on_allowed_responses_limits_still_hold_and_429s_keep_the
         assert all("ratelimit" not in headers and "ratelimit-policy" not in headers for _, headers, _ in seen[:3])
         assert seen[3][1]["ratelimit"].startswith('"key";r=0;t=') and "retry-after" in seen[3][1]
         conn.close()
+
+
+def test_a_connection_keeps_its_plan_until_a_reload_changes_the_policy(tmp_path: Path) -> None:
+    """A client_ip key (no trusted proxy) is decided by the connection's own prepared plan: the
+    limit, the fields and the allowed count are those of the general path, and a reload that
+    changes the limit reaches the connection already open."""
+    from pyproxy.config import load_config
+
+    up = SampleServer(name="up")
+
+    def write(limit: int) -> None:
+        config.write(f'[routes.ratelimit]\nkey = "client_ip"\nkey_limits = [{{ limit = {limit}, window = "1h" }}]')
+
+    with up.running():
+        config = ReloadableConfig(tmp_path / "proxy.toml", up.address)
+        write(3)
+        with ProxyServer(load_config(config.path), config.path).running():
+            conn = http.client.HTTPConnection("127.0.0.1", config.port, timeout=10)
+            seen = [get(conn) for _ in range(5)]
+            assert [status for status, _, _ in seen] == [200, 200, 200, 429, 429]
+            assert [h["ratelimit"].split(";t=")[0] for _, h, _ in seen] == [
+                '"key";r=2', '"key";r=1', '"key";r=0', '"key";r=0', '"key";r=0'
+            ]
+            assert all(h["ratelimit-policy"] == '"key";q=3;w=3600' for _, h, _ in seen)
+            assert 1 <= int(seen[0][1]["ratelimit"].split(";t=")[1]) <= 7200
+            write(5)
+            config.reload()
+            # the new limit on the same connection (a limit of its own: counted afresh)
+            seen = [get(conn) for _ in range(6)]
+            assert [status for status, _, _ in seen] == [200] * 5 + [429]
+            assert seen[0][1]["ratelimit-policy"] == '"key";q=5;w=3600'
+            assert seen[0][1]["ratelimit"].startswith('"key";r=4;t=')
+            conn.close()
+            with urllib.request.urlopen(f"http://127.0.0.1:{config.admin_port}/ratelimits", timeout=5) as r:
+                view = json.loads(r.read())
+            assert sorted(map(tuple, view["decisions"])) == [("api", "", "allowed", 8), ("api", "key", "denied", 3)]

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyproxy.core import SharedWindows, SlidingWindow, hit_all
+from pyproxy.core import ChargePlan, SharedWindows, SlidingWindow, Tally, hit_all
 
 T0 = 1000.0  # a monotonic-looking start time, in seconds
 
@@ -149,6 +149,65 @@ def test_hit_all_charges_all_or_none() -> None:
     assert sw.hit_all(((3, 1.0, "x"), (3, 1.0, "x")), now=T0) == (True, -1, 0.0, 1)
     assert sw.hit_all(iter([(3, 1.0, "x"), (3, 1.0, "x")]), now=T0)[:2] == (False, 1)
     assert sw.hit_all([(3, 1.0, f"y{i}") for i in range(6)], now=T0)[0]  # more than 4 triples
+
+
+def test_charge_plan_charges_as_hit_all_binding_and_writes_its_fields() -> None:
+    """Two tables in lockstep: the plan's decisions are hit_all_binding's, its RateLimit value
+    names the binding check with its remaining and whole seconds of reset, a denial is ``None``
+    and charges nothing, more than four triples work."""
+    import random
+
+    rng = random.Random(7)
+    triples = [(30, 1.0, "global"), (6, 0.25, "route:/a"), (4, 0.1, b"user:u"), (40, 5.0, "x"), (9, 0.5, "y")]
+    policy = (b"P", b"policy-value")
+    prefixes = [f"n{i};r=".encode() for i in range(len(triples))]
+    direct, planned = SharedWindows(64), SharedWindows(64)
+    tally = Tally()
+    plan = ChargePlan(planned, triples, 2, (policy, b"S", prefixes), tally)
+    assert len(plan) == 5 and plan.tally is tally and tally.value == 0
+    now, allowed = T0, 0
+    for step in range(400):
+        ok, _, _, remaining, binding, reset = direct.hit_all_binding(triples, 2, now)
+        got = plan.charge(now)
+        if ok:
+            allowed += 1
+            assert got == [policy, (b"S", b"n%d;r=%d;t=%d" % (binding, remaining, math.ceil(reset - 1e-9)))], step
+            assert got[0] is policy  # the field given, not a copy
+        else:
+            assert got is None, step
+        now += rng.choice([0.0, 0.0, 0.001, 0.02, 0.1, 0.4])
+    assert 40 < allowed < 400 and tally.value == allowed
+    # plans sharing a tally add to it
+    other = ChargePlan(planned, [(5, 1.0, "other")], tally=tally)
+    assert other.charge(now) == [] and tally.value == allowed + 1 and repr(tally) == f"Tally({allowed + 1})"
+    # the same counters: the tables agree key by key
+    for limit, window, key in triples:
+        assert direct.hit(limit, window, key, 0, now) == planned.hit(limit, window, key, 0, now)
+
+
+def test_charge_plan_without_fields_and_bad_input() -> None:
+    sw = SharedWindows(64)
+    plan = ChargePlan(sw, [(2, 1.0, "k")])
+    assert plan.charge(T0) == [] and plan.charge(T0) == [] and plan.charge(T0) is None
+    assert plan.tally.value == 2  # a tally of its own
+    assert sw.hit(2, 1.0, "k", 0, now=T0)[1] == 0
+    assert plan.charge() == []  # the table's own clock: the monotonic one, far past T0's window
+    with pytest.raises(ValueError, match="checks must not be empty"):
+        ChargePlan(sw, [])
+    with pytest.raises(ValueError, match="limit"):
+        ChargePlan(sw, [(0, 1.0, "k")])
+    with pytest.raises(TypeError, match="key"):
+        ChargePlan(sw, [(1, 1.0, 3)])
+    with pytest.raises(ValueError, match="cost"):
+        ChargePlan(sw, [(1, 1.0, "k")], -1)
+    with pytest.raises(TypeError, match="fields must be"):
+        ChargePlan(sw, [(1, 1.0, "k")], 1, (b"x", b"y"))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="policy_field must be"):
+        ChargePlan(sw, [(1, 1.0, "k")], 1, ((b"x",), b"S", [b"p"]))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="one entry per check"):
+        ChargePlan(sw, [(1, 1.0, "k")], 1, ((b"P", b"v"), b"S", [b"a", b"b"]))
+    with pytest.raises(ValueError, match="now"):
+        plan.charge(-1.0)
 
 
 # ---------------------------------------------------------------- agreement with SlidingWindow

@@ -152,23 +152,37 @@ _MEMO_SIZE: Final = 4096
 def binding_fields(checks: Sequence[Check], binding: Binding) -> list[tuple[bytes, bytes]]:
     """``RateLimit-Policy`` and ``RateLimit`` for an allowed request from a limiter's
     ``hit_binding`` answer: the fields :func:`rate_limit_headers` gives for the whole decision."""
+    check, remaining, reset = binding
+    state = b"%s%d;t=%d" % (_state_prefix(check), max(0, remaining), max(0, math.ceil(reset - 1e-9)))  # _whole_seconds
+    return [(b"RateLimit-Policy", _policy_memo(checks)), (b"RateLimit", state)]
+
+
+def plan_fields(checks: Sequence[Check]) -> tuple[tuple[bytes, bytes], bytes, list[bytes]]:
+    """What a ``ChargePlan`` needs to write :func:`binding_fields`' fields itself: the
+    ``RateLimit-Policy`` field, the ``RateLimit`` name, and each check's start of its value."""
+    return (b"RateLimit-Policy", _policy_memo(checks)), b"RateLimit", [_state_prefix(c) for c in checks]
+
+
+def _policy_memo(checks: Sequence[Check]) -> bytes:
     memo = _POLICIES.get(id(checks))
     if memo is not None and memo[0] is checks:
-        policy = memo[1]
-    else:
-        policy = _policy_of(checks)
-        if type(checks) is tuple:
-            if len(_POLICIES) >= _MEMO_SIZE:
-                _POLICIES.clear()
-            _POLICIES[id(checks)] = (checks, policy)
-    check, remaining, reset = binding
+        return memo[1]
+    policy = _policy_of(checks)
+    if type(checks) is tuple:
+        if len(_POLICIES) >= _MEMO_SIZE:
+            _POLICIES.clear()
+        _POLICIES[id(checks)] = (checks, policy)
+    return policy
+
+
+def _state_prefix(check: Check) -> bytes:
+    """``"name";r=``: the start of the ``RateLimit`` value advertising ``check``."""
     prefix = _STATE_PREFIXES.get(check.name)
     if prefix is None:
         if len(_STATE_PREFIXES) >= _MEMO_SIZE:
             _STATE_PREFIXES.clear()
         prefix = _STATE_PREFIXES[check.name] = f"{_sf_string(check.name)};r=".encode()
-    state = b"%s%d;t=%d" % (prefix, max(0, remaining), max(0, math.ceil(reset - 1e-9)))  # _whole_seconds
-    return [(b"RateLimit-Policy", policy), (b"RateLimit", state)]
+    return prefix
 
 
 def state_value(decision: Decision) -> bytes | None:

@@ -103,8 +103,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-from pyproxy.core import SharedWindows
+from pyproxy.core import ChargePlan, SharedWindows, Tally
 from pyproxy.ratelimit.checks import Binding, BlockedKey, Check, CheckResult, Decision, Penalty, add_penalty
+from pyproxy.ratelimit.headers import plan_fields
 
 if TYPE_CHECKING:
     from pyproxy.ratelimit.base import Limiter
@@ -361,6 +362,9 @@ class LocalLimiter:
         self._journal = _Journal(self.table)
         self._specs: dict[tuple[str, str, int, float], _Spec] = {}
         self._fast_plans: dict[int, tuple[Sequence[Check], _FastPlan | None]] = {}
+        # charge_plan's memo: (checks, with fields, plan) by the tuple's identity
+        self._charge_plans: dict[int, tuple[Sequence[Check], bool, ChargePlan | None]] = {}
+        self._plans_allowed = Tally()  # what every plan handed out allowed
         # logs: counts of finished sub-windows, per sub-window key (they no longer change)
         self._past: dict[str, int] = {}
         # counters: (window index, its start, the next one's start as the table's `now`), per window
@@ -383,7 +387,7 @@ class LocalLimiter:
     def stats(self) -> LocalLimiterStats:
         return LocalLimiterStats(
             healthy=True,
-            allowed=self._allowed,
+            allowed=self._allowed + self._plans_allowed.value,
             denied=self._denied,
             blocked=self._blocked,
             new_blocks=self._new_blocks,
@@ -503,6 +507,33 @@ class LocalLimiter:
                 self._allowed += 1
                 return (checks[binding], remaining, reset)
         return self._decide(checks, True, now, t, fast)
+
+    def charge_plan(self, checks: Sequence[Check], fields: bool) -> ChargePlan | None:
+        """``checks`` prepared for the data plane's usual request: one call that decides and
+        charges as :meth:`hit_binding` does and, allowed, answers the response's fields
+        (``RateLimit-Policy`` and ``RateLimit`` with ``fields``, none without) — ``None`` when
+        denied, having charged nothing (:meth:`hit_binding` then gives the details).
+
+        ``None`` instead of a plan for checks that are not the usual request (a sliding log, mixed
+        costs, a counter twice) or that have a penalty box, whose blocks the general path reads.
+        Kept per tuple of checks (by identity, as :meth:`_fast_plan`; other sequences get
+        ``None``); every plan's allowed charges count in :meth:`stats`, however long it is kept. Charge it at this limiter's
+        clock: ``plan.charge(self.clock())``, or ``plan.charge()`` when that is ``time.monotonic``.
+        """
+        memo = self._charge_plans.get(id(checks))
+        if memo is not None and memo[0] is checks and memo[1] == fields:
+            return memo[2]
+        if type(checks) is not tuple:
+            return None
+        fast = self._fast_plan(checks)
+        plan = None
+        if fast is not None and not fast[2]:
+            _, triples, _, cost = fast
+            plan = ChargePlan(self.table, triples, cost, plan_fields(checks) if fields else None, self._plans_allowed)
+        if len(self._charge_plans) >= 4096:
+            self._charge_plans.clear()
+        self._charge_plans[id(checks)] = (checks, fields, plan)
+        return plan
 
     def _fast_charge(self, checks: Sequence[Check], now: float, t: int) -> _FastCharge | None:
         """The usual request, quickly: counters only, one cost, each counter once, no key blocked.

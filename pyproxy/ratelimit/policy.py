@@ -104,6 +104,12 @@ class RoutePolicy:
         """Any limit applies to this route's requests."""
         return bool(self._shared or self.key is not None)
 
+    @property
+    def peer_bound(self) -> bool:
+        """The checks of a request follow from its peer's address alone and never move: no
+        adaptive limit, and no key level or a key that is the peer's address."""
+        return not self._adaptive and (self.key is None or self.key.by_peer_only)
+
     def _shared_checks(self) -> tuple[Check, ...]:
         version = sum(a.version for a in self._adaptive) if self._adaptive else 0
         if version != self._version:

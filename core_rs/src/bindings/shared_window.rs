@@ -4,9 +4,13 @@
 //! processes, so the pyclass is `frozen` and its methods take `&self`. The GIL is kept (a hit is
 //! far below the cost of releasing it).
 
-use pyo3::prelude::*;
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::keys::{at_least, check_tuple, key_parts};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList, PyTuple};
+
+use super::keys::{at_least, check_tuple, key_parts, wrong_type};
 use super::window::{cost_arg, decision_tuple, now_ns, retry_secs, scratch, with_parsed, INLINE};
 use crate::clock;
 use crate::error::check_seconds;
@@ -197,14 +201,8 @@ impl SharedWindows {
         let cost = cost_arg(cost)?;
         let now = now_ns(now)?;
         with_parsed(checks, triple, |triples| {
-            let empty = Check {
-                limiter: 0,
-                limit: 0,
-                window: 0,
-                key: &[],
-            };
-            let (mut checks_inline, mut checks_heap) = ([empty; INLINE], Vec::new());
-            let list = scratch(&mut checks_inline, &mut checks_heap, triples.len(), empty);
+            let (mut inline, mut heap) = ([NO_CHECK; INLINE], Vec::new());
+            let list = scratch(&mut inline, &mut heap, triples.len(), NO_CHECK);
             for (c, t) in list.iter_mut().zip(triples) {
                 let Some((limit, window, key)) = t else {
                     continue;
@@ -226,6 +224,14 @@ impl SharedWindows {
     }
 }
 
+/// What a scratch list of checks holds before it is filled.
+const NO_CHECK: Check<'static> = Check {
+    limiter: 0,
+    limit: 0,
+    window: 0,
+    key: &[],
+};
+
 /// `(limit, window ns, key object)` of one `hit_all` check.
 type Triple<'py> = (u64, u64, Bound<'py, PyAny>);
 
@@ -237,7 +243,218 @@ fn triple<'py>(item: &Bound<'py, PyAny>) -> PyResult<Triple<'py>> {
     Ok((limit, window, tuple.get_item(2)?))
 }
 
+/// A fixed set of ``hit_all`` triples on one table, prepared once and charged many times: the
+/// usual request of a rate-limit policy (one tuple of checks per route and key), decided and
+/// charged by one call that converts nothing.
+///
+/// ``ChargePlan(table, checks, cost=1, fields=None)``: ``checks`` as for ``hit_all`` (the keys are
+/// copied), at least one; ``fields``, if given, is ``(policy_field, state_name, state_prefixes)``:
+/// the ``(name, value)`` pair an allowed request's response carries as it is (``RateLimit-Policy``),
+/// and the name and the start of the value, per check, of the field that states the binding
+/// check's standing (``RateLimit``: ``state_prefixes[i] + b"<remaining>;t=<reset seconds>"``).
+///
+/// ``charge(now=None)`` decides and charges exactly as ``hit_all_binding`` does: allowed → a list
+/// of the fields (empty without ``fields``); denied → ``None``, nothing charged. Each allowed
+/// charge adds one to ``tally`` (a [`Tally`] several plans may share; a new one if not given).
+/// Thread-safe.
+#[pyclass(module = "pyproxy._core", name = "ChargePlan", frozen)]
+pub struct ChargePlan {
+    table: Py<SharedWindows>,
+    checks: Vec<PlannedCheck>,
+    cost: u64,
+    fields: Option<PlanFields>,
+    tally: Py<Tally>,
+}
+
+/// A count several ``ChargePlan``s add their allowed charges to (one per limiter: its
+/// statistics then hold whatever plans it handed out, however long they live). Thread-safe.
+#[pyclass(module = "pyproxy._core", name = "Tally", frozen)]
+#[derive(Default)]
+pub struct Tally {
+    count: AtomicU64,
+}
+
+#[pymethods]
+impl Tally {
+    #[new]
+    fn new() -> Self {
+        Tally::default()
+    }
+
+    /// The count.
+    #[getter]
+    fn value(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Tally({})", self.value())
+    }
+}
+
+/// One triple of a [`ChargePlan`], its key owned.
+struct PlannedCheck {
+    kind: u64,
+    limit: u64,
+    window: u64,
+    key: Box<[u8]>,
+}
+
+/// What an allowed charge of a [`ChargePlan`] puts in the response.
+struct PlanFields {
+    policy: Py<PyTuple>,
+    state_name: Py<PyBytes>,
+    prefixes: Vec<Box<[u8]>>,
+}
+
+impl PlanFields {
+    /// ``prefix + b"<remaining>;t=<seconds>"``: the seconds rounded up as the Python side's
+    /// ``_whole_seconds`` does (the same float operations, so the same digits).
+    fn state_value(&self, b: &shared_window::Binding) -> Vec<u8> {
+        let prefix = &self.prefixes[b.index];
+        let mut value = Vec::with_capacity(prefix.len() + 24);
+        value.extend_from_slice(prefix);
+        let secs = (clock::ns_to_secs(b.reset) - 1e-9).ceil().max(0.0) as u64;
+        // Writing into a Vec cannot fail.
+        let _ = write!(value, "{};t={}", b.remaining, secs);
+        value
+    }
+}
+
+#[pymethods]
+impl ChargePlan {
+    #[new]
+    #[pyo3(signature = (table, checks, cost=1, fields=None, tally=None))]
+    fn new(
+        py: Python<'_>,
+        table: Py<SharedWindows>,
+        checks: &Bound<'_, PyAny>,
+        cost: i64,
+        fields: Option<&Bound<'_, PyTuple>>,
+        tally: Option<Py<Tally>>,
+    ) -> PyResult<Self> {
+        let cost = cost_arg(cost)?;
+        let planned = with_parsed(checks, triple, |triples| {
+            let mut planned = Vec::with_capacity(triples.len());
+            for (limit, window, key) in triples.iter().flatten() {
+                let (kind, k) = key_parts(key)?;
+                planned.push(PlannedCheck {
+                    kind: kind as u64,
+                    limit: *limit,
+                    window: *window,
+                    key: k.into(),
+                });
+            }
+            Ok(planned)
+        })?;
+        if planned.is_empty() {
+            return Err(pyo3::exceptions::PyValueError::new_err(
+                "checks must not be empty",
+            ));
+        }
+        let fields = fields.map(|f| plan_fields(f, planned.len())).transpose()?;
+        Ok(ChargePlan {
+            table,
+            checks: planned,
+            cost,
+            fields,
+            tally: match tally {
+                Some(t) => t,
+                None => Py::new(py, Tally::default())?,
+            },
+        })
+    }
+
+    /// Decide and charge (see the class); ``now`` as for ``hit_all``.
+    #[pyo3(signature = (now=None))]
+    fn charge<'py>(
+        &self,
+        py: Python<'py>,
+        now: Option<f64>,
+    ) -> PyResult<Option<Bound<'py, PyList>>> {
+        let now = now_ns(now)?;
+        let (mut inline, mut heap) = ([NO_CHECK; INLINE], Vec::new());
+        let list = scratch(&mut inline, &mut heap, self.checks.len(), NO_CHECK);
+        for (c, p) in list.iter_mut().zip(&self.checks) {
+            *c = Check {
+                limiter: p.kind,
+                limit: p.limit,
+                window: p.window,
+                key: &p.key,
+            };
+        }
+        let (d, binding) = self
+            .table
+            .get()
+            .inner
+            .hit_all_binding(list, self.cost, now)?;
+        if !d.allowed {
+            return Ok(None);
+        }
+        self.tally.get().count.fetch_add(1, Ordering::Relaxed);
+        // An allowed decision always names its binding check (there is at least one check).
+        let (Some(fields), Some(b)) = (&self.fields, binding) else {
+            return Ok(Some(PyList::empty(py)));
+        };
+        let state = PyTuple::new(
+            py,
+            [
+                fields.state_name.bind(py).clone().into_any(),
+                PyBytes::new(py, &fields.state_value(&b)).into_any(),
+            ],
+        )?;
+        Ok(Some(PyList::new(
+            py,
+            [fields.policy.bind(py).clone().into_any(), state.into_any()],
+        )?))
+    }
+
+    /// The count the allowed charges go to.
+    #[getter]
+    fn tally(&self, py: Python<'_>) -> Py<Tally> {
+        self.tally.clone_ref(py)
+    }
+
+    /// Number of checks.
+    fn __len__(&self) -> usize {
+        self.checks.len()
+    }
+}
+
+/// ``(policy_field, state_name, state_prefixes)`` → [`PlanFields`], one prefix per check.
+fn plan_fields(f: &Bound<'_, PyTuple>, n: usize) -> PyResult<PlanFields> {
+    let (policy, state_name, prefixes): (Bound<'_, PyTuple>, Bound<'_, PyBytes>, Vec<Vec<u8>>) =
+        f.extract().map_err(|_| {
+            wrong_type(
+                "fields",
+                "(policy_field: tuple[bytes, bytes], state_name: bytes, state_prefixes: list[bytes])",
+                f.as_any(),
+            )
+        })?;
+    let pair_of_bytes = policy.len() == 2 && policy.iter().all(|x| x.cast::<PyBytes>().is_ok());
+    if !pair_of_bytes {
+        return Err(wrong_type(
+            "policy_field",
+            "a (bytes, bytes) pair",
+            policy.as_any(),
+        ));
+    }
+    if prefixes.len() != n {
+        return Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "state_prefixes must have one entry per check ({n}), got {}",
+            prefixes.len()
+        )));
+    }
+    Ok(PlanFields {
+        policy: policy.unbind(),
+        state_name: state_name.unbind(),
+        prefixes: prefixes.into_iter().map(Vec::into_boxed_slice).collect(),
+    })
+}
+
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<SharedWindows>()?;
+    m.add_class::<ChargePlan>()?;
+    m.add_class::<Tally>()?;
     Ok(())
 }
