@@ -476,6 +476,10 @@ cdef class Exchange:
             fields = plan.charge()
             if fields is not None:
                 limits.allowed[route] += 1
+            else:
+                # denied, or the plan no longer applies (Redis unreachable, a counter dropped):
+                # the next request asks for the plan again
+                client.rl_policy = None
         else:
             fields = limits.allow_fast(route, self.headers, self.target, client.peer_text)
         if fields is not None:

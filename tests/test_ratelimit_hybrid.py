@@ -119,6 +119,55 @@ def test_hit_binding_is_the_decisions_binding(redis_clean: RedisServer) -> None:
     run(main)
 
 
+def test_a_plan_charges_as_hit_binding_and_gives_way_when_it_no_longer_applies(redis_clean: RedisServer) -> None:
+    """Two instances in lockstep on keys of their own (no sync in between): the plan's fields
+    are those of hit_binding's answer, a denial is ``None``; a plan answers ``None`` while Redis
+    is unreachable and once its counters are dropped, and the limiter's count includes it."""
+    from pyproxy.ratelimit.headers import binding_fields
+
+    def split(fields: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        return [(name, value.split(b";t=")[0]) for name, value in fields]
+
+    def checks(tag: str) -> tuple[Check, ...]:
+        return (Check(f"g{tag}", 50, 3600.0, name="g"), Check(f"k{tag}", 6, 3600.0, name="k"))
+
+    async def main() -> None:
+        a, b = hybrid(redis_clean, sync_interval=60), hybrid(redis_clean, sync_interval=60)
+        try:
+            ca, cb = checks("a"), checks("b")
+            plan = b.charge_plan(cb, True)
+            assert plan is not None and b.charge_plan(cb, True) is plan and len(plan) == 2
+            for step in range(8):
+                want = a.hit_binding(ca)
+                got = plan.charge()
+                if isinstance(want, tuple):
+                    assert got is not None and split(got) == split(binding_fields(ca, want)), step
+                else:
+                    assert got is None and not want.allowed, step
+            assert a.stats().allowed == b.stats().allowed == 6
+            quiet = b.charge_plan(checks("q"), False)
+            assert quiet is not None and quiet.charge() == []
+            penalty = Penalty(max_violations=1, violation_window=60.0, block_for=60.0, block_max=60.0)
+            assert b.charge_plan((Check("p", 5, 1.0, penalty=penalty),), True) is None
+            assert b.charge_plan(list(checks("l")), True) is None
+            b._degraded = True  # as a failed sync leaves it
+            assert quiet.charge() is None
+            b._degraded = False
+            assert quiet.charge() == []
+            # synced, then unused for a sync: idle counters are dropped, and their plans with them
+            assert await b.sync() and await b.sync(every=False)
+            b._evict()
+            assert quiet.charge() is None
+            again = b.charge_plan(checks("q"), False)
+            assert again is not None and again is not quiet and again.charge() == []
+            assert await b.sync()  # the new counter learns the units of the old one from Redis
+            assert b.peek_sync(checks("q")).results[1].remaining == 6 - 3 - 1  # (a peek costs 1)
+        finally:
+            await close(a, b)
+
+    run(main)
+
+
 def test_other_instances_usage_is_folded_in(redis_clean: RedisServer) -> None:
     async def main() -> None:
         a, b = hybrid(redis_clean), hybrid(redis_clean)

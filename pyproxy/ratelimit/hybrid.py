@@ -57,11 +57,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
+from pyproxy._core import HybridClock, HybridCounter, HybridPlan, Tally, hybrid_charge
 from pyproxy.ratelimit import lua
 from pyproxy.ratelimit.checks import Binding, BlockedKey, Check, CheckResult, Decision, Penalty, add_penalty
+from pyproxy.ratelimit.headers import plan_fields
 from pyproxy.ratelimit.local import MAX_LIMIT, LocalLimiter, _BoxState, _counter_decide, _counter_reset, _Item, _ns
 from pyproxy.ratelimit.redis_backend import RedisLimiter, RedisUnavailable
 
@@ -165,27 +167,6 @@ class HybridLimiterStats:
     denied: int
 
 
-@dataclass(slots=True)
-class _Counter:
-    """One counter's view: global counts as Redis last reported them, plus this process's units."""
-
-    rkey: str
-    key: str
-    limit: int
-    w: int  # µs
-    gidx: int = -(2**62)  # the window the global counts are of (Redis clock)
-    gp: int = 0  # global count of window gidx − 1
-    gc: int = 0  # global count of window gidx
-    pending: dict[int, int] = field(default_factory=dict)  # window index -> units not sent yet
-    inflight: dict[int, int] = field(default_factory=dict)  # sent, reply not back yet
-    used: bool = True  # used since the last sync
-
-    def count(self, idx: int) -> int:
-        """Units in window ``idx`` as far as this process knows."""
-        g = self.gc if idx == self.gidx else self.gp if idx == self.gidx - 1 else 0
-        return g + self.pending.get(idx, 0) + self.inflight.get(idx, 0)
-
-
 class HybridLimiter:
     """Rate limits decided locally against cluster-wide counts reconciled with Redis; see the
     module doc.
@@ -220,16 +201,18 @@ class HybridLimiter:
         self.fallback_local = fallback_local
         self.max_counters = max_counters
         self.clock = clock
-        self._counters: dict[tuple[str, int, float], _Counter] = {}
+        self._counters: dict[tuple[str, int, float], HybridCounter] = {}
+        # charge_plan's memo: (checks, with fields, plan) by the tuple's identity
+        self._plans: dict[int, tuple[Sequence[Check], bool, HybridPlan | None]] = {}
+        self._plans_allowed = Tally()  # what every plan handed out allowed
         # penalty keys checked since the last sync: key -> blocked until (local ns) to share, or 0
         self._penalty_keys: dict[str, int] = {}
         # blocks shared through Redis: key -> when they end (time.monotonic()), to notice unblocks
         self._shared: dict[str, float] = {}
-        # Redis time (µs) = (clock() + offset) · 1e6; a wall-clock guess until the first sync
-        self._offset = time.time() - clock()
-        self._last_us = 0
+        # Redis time (µs) = (clock() + offset) · 1e6, a wall-clock guess until the first sync; and
+        # whether Redis is unreachable (decisions then fall back) — shared with the plans
+        self._redis_clock = HybridClock(time.time() - clock())
         self._sync_lock: asyncio.Lock | None = None
-        self._degraded = False
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._syncs = 0
@@ -248,6 +231,14 @@ class HybridLimiter:
         """False while decisions fall back to the local limiter (Redis unavailable)."""
         return not self._degraded
 
+    @property
+    def _degraded(self) -> bool:
+        return self._redis_clock.degraded
+
+    @_degraded.setter
+    def _degraded(self, degraded: bool) -> None:
+        self._redis_clock.degraded = degraded
+
     def stats(self) -> HybridLimiterStats:
         return HybridLimiterStats(
             healthy=not self._degraded,
@@ -258,18 +249,14 @@ class HybridLimiter:
             pushed=self._pushed,
             counters=len(self._counters),
             last_sync_latency=self._last_latency,
-            allowed=self._allowed,
+            allowed=self._allowed + self._plans_allowed.value,
             denied=self._denied,
         )
 
     def redis_now_us(self) -> int:
         """This process's estimate of Redis' clock, µs (the windows decisions are made in); never
         goes back (a new estimate after a sync may be a few µs behind the last one)."""
-        now = int((self.clock() + self._offset) * 1e6)
-        if now < self._last_us:
-            return self._last_us
-        self._last_us = now
-        return now
+        return self._redis_clock.now_us(self.clock())
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -342,7 +329,7 @@ class HybridLimiter:
         """What :meth:`hit_sync` would answer now, charging nothing and counting no violation."""
         return self._decide(checks, charge=False)
 
-    def _counter(self, check: Check) -> _Counter:
+    def _counter(self, check: Check) -> HybridCounter:
         if check.algorithm != "sliding_window_counter":
             raise ValueError(
                 f"check {check.name!r}: hybrid mode counts sliding_window_counter limits only "
@@ -357,15 +344,18 @@ class HybridLimiter:
                 self._evict()
             w = max(1, round(check.window * 1e6))
             rkey = self.redis.key_for(check.key, f"h:{check.limit}:{w}")
-            counter = self._counters[ident] = _Counter(rkey, check.key, check.limit, w)
-        counter.used = True
+            counter = self._counters[ident] = HybridCounter(rkey, check.key, check.limit, w)
+        else:
+            counter.touch()
         return counter
 
     def _evict(self) -> None:
         """Drop counters with nothing to push and not used since the last sync."""
-        idle = [k for k, c in self._counters.items() if not c.used and not c.pending and not c.inflight]
+        idle = [k for k, c in self._counters.items() if c.idle]
         for k in idle:
-            del self._counters[k]
+            self._counters.pop(k).retire()  # a plan holding it can no longer charge it
+        if idle:
+            self._plans.clear()  # a plan must not charge a counter no longer reconciled
 
     def admit(self, checks: Sequence[Check]) -> Decision | None:
         """:meth:`hit_sync` without the details of an allowed request: ``None`` when it is allowed
@@ -401,17 +391,8 @@ class HybridLimiter:
         cost = checks[0].cost
         if cost < 1:
             return False
-        get = self._counters.get
-        chosen: list[_Counter] = []
-        for check in checks:
-            counter = get((check.key, check.limit, check.window))
-            if counter is None or check.algorithm != "sliding_window_counter":
-                counter = self._counter(check)  # validates, raises for what hybrid cannot count
-            if check.cost != cost:
-                return False
-            counter.used = True
-            chosen.append(counter)
-        if len(chosen) > 1 and len({id(c) for c in chosen}) != len(chosen):
+        chosen = self._fast_counters(checks, cost)
+        if chosen is None:
             return False
         penalized = [check for check in checks if check.penalty is not None]
         if penalized:
@@ -426,42 +407,16 @@ class HybridLimiter:
                     return False
                 self._penalty_keys.setdefault(check.key, 0)
         t_us = self.redis_now_us()
-        found: list[tuple[int, int, int, int]] = []  # (window index, offset, current, used) per counter
-        for counter in chosen:
-            w = counter.w
-            idx = t_us // w
-            e = t_us - idx * w
-            gidx = counter.gidx
-            if idx == gidx:
-                prev, cur = counter.gp, counter.gc
-            elif idx == gidx + 1:
-                prev, cur = counter.gc, 0
-            else:
-                prev = cur = 0
-            pending = counter.pending
-            if pending:
-                prev += pending.get(idx - 1, 0)
-                cur += pending.get(idx, 0)
-            inflight = counter.inflight
-            if inflight:
-                prev += inflight.get(idx - 1, 0)
-                cur += inflight.get(idx, 0)
-            used = prev * (w - e) // w + cur
-            if used + cost > counter.limit:
-                return False
-            found.append((idx, e, cur, used))
+        found = hybrid_charge(chosen, cost, t_us)  # (idx, e, current, remaining, reset µs) per counter
+        if found is None:
+            return False
         self._allowed += 1
-        for counter, (idx, _, _, _) in zip(chosen, found, strict=True):
-            counter.pending[idx] = counter.pending.get(idx, 0) + cost
         if details == _NO_DETAILS:
             return None
         results: list[CheckResult] = []
         binding: Binding | None = None
-        for check, counter, (idx, e, cur, used) in zip(checks, chosen, found, strict=True):
-            w = counter.w
-            c = cur + cost  # the charge went to this window: the previous one's share is as read
-            remaining = counter.limit - used - cost
-            reset = ((w - e) + max(w + 1 - -(-w // c), 0)) / 1e6
+        for check, (_, _, _, remaining, reset_us) in zip(checks, found, strict=True):
+            reset = reset_us / 1e6
             if details == _DECISION:
                 results.append(CheckResult(check, True, remaining, 0.0, reset))
             elif binding is None or remaining < binding[1] or (remaining == binding[1] and reset > binding[2]):
@@ -469,6 +424,48 @@ class HybridLimiter:
         if binding is not None:
             return binding
         return Decision(True, tuple(results), server_time_us=t_us)
+
+    def _fast_counters(self, checks: Sequence[Check], cost: int) -> list[HybridCounter] | None:
+        """The counters of a usual request's checks — one cost, each counter once — or ``None``."""
+        get = self._counters.get
+        chosen: list[HybridCounter] = []
+        for check in checks:
+            counter = get((check.key, check.limit, check.window))
+            if counter is None or check.algorithm != "sliding_window_counter":
+                counter = self._counter(check)  # validates, raises for what hybrid cannot count
+            if check.cost != cost:
+                return None
+            chosen.append(counter)
+        if len(chosen) > 1 and len({id(c) for c in chosen}) != len(chosen):
+            return None
+        return chosen
+
+    def charge_plan(self, checks: Sequence[Check], fields: bool) -> HybridPlan | None:
+        """``checks`` prepared for the data plane's usual request, as ``LocalLimiter.charge_plan``:
+        ``plan.charge()`` decides and charges as :meth:`hit_binding` does (at the monotonic
+        clock's estimate of Redis time) and answers the response's fields, or ``None`` — denied,
+        Redis unreachable, or a counter this limiter stopped tracking — having charged nothing.
+        ``None`` instead of a plan for checks that are not the usual request or have a penalty
+        box, and when this limiter's clock is not ``time.monotonic``. Every plan's allowed charges
+        count in :meth:`stats`."""
+        memo = self._plans.get(id(checks))
+        if memo is not None and memo[0] is checks and memo[1] == fields:
+            return memo[2]
+        if type(checks) is not tuple or not checks or self.clock is not time.monotonic:
+            return None
+        plan = None
+        cost = checks[0].cost
+        if cost >= 1 and all(check.penalty is None for check in checks):
+            chosen = self._fast_counters(checks, cost)
+            if chosen is not None:
+                plan = HybridPlan(
+                    chosen, cost, self._redis_clock, plan_fields(checks) if fields else None, self._plans_allowed
+                )
+        if len(self._plans) >= 4096:
+            self._plans.clear()
+        self._plans[id(checks)] = (checks, fields, plan)
+        self._ensure_task()
+        return plan
 
     def _decide(self, checks: Sequence[Check], charge: bool, fast: bool = True) -> Decision:
         if not checks:
@@ -490,7 +487,7 @@ class HybridLimiter:
                     for check, counter in zip(checks, counters, strict=True):
                         if check.cost:
                             idx = idx_us // counter.w
-                            counter.pending[idx] = counter.pending.get(idx, 0) + check.cost
+                            counter.add(idx, check.cost)
                 self._count(decision)
             return decision
         local = self.local
@@ -501,7 +498,7 @@ class HybridLimiter:
         items: list[_Item] = []
         index: dict[int, int] = {}
         mapping: list[int] = []
-        owners: list[_Counter] = []
+        owners: list[HybridCounter] = []
         penalties: dict[str, Penalty] = {}
         for check, counter in zip(checks, counters, strict=True):
             at = index.get(id(counter))
@@ -537,7 +534,7 @@ class HybridLimiter:
                 item.reset = _counter_reset(counter.count(idx - 1), counter.count(idx) + item.cost, t_us - idx * w, w)
                 item.reset *= 1000
                 if item.cost:
-                    counter.pending[idx] = counter.pending.get(idx, 0) + item.cost
+                    counter.add(idx, item.cost)
         if charge and not allowed:
             for key, pen in penalties.items():
                 if not boxes[key].was and any(not item.ok for item in items if item.key == key):
@@ -569,19 +566,16 @@ class HybridLimiter:
             return await self._sync(every)
 
     async def _sync(self, every: bool) -> bool:
-        counters = [c for c in self._counters.values() if every or c.used or c.pending]
+        counters = [c for c in self._counters.values() if every or not c.idle]
         penalty_keys = self._penalty_keys
         self._penalty_keys = {}
         if not counters and not penalty_keys:
             return True
         # group by Redis Cluster slot (one group on a single server)
-        groups: dict[int, tuple[list[_Counter], list[tuple[str, int]]]] = {}
+        groups: dict[int, tuple[list[tuple[HybridCounter, list[tuple[int, int]]]], list[tuple[str, int]]]] = {}
         for counter in counters:
-            counter.used = False
-            for idx, units in counter.pending.items():
-                counter.inflight[idx] = counter.inflight.get(idx, 0) + units
-            counter.pending = {}
-            groups.setdefault(self.redis.slot_of(counter.key), ([], []))[0].append(counter)
+            inflight = counter.begin_sync()  # what is pending goes in flight
+            groups.setdefault(self.redis.slot_of(counter.key), ([], []))[0].append((counter, inflight))
         mono_now = self.local.clock()
         t = _ns(mono_now)
         redis_now = self.redis_now_us()
@@ -590,11 +584,11 @@ class HybridLimiter:
             groups.setdefault(self.redis.slot_of(key), ([], []))[1].append((key, want))
         calls: list[tuple[lua.Script, list[str], list[str | int]]] = []
         for group, pens in groups.values():
-            keys = [c.rkey for c in group] + [self.redis.block_key(key) for key, _ in pens]
+            keys = [c.rkey for c, _ in group] + [self.redis.block_key(key) for key, _ in pens]
             args: list[str] = [str(len(group)), str(len(pens))]
-            for c in group:
-                args += (str(c.w), str(len(c.inflight)))
-                for idx, units in c.inflight.items():
+            for c, inflight in group:
+                args += (str(c.w), str(len(inflight)))
+                for idx, units in inflight:
                     args += (str(idx), str(units))
             args += (str(want) for _, want in pens)
             calls.append((SYNC, keys, [" ".join(args)]))
@@ -604,10 +598,7 @@ class HybridLimiter:
         except (RedisUnavailable, asyncio.CancelledError) as exc:
             # not sent, or sent without a reply: push again later (an overcount if it ran)
             for counter in counters:
-                for idx, units in counter.inflight.items():
-                    counter.pending[idx] = counter.pending.get(idx, 0) + units
-                counter.inflight = {}
-                counter.used = True
+                counter.sync_failed()
             for key, until in penalty_keys.items():
                 self._penalty_keys[key] = max(self._penalty_keys.get(key, 0), until)
             if isinstance(exc, asyncio.CancelledError):
@@ -627,15 +618,11 @@ class HybridLimiter:
         for (group, pens), reply in zip(groups.values(), replies, strict=True):
             now_us = int(reply[0])
             # Redis read its clock somewhere in the round trip: take the middle
-            self._offset = now_us / 1e6 - (self.clock() - (received - sent) / 2)
-            for n, counter in enumerate(group):
-                self._pushed += sum(counter.inflight.values())
-                counter.inflight = {}
-                counter.gidx = now_us // counter.w
-                counter.gp, counter.gc = int(reply[1 + 2 * n]), int(reply[2 + 2 * n])
-                # units still pending for windows that no longer matter are dropped
-                if counter.pending:
-                    counter.pending = {i: u for i, u in counter.pending.items() if i >= counter.gidx - 1}
+            offset = self._redis_clock.offset = now_us / 1e6 - (self.clock() - (received - sent) / 2)
+            for n, (counter, _) in enumerate(group):
+                # the global counts replace this view's; pending units of windows that no longer
+                # matter are dropped
+                self._pushed += counter.sync_done(now_us, int(reply[1 + 2 * n]), int(reply[2 + 2 * n]))
             base = 1 + 2 * len(group)
             slack = max(0.001, received - sent)  # how far off our estimate of Redis' clock may be
             for n, (key, _) in enumerate(pens):
@@ -644,7 +631,7 @@ class HybridLimiter:
                 if until_us > now_us:
                     # Redis' end on this process's clock now (not from the reply's TIME: the reply
                     # took a while to be read), as the offset just estimated says
-                    left = until_us / 1e6 - self._offset - self.clock()
+                    left = until_us / 1e6 - offset - self.clock()
                     if left > slack and (state is None or state.remaining < left - slack):
                         self.local.block_sync(key, left)
                         state = self.local.block_state_sync(key)

@@ -517,13 +517,13 @@ class LocalLimiter:
         ``None`` instead of a plan for checks that are not the usual request (a sliding log, mixed
         costs, a counter twice) or that have a penalty box, whose blocks the general path reads.
         Kept per tuple of checks (by identity, as :meth:`_fast_plan`; other sequences get
-        ``None``); every plan's allowed charges count in :meth:`stats`, however long it is kept. Charge it at this limiter's
-        clock: ``plan.charge(self.clock())``, or ``plan.charge()`` when that is ``time.monotonic``.
+        ``None``); every plan's allowed charges count in :meth:`stats`, however long it is kept.
+        Plans read the monotonic clock themselves: none for a limiter on another clock.
         """
         memo = self._charge_plans.get(id(checks))
         if memo is not None and memo[0] is checks and memo[1] == fields:
             return memo[2]
-        if type(checks) is not tuple:
+        if type(checks) is not tuple or self.clock is not time.monotonic:
             return None
         fast = self._fast_plan(checks)
         plan = None

@@ -6,7 +6,9 @@ use pyo3::prelude::*;
 mod cache;
 mod errors;
 mod gil_cell;
+mod hybrid;
 mod keys;
+mod plan;
 mod ring;
 mod shared_window;
 mod window;
@@ -24,5 +26,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     ring::register(m)?;
     window::register(m)?;
     shared_window::register(m)?;
+    plan::register(m)?;
+    hybrid::register(m)?;
     Ok(())
 }

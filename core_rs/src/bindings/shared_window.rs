@@ -4,13 +4,11 @@
 //! processes, so the pyclass is `frozen` and its methods take `&self`. The GIL is kept (a hit is
 //! far below the cost of releasing it).
 
-use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyList, PyTuple};
+use pyo3::types::{PyList, PyTuple};
 
-use super::keys::{at_least, check_tuple, key_parts, wrong_type};
+use super::keys::{at_least, check_tuple, key_parts};
+use super::plan::{allowed_answer, tally_or_new, PlanFields, Tally};
 use super::window::{cost_arg, decision_tuple, now_ns, retry_secs, scratch, with_parsed, INLINE};
 use crate::clock;
 use crate::error::check_seconds;
@@ -266,59 +264,12 @@ pub struct ChargePlan {
     tally: Py<Tally>,
 }
 
-/// A count several ``ChargePlan``s add their allowed charges to (one per limiter: its
-/// statistics then hold whatever plans it handed out, however long they live). Thread-safe.
-#[pyclass(module = "pyproxy._core", name = "Tally", frozen)]
-#[derive(Default)]
-pub struct Tally {
-    count: AtomicU64,
-}
-
-#[pymethods]
-impl Tally {
-    #[new]
-    fn new() -> Self {
-        Tally::default()
-    }
-
-    /// The count.
-    #[getter]
-    fn value(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
-    }
-
-    fn __repr__(&self) -> String {
-        format!("Tally({})", self.value())
-    }
-}
-
 /// One triple of a [`ChargePlan`], its key owned.
 struct PlannedCheck {
     kind: u64,
     limit: u64,
     window: u64,
     key: Box<[u8]>,
-}
-
-/// What an allowed charge of a [`ChargePlan`] puts in the response.
-struct PlanFields {
-    policy: Py<PyTuple>,
-    state_name: Py<PyBytes>,
-    prefixes: Vec<Box<[u8]>>,
-}
-
-impl PlanFields {
-    /// ``prefix + b"<remaining>;t=<seconds>"``: the seconds rounded up as the Python side's
-    /// ``_whole_seconds`` does (the same float operations, so the same digits).
-    fn state_value(&self, b: &shared_window::Binding) -> Vec<u8> {
-        let prefix = &self.prefixes[b.index];
-        let mut value = Vec::with_capacity(prefix.len() + 24);
-        value.extend_from_slice(prefix);
-        let secs = (clock::ns_to_secs(b.reset) - 1e-9).ceil().max(0.0) as u64;
-        // Writing into a Vec cannot fail.
-        let _ = write!(value, "{};t={}", b.remaining, secs);
-        value
-    }
 }
 
 #[pymethods]
@@ -352,16 +303,15 @@ impl ChargePlan {
                 "checks must not be empty",
             ));
         }
-        let fields = fields.map(|f| plan_fields(f, planned.len())).transpose()?;
+        let fields = fields
+            .map(|f| PlanFields::parse(f, planned.len()))
+            .transpose()?;
         Ok(ChargePlan {
             table,
             checks: planned,
             cost,
             fields,
-            tally: match tally {
-                Some(t) => t,
-                None => Py::new(py, Tally::default())?,
-            },
+            tally: tally_or_new(py, tally)?,
         })
     }
 
@@ -391,22 +341,10 @@ impl ChargePlan {
         if !d.allowed {
             return Ok(None);
         }
-        self.tally.get().count.fetch_add(1, Ordering::Relaxed);
+        self.tally.get().add_one();
         // An allowed decision always names its binding check (there is at least one check).
-        let (Some(fields), Some(b)) = (&self.fields, binding) else {
-            return Ok(Some(PyList::empty(py)));
-        };
-        let state = PyTuple::new(
-            py,
-            [
-                fields.state_name.bind(py).clone().into_any(),
-                PyBytes::new(py, &fields.state_value(&b)).into_any(),
-            ],
-        )?;
-        Ok(Some(PyList::new(
-            py,
-            [fields.policy.bind(py).clone().into_any(), state.into_any()],
-        )?))
+        let binding = binding.map(|b| (b.index, b.remaining, clock::ns_to_secs(b.reset)));
+        Ok(Some(allowed_answer(py, self.fields.as_ref(), binding)?))
     }
 
     /// The count the allowed charges go to.
@@ -421,40 +359,8 @@ impl ChargePlan {
     }
 }
 
-/// ``(policy_field, state_name, state_prefixes)`` → [`PlanFields`], one prefix per check.
-fn plan_fields(f: &Bound<'_, PyTuple>, n: usize) -> PyResult<PlanFields> {
-    let (policy, state_name, prefixes): (Bound<'_, PyTuple>, Bound<'_, PyBytes>, Vec<Vec<u8>>) =
-        f.extract().map_err(|_| {
-            wrong_type(
-                "fields",
-                "(policy_field: tuple[bytes, bytes], state_name: bytes, state_prefixes: list[bytes])",
-                f.as_any(),
-            )
-        })?;
-    let pair_of_bytes = policy.len() == 2 && policy.iter().all(|x| x.cast::<PyBytes>().is_ok());
-    if !pair_of_bytes {
-        return Err(wrong_type(
-            "policy_field",
-            "a (bytes, bytes) pair",
-            policy.as_any(),
-        ));
-    }
-    if prefixes.len() != n {
-        return Err(pyo3::exceptions::PyValueError::new_err(format!(
-            "state_prefixes must have one entry per check ({n}), got {}",
-            prefixes.len()
-        )));
-    }
-    Ok(PlanFields {
-        policy: policy.unbind(),
-        state_name: state_name.unbind(),
-        prefixes: prefixes.into_iter().map(Vec::into_boxed_slice).collect(),
-    })
-}
-
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<SharedWindows>()?;
     m.add_class::<ChargePlan>()?;
-    m.add_class::<Tally>()?;
     Ok(())
 }
