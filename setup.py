@@ -1,5 +1,6 @@
 """Cythonize ``cython_ext/`` into ``pyproxy._speedups`` (head helpers), ``pyproxy._balance`` (the
-balancers' per-request arithmetic) and ``pyproxy._protocol`` (the data plane's protocol objects).
+balancers' per-request arithmetic), ``pyproxy._cachehit`` (the HTTP cache's synchronous hit path)
+and ``pyproxy._protocol`` (the data plane's protocol objects).
 
 Everything else (metadata, the Rust extension via setuptools-rust) lives in pyproject.toml; this file
 exists only because Cython extensions still need ``ext_modules``. ``PYPROXY_CYTHON_ANNOTATE=1`` writes
@@ -26,6 +27,12 @@ extensions = [
     Extension(
         "pyproxy._balance",
         ["cython_ext/_balance.pyx"],
+        extra_compile_args=["-O3"],
+    ),
+    # The HTTP cache's synchronous hit path (HttpCachePhase.lookup_now).
+    Extension(
+        "pyproxy._cachehit",
+        ["cython_ext/_cachehit.pyx"],
         extra_compile_args=["-O3"],
     ),
     Extension(

@@ -7,6 +7,8 @@ from collections.abc import Callable, Coroutine
 from email.utils import formatdate
 from typing import Any
 
+import pytest
+
 from pyproxy.cache import MemoryTier, TieredCache
 from pyproxy.cache.http import CachePolicy
 from pyproxy.cache.phase import Answer, HttpCachePhase, Plan, Relay
@@ -363,3 +365,60 @@ def test_fast_path_serves_vary_variants() -> None:
         assert p.lookup_now("r", b"GET", "http", b"h", b"/a", [(b"Accept-Encoding", b"identity")]) is None
 
     run(main)
+
+
+def test_fast_path_ages_answers_by_the_second_and_leaves_the_rest_to_the_full_rules() -> None:
+    """lookup_now (compiled): Age and Cache-Status follow the clock, one answer is handed out for
+    a whole second of age, HEAD gets the stored GET without a body, stale entries and requests
+    with directives, conditionals or credentials (any case) go the full way."""
+
+    async def main() -> None:
+        clock = Clock()
+        p = phase(clock)
+        plan = await fetch(p)
+        assert isinstance(plan, Plan)
+        await origin(p, plan, 200, [(b"Cache-Control", b"max-age=60"), (b"Date", date(T0)), (b"ETag", b'"v1"')], b"hello")
+
+        def now_hit(method: bytes = b"GET", headers: list[tuple[bytes, bytes]] | None = None) -> Answer | None:
+            return p.lookup_now("r", method, "http", b"h", b"/a", headers or [(b"Host", b"h")], "192.0.2.1")
+
+        clock.now += 10.2
+        first = now_hit()
+        assert first is not None and bytes(first.body) == b"hello" and first.tier == "memory"
+        assert field(first, b"age") == b"10" and field(first, b"cache-status") == b"pyproxy; hit; ttl=49; detail=memory"
+        assert first.head is not None and first.head.endswith(b"Age: 10\r\nCache-Status: pyproxy; hit; ttl=49; detail=memory\r\n")
+        assert first.head.startswith(b"HTTP/1.1 200 OK\r\n") and b'ETag: "v1"\r\n' in first.head
+        clock.now += 0.3
+        assert now_hit() is first, "the same second of age: the same answer"
+        head = now_hit(b"HEAD")
+        assert head is not None and head is not first and head.body == b"" and head.length == 5 and head.head == first.head
+        clock.now += 1.0
+        later = now_hit()
+        assert later is not None and later is not first and field(later, b"age") == b"11"
+        for name in (b"cache-control", b"PRAGMA", b"Authorization", b"If-None-Match", b"if-modified-since"):
+            assert now_hit(headers=[(name, b"x")]) is None, name
+        assert now_hit(b"POST") is None and p.lookup_now("other", b"GET", "http", b"h", b"/a", []) is None
+        assert p.counters["hit"] == 4
+        clock.now += 60
+        assert now_hit() is None, "stale: revalidation is the full path's"
+
+    run(main)
+
+
+def test_hit_counts_decay_by_half_life_and_keep_the_hottest() -> None:
+    from pyproxy.cache.warming import HitCounts
+
+    hits = HitCounts(10.0, max_keys=4)
+    assert hits.hit("a", 0.0) == 1.0 and hits.hit("a", 0.0) == 2.0
+    assert abs(hits.count("a", 10.0) - 1.0) < 1e-9, "one half-life halves the count"
+    assert abs(hits.hit("a", 20.0) - 1.5) < 1e-9 and hits.count("never", 5.0) == 0.0
+    for key, n in (("b", 3), ("c", 1), ("d", 2)):
+        for _ in range(n):
+            hits.hit(key, 20.0)
+    assert [k for k, _ in hits.hottest(2, 20.0)] == ["b", "d"]
+    hits.hit("e", 20.0)  # a fifth key: the coldest half goes
+    assert len(hits) == 2 and [k for k, _ in hits.hottest(4, 20.0)] == ["b", "d"]
+    hits.set("w", 7.0, 20.0)
+    assert hits.count("w", 20.0) == 7.0
+    with pytest.raises(ValueError, match="half_life"):
+        HitCounts(0.0)

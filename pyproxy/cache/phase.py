@@ -33,6 +33,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pyproxy._cachehit import READY_MAX, HitCounts, HitPath, Ready
+from pyproxy._cachehit import lookup_now as _lookup_now
+from pyproxy._cachehit import warm as _warm_on_hit
 from pyproxy.cache.coalesce import Coalescer
 from pyproxy.cache.compression import Compressor
 from pyproxy.cache.entry import decode
@@ -64,7 +67,7 @@ from pyproxy.cache.redis_tier import RedisTier
 from pyproxy.cache.sql import SqlTier
 from pyproxy.cache.tier import Tier
 from pyproxy.cache.tiered import TieredCache
-from pyproxy.cache.warming import FetchBudget, HitCounts, Successors, read_warm_keys, write_warm_keys
+from pyproxy.cache.warming import FetchBudget, Successors, read_warm_keys, write_warm_keys
 from pyproxy.config import CacheConfig, Route, RouteCache, WarmingConfig
 from pyproxy.errors import CorruptEntry
 from pyproxy.headers import connection_tokens, get_all, get_first, get_list, serialize_response_head
@@ -90,26 +93,6 @@ class _Variants:
 
     record: bytes
     names: tuple[str, ...]
-
-
-# Request fields that take a request off the synchronous fast path (the full rules apply then).
-_SLOW_REQUEST_FIELDS = frozenset({b"cache-control", b"pragma", b"authorization", b"if-none-match", b"if-modified-since"})
-_READY_MAX = 4096  # stored responses kept parsed for the fast path (cleared when full)
-
-
-@dataclass(frozen=True, slots=True)
-class _Ready:
-    """A stored response in memory, parsed once: what a fresh hit needs, nothing else."""
-
-    record: bytes  # the memory tier's object it was parsed from (identity: still the stored one)
-    status: int
-    fields: tuple[tuple[bytes, bytes], ...]
-    body: bytes | memoryview
-    lifetime: float
-    initial_age: float  # corrected initial age (RFC 9111 §4.2.3)
-    response_time: float
-    stored: StoredResponse  # for a refresh-ahead (its validators)
-    head: bytes  # status line and stored fields, serialized once (no final blank line)
 
 
 @dataclass
@@ -211,7 +194,7 @@ class HttpCachePhase:
         self._refreshing: set[str] = set()
         self.counters: dict[str, int] = {}
         self._memory = next((t for t in cache.tiers if isinstance(t, MemoryTier)), None)
-        self._ready: dict[str, _Ready | _Variants] = {}
+        self._ready: dict[str, Ready | _Variants] = {}
         # The fast path's primary keys by (route, scheme, host, target): primary_key() decodes,
         # splits and formats (~0.2 us a hit); cleared when full and when the policies change.
         self._keys: dict[tuple[str, str, bytes, bytes], str] = {}
@@ -223,12 +206,19 @@ class HttpCachePhase:
         self.budget = FetchBudget(self.warming.max_fetches, self.warming.max_fetch_rate)
         self._requests: dict[str, tuple[str, str, bytes, bytes, tuple[tuple[bytes, bytes], ...]]] = {}
         self._prefetched: dict[str, None] = {}
+        self._hit_path = self._make_hit_path()
+
+    def _make_hit_path(self) -> HitPath:
+        """What the compiled hit path reads of this phase (made again when any of it changes)."""
+        memory = self._memory
+        return HitPath(self, memory, self.cache.tier_stats(memory) if memory is not None else None)
 
     def reconfigure(self, routes: Sequence[Route]) -> None:
         """New route policies (a reload that kept the tiers)."""
         self.policies = {r.name: policy_of(r.cache) for r in routes}
         self.routes = frozenset(name for name, p in self.policies.items() if p.enabled)
         self._keys.clear()  # primary keys follow the route's policy (query normalisation)
+        self._hit_path = self._make_hit_path()
 
     @classmethod
     def from_config(cls, config: CacheConfig, routes: Sequence[Route], **options: Any) -> HttpCachePhase:
@@ -266,7 +256,7 @@ class HttpCachePhase:
             hit = await self.cache.lookup(key)  # a hit below memory is copied into it
             if hit is not None:
                 self._count("warm_loaded")
-                self.hits._counts[key] = (count, self.clock())
+                self.hits.set(key, count, self.clock())
 
     async def aclose(self) -> None:
         """Record the hottest keys for the next start (warm file), then close the tiers."""
@@ -297,61 +287,11 @@ class HttpCachePhase:
 
     # -- 1. lookup -------------------------------------------------------------------------------
 
-    def lookup_now(
-        self, route: str, method: bytes, scheme: str, host: bytes, target: bytes, headers: Headers, client: str = ""
-    ) -> Answer | None:
-        """The fast path, without awaiting: a fresh response in this worker's memory for a plain
-        GET/HEAD (no request directives, conditionals or credentials; ``Vary`` variants included),
-        answered from a parsed copy kept beside it. ``None``: take :meth:`lookup` (everything else,
-        same rules)."""
-        memory = self._memory
-        policy = self.policies.get(route)
-        if memory is None or policy is None or not policy.enabled or (method != b"GET" and method != b"HEAD"):
-            return None
-        for name, _ in headers:
-            if name.lower() in _SLOW_REQUEST_FIELDS:
-                return None
-        memo = (route, scheme, host, target)
-        key = self._keys.get(memo)
-        if key is None:
-            key = primary_key(scheme, host, target, policy)
-            if len(self._keys) >= _READY_MAX:
-                self._keys.clear()
-            self._keys[memo] = key
-        ready = self._ready_for(key, policy)
-        if isinstance(ready, _Variants):
-            # The key varies: the request's values of the named fields pick the stored variant.
-            key = vary_key(key, ready.names, headers)
-            ready = self._ready_for(key, policy)
-        if not isinstance(ready, _Ready):
-            return None  # a variant that is itself a variant map: never stored that way
-        age = ready.initial_age + max(0.0, self.clock() - ready.response_time)
-        ttl = ready.lifetime - age
-        if ttl <= 0:
-            return None  # stale: revalidation, stale-while-revalidate... on the full path
-        self._count("hit")
-        self.cache.note_hit(memory)
-        self._warm(route, scheme, host, target, headers, client, key, ready.stored, ttl, ready.lifetime)
-        age_field = b"%d" % age
-        status_field = b"pyproxy; hit; ttl=%d; detail=memory" % math.floor(ttl)
-        fields = [*ready.fields, (b"Age", age_field), (b"Cache-Status", status_field)]
-        head = b"".join((ready.head, b"Age: ", age_field, b"\r\nCache-Status: ", status_field, b"\r\n"))  # one copy
-        if method == b"HEAD":
-            return Answer(ready.status, fields, b"", "memory", length=len(ready.body), head=head)
-        return Answer(ready.status, fields, ready.body, "memory", head=head)
+    # The fast path, without awaiting: a fresh response in this worker's memory for a plain
+    # GET/HEAD, or None (then lookup() applies the same rules). Compiled: cython_ext/_cachehit.pyx.
+    lookup_now = _lookup_now
 
-    def _ready_for(self, key: str, policy: CachePolicy) -> _Ready | _Variants | None:
-        """The parsed copy of what memory holds for ``key`` (parsed now if it changed)."""
-        assert self._memory is not None
-        record = self._memory.get_now(key)
-        if record is None:
-            return None
-        ready = self._ready.get(key)
-        if ready is None or ready.record is not record:
-            ready = self._prepare(key, record, policy)
-        return ready
-
-    def _prepare(self, key: str, record: bytes, policy: CachePolicy) -> _Ready | _Variants | None:
+    def _prepare(self, key: str, record: bytes, policy: CachePolicy) -> Ready | _Variants | None:
         try:
             entry = decode(record, verify=False)
             if bytes(entry.value[: len(_VARY_MARKER)]) == _VARY_MARKER:
@@ -365,7 +305,7 @@ class HttpCachePhase:
         cc = parse_cache_control(stored.headers)
         if "no-cache" in cc:
             return None
-        ready = _Ready(
+        ready = Ready(
             record, stored.status, stored.headers, entry.value,
             freshness_lifetime(stored, policy, cc), current_age(stored, stored.response_time), stored.response_time,
             stored, serialize_response_head(stored.status, None, list(stored.headers))[:-2],
@@ -373,8 +313,8 @@ class HttpCachePhase:
         self._keep_ready(key, ready)
         return ready
 
-    def _keep_ready(self, key: str, ready: _Ready | _Variants) -> None:
-        if len(self._ready) >= _READY_MAX:
+    def _keep_ready(self, key: str, ready: Ready | _Variants) -> None:
+        if len(self._ready) >= READY_MAX:
             self._ready.clear()
         self._ready[key] = ready
 
@@ -547,20 +487,9 @@ class HttpCachePhase:
 
     # -- warming (warming.py) ----------------------------------------------------------------------
 
-    def _warm(
-        self, route: str, scheme: str, host: bytes, target: bytes, headers: Headers, client: str,
-        key: str, stored: StoredResponse, ttl: float, lifetime: float,
-    ) -> None:
-        """A fresh hit: count it, note a prefetch that paid off, refresh a hot entry ahead of its
-        expiry, and predict what this client asks next."""
-        count = self.hits.hit(key, self.clock())
-        if self._prefetched and self._prefetched.pop(key, False) is None:
-            self._count("prefetch_used")
-        warming = self.warming
-        if warming.refresh_ahead and count >= warming.hot_hits and 0 < ttl < warming.refresh_before * lifetime:
-            self._fetch(route, scheme, host, target, headers, key, stored, "refresh_ahead")
-        if warming.predict and client:  # _predict's first test, here too: a Python call less per hit
-            self._predict(route, scheme, host, target, headers, client, key)
+    # A fresh hit feeds warming: its key's decayed hit count, a prefetch that paid off, a
+    # refresh-ahead of a hot entry, the next request predicted. Compiled beside lookup_now.
+    _warm = _warm_on_hit
 
     def _predict(self, route: str, scheme: str, host: bytes, target: bytes, headers: Headers, client: str, key: str) -> None:
         warming = self.warming
@@ -568,7 +497,7 @@ class HttpCachePhase:
             return
         self.successors.observe(client, key)
         if key not in self._requests:
-            if len(self._requests) >= _READY_MAX * 4:
+            if len(self._requests) >= READY_MAX * 4:
                 self._requests.clear()
             self._requests[key] = (route, scheme, host, target, tuple(headers))
         for following, _ in self.successors.likely_next(key, warming.predict_threshold, warming.predict_min_samples):
@@ -577,7 +506,7 @@ class HttpCachePhase:
                 continue
             nroute, nscheme, nhost, ntarget, nheaders = request
             if self._fetch(nroute, nscheme, nhost, ntarget, nheaders, following, None, "prefetch"):
-                if len(self._prefetched) >= _READY_MAX:
+                if len(self._prefetched) >= READY_MAX:
                     self._prefetched.clear()
                 self._prefetched[following] = None
 

@@ -222,12 +222,13 @@ class TieredCache:
 
     # -- reads --------------------------------------------------------------------------------------
 
-    def note_hit(self, tier: Tier) -> None:
-        """Count a hit a caller served from ``tier`` itself (the HTTP cache's fast path)."""
+    def tier_stats(self, tier: Tier) -> TierStats:
+        """``tier``'s counters, for a caller that counts what it serves from the tier itself (the
+        HTTP cache's compiled hit path keeps them at hand). ``KeyError`` for another tier."""
         for st in self._states:
             if st.tier is tier:
-                st.stats.hits += 1
-                return
+                return st.stats
+        raise KeyError(f"{tier!r} is not a tier of this cache")
 
     async def get(self, key: str) -> CacheEntry | None:
         """The entry for ``key`` from the first tier that has it, or ``None``."""

@@ -21,44 +21,17 @@ share of the upstreams:
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from pyproxy._cachehit import HitCounts  # compiled: counted on the cache's hit path
+
 __all__ = ["FetchBudget", "HitCounts", "Successors", "read_warm_keys", "write_warm_keys"]
 
 MAX_KEYS = 100_000  # keys whose hit counts / successors are tracked (the coldest go first)
 MAX_SUCCESSORS = 8  # next requests remembered per request
-
-
-class HitCounts:
-    """Exponentially decayed hit counts per key (``count × 2^(−Δt / half_life) + 1`` per hit)."""
-
-    def __init__(self, half_life: float, max_keys: int = MAX_KEYS) -> None:
-        self.rate = math.log(2) / half_life
-        self.max_keys = max_keys
-        self._counts: dict[str, tuple[float, float]] = {}  # key → (count, when)
-
-    def hit(self, key: str, now: float) -> float:
-        count = self.count(key, now) + 1.0
-        self._counts[key] = (count, now)
-        if len(self._counts) > self.max_keys:
-            self._forget_coldest(now)
-        return count
-
-    def count(self, key: str, now: float) -> float:
-        count, when = self._counts.get(key, (0.0, now))
-        return count * math.exp(-self.rate * max(0.0, now - when))
-
-    def hottest(self, n: int, now: float) -> list[tuple[str, float]]:
-        ranked = sorted(((k, self.count(k, now)) for k in self._counts), key=lambda kc: -kc[1])
-        return ranked[:n]
-
-    def _forget_coldest(self, now: float) -> None:
-        keep = self.hottest(self.max_keys // 2, now)
-        self._counts = {k: (c, now) for k, c in keep}
 
 
 class Successors:
