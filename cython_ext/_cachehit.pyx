@@ -30,6 +30,7 @@ cdef object _Answer = None  # pyproxy.cache.phase.Answer, once imported
 
 
 @cython.auto_pickle(False)  # worker state: nothing to pickle it for
+@cython.final
 cdef class HitCounts:
     """Exponentially decayed hit counts per key (``count × 2^(−Δt / half_life) + 1`` per hit),
     for at most ``max_keys`` keys (the coldest half goes when full)."""
@@ -79,6 +80,7 @@ cdef class HitCounts:
 
 
 @cython.auto_pickle(False)  # holds a memory tier's record by identity
+@cython.final
 cdef class Ready:
     """A stored response in memory, parsed once: what a fresh hit needs, nothing else.
 

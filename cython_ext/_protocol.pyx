@@ -1667,7 +1667,7 @@ cdef class ClientConnection:
         if len(self.queue) == 1 and not self.feeding:
             ex.start()
 
-    cpdef exchange_finished(self, ex: Exchange):
+    cpdef exchange_finished(self, Exchange ex):
         """``ex`` was answered: close, or move on to the next pipelined request, or wait idle."""
         if self.queue and self.queue[0] is ex:
             self.queue.popleft()
@@ -1692,7 +1692,7 @@ cdef class ClientConnection:
         """No request in progress (waiting for one, or between two)."""
         return not self.queue and (self.parsing is None or not self.parsing.method)
 
-    cpdef _count(self, ex: Exchange):
+    cpdef _count(self, Exchange ex):
         cdef WorkerMetrics metrics = self.metrics
         if ex.in_flight:
             metrics.in_flight -= 1

@@ -2,11 +2,9 @@
 
 from typing import Any, Final, final
 
-from typing_extensions import disjoint_base
-
 READY_MAX: Final[int]
 
-@disjoint_base
+@final
 class HitCounts:
     """Exponentially decayed hit counts per key (``count × 2^(−Δt / half_life) + 1`` per hit)."""
 
@@ -21,7 +19,7 @@ class HitCounts:
     def hottest(self, n: int, now: float) -> list[tuple[str, float]]: ...
     def __len__(self) -> int: ...
 
-@disjoint_base
+@final
 class Ready:
     """A stored response in memory, parsed once: what a fresh hit needs, nothing else."""
 

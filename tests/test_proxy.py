@@ -247,6 +247,34 @@ def test_slow_head_gets_408() -> None:
     assert up.received == 0
 
 
+KEEP_ALIVE_CASES = {
+    # first request's version and fields -> whether the connection stays open for the second
+    "1.1 default": (b"HTTP/1.1", b"", True),
+    "1.1 close": (b"HTTP/1.1", b"Connection: close\r\n", False),
+    "1.1 close among tokens": (b"HTTP/1.1", b"Connection: X-Trace, CLOSE\r\n", False),
+    "1.1 keep-alive": (b"HTTP/1.1", b"Connection: keep-alive\r\n", True),
+    "1.0 default": (b"HTTP/1.0", b"", False),
+    "1.0 keep-alive": (b"HTTP/1.0", b"Connection: Keep-Alive\r\n", True),
+    "1.1 upgrade without connection": (b"HTTP/1.1", b"Upgrade: websocket\r\n", True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(KEEP_ALIVE_CASES))
+def test_keep_alive_follows_version_and_connection(name: str) -> None:
+    """HTTP/1.1 stays open unless Connection says close, 1.0 only when it says keep-alive; an
+    Upgrade field alone (no Connection: upgrade) is an ordinary request."""
+    version, fields, stays_open = KEEP_ALIVE_CASES[name]
+    up = SampleServer()
+    with proxy(up) as addr:
+        out = raw(addr, b"GET /first " + version + b"\r\nHost: x\r\n" + fields + b"\r\n"
+                  b"GET /second HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    answers = out.count(b"HTTP/1.1 200 ")
+    assert answers == (2 if stays_open else 1), out[:400]
+    first = out.split(b"\r\n\r\n", 1)[0].lower()
+    assert (b"connection: close" in first) is (not stays_open), first
+    assert up.accepts >= 1 and b"101 " not in out
+
+
 def test_idle_keep_alive_connection_is_closed() -> None:
     with proxy(SampleServer(), limits={"keepalive_timeout": "300ms"}) as addr:
         with socket.create_connection(addr, timeout=5) as sock:

@@ -95,7 +95,7 @@ class _Variants:
     names: tuple[str, ...]
 
 
-@dataclass
+@dataclass(slots=True)
 class Answer:
     """A response for the data plane to send as it is (it adds framing and the request id)."""
 

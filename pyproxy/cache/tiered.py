@@ -46,7 +46,7 @@ __all__ = ["CacheHit", "PurgeResult", "TierStats", "TieredCache"]
 log = logging.getLogger("pyproxy.cache")
 
 
-@dataclass
+@dataclass(slots=True)
 class TierStats:
     """What happened at one tier (all counters since the cache was made)."""
 
