@@ -1573,11 +1573,20 @@ cdef class ClientConnection:
     def on_headers_complete(self) -> None:
         ex = self.parsing
         assert ex is not None
-        ex.method = self.parser.get_method()
-        version = self.parser.get_http_version()
+        parser = self.parser
+        ex.method = parser.get_method()
+        fields = _REQUEST_FIELDS
+        fields.scan(ex.headers)
+        ex.keep_alive = parser.should_keep_alive()
+        if ex.keep_alive and not fields.connection:
+            # llhttp parses HTTP 0.9, 1.0, 1.1 and 2.0 only (any other version is a parse error),
+            # and without a Connection field keeps the connection open for 1.1 alone: no need for
+            # get_http_version, which formats a str (~2,300 of the ~30,000 instructions of a cache hit).
+            version = "1.1"
+        else:
+            version = parser.get_http_version()
         ex.http11 = version == "1.1"
-        ex.keep_alive = self.parser.should_keep_alive()
-        ex.upgrade = self.parser.should_upgrade()
+        ex.upgrade = parser.should_upgrade()
         ex.head_done_at = _monotonic()
         self.head_raw = 0
         self._disarm()
@@ -1587,8 +1596,6 @@ cdef class ClientConnection:
                 raise _Refuse(400 if version.startswith("0.") else 505, f"HTTP/{version} is not supported")
             _validate_fields(ex.headers)
             ex.checked_headers = ex.headers
-            fields = _REQUEST_FIELDS
-            fields.scan(ex.headers)
             ex.framing = fields.plain_framing()
             if ex.framing < 0:
                 ex.framing = request_framing(ex.headers, ex.http11)

@@ -46,14 +46,14 @@ cdef class HeadFields:
 
     cdef public object host, content_length, expect
     cdef public int hosts, lengths
-    cdef public bint transfer_encoding
+    cdef public bint transfer_encoding, connection  # any field of that name
 
     cdef scan(self, list headers):
         cdef bytes name
         cdef Py_ssize_t size
         self.host = self.content_length = self.expect = None
         self.hosts = self.lengths = 0
-        self.transfer_encoding = False
+        self.transfer_encoding = self.connection = False
         for name, value in headers:
             size = PyBytes_GET_SIZE(name)
             if size == 4:
@@ -72,6 +72,9 @@ cdef class HeadFields:
             elif size == 6:
                 if self.expect is None and _lower_name_is(name, b"expect", 6):
                     self.expect = value
+            elif size == 10:
+                if _lower_name_is(name, b"connection", 10):
+                    self.connection = True
 
     cdef long long plain_framing(self):
         """The body length when the plain rules decide it (no Transfer-Encoding, at most one

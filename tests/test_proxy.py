@@ -275,6 +275,19 @@ def test_keep_alive_follows_version_and_connection(name: str) -> None:
     assert up.accepts >= 1 and b"101 " not in out
 
 
+@pytest.mark.parametrize(
+    ("version", "status"), [(b"HTTP/2.0", b"505"), (b"HTTP/1.2", b"400"), (b"HTTP/3.0", b"400"), (b"HTTP/0.9", b"400")]
+)
+def test_http_versions_other_than_1x_are_refused(version: bytes, status: bytes) -> None:
+    """2.0 parses but is not spoken here (505); versions llhttp does not know are malformed (400).
+    Either way nothing reaches the upstream and the connection closes."""
+    up = SampleServer()
+    with proxy(up) as addr:
+        out = raw(addr, b"GET / " + version + b"\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 " + status + b" "), out[:200]
+    assert out.count(b"HTTP/1.1 ") == 1 and up.received == 0
+
+
 def test_idle_keep_alive_connection_is_closed() -> None:
     with proxy(SampleServer(), limits={"keepalive_timeout": "300ms"}) as addr:
         with socket.create_connection(addr, timeout=5) as sock:
