@@ -10,7 +10,9 @@ tier — so decoding and, for the remote tiers, the checksum and decompression a
 L1 memory, L2 Redis (single server, and Cluster), L3 SQLite and L3 PostgreSQL, alternating the tiers
 round by round, and prints p50 and p99 in µs with the issue's targets (L1 <= 5 µs; L2 p99 <= 1 ms;
 SQLite p99 <= 2 ms; PostgreSQL p99 <= 3 ms). Then compression: ratio and µs per compress and
-decompress of the 64 KiB entry for zstd (levels 1, 3, 9) and lz4 (fast, and level 9).
+decompress of the 64 KiB entry for zstd (levels 1, 3, 9) and lz4 (fast, and level 9). Last, cache
+hits through the proxy against nginx ``proxy_cache`` hits (``bench/proxy_load.py --cache``, requests
+per proxy CPU-second, target >= 1.0x nginx): ``--proxy-rounds 0`` leaves them out.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -116,12 +119,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--gets", type=int, default=400)
+    parser.add_argument("--proxy-rounds", type=int, default=3, help="rounds of proxy cache hits vs nginx (0: none)")
+    parser.add_argument("--proxy-duration", type=int, default=5, help="seconds per wrk run of those rounds")
     args = parser.parse_args()
     with RedisServer() as redis, RedisCluster(masters=3) as cluster, PostgresServer() as pg, tempfile.TemporaryDirectory() as d:
         dsn = pg.create_database("bench_cache")
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
             runner.run(tiers_run(redis, cluster, dsn, Path(d), args.rounds, args.gets))
     compression_run(args.rounds)
+    if args.proxy_rounds > 0:
+        print("\ncache hits through the proxy vs nginx proxy_cache (bench/proxy_load.py --cache)", flush=True)
+        script = Path(__file__).resolve().parent / "proxy_load.py"
+        subprocess.run(
+            [sys.executable, str(script), "--cache", "--rounds", str(args.proxy_rounds), "--duration", str(args.proxy_duration)],
+            check=True,
+        )
 
 
 if __name__ == "__main__":

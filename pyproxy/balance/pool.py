@@ -26,6 +26,7 @@ import collections
 import logging
 import math
 import random
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -153,7 +154,7 @@ class UpstreamPool(PoolCore):
     def _tick(self) -> None:
         loop = self._loop
         assert loop is not None
-        now = loop.time()
+        now = self._now()
         if self.outlier is not None:
             self.outlier.tick(now)
         for st in self.states.values():
@@ -240,7 +241,10 @@ class UpstreamPool(PoolCore):
 
     # -- availability --------------------------------------------------------------------------
     def _now(self) -> float:
-        return self._loop.time() if self._loop is not None else 0.0
+        # CLOCK_MONOTONIC at full resolution: the data plane's clock for every ``now`` it passes
+        # (uvloop's loop.time() is the same clock, read once per iteration in whole milliseconds;
+        # mixing the two would make a 3 s breaker say Retry-After: 4).
+        return time.monotonic() if self._loop is not None else 0.0
 
     def _update(self, st: ServerState, now: float) -> None:
         breaker_ok = st.breaker is None or st.breaker.state != "open" or now >= st.breaker.retry_at

@@ -72,8 +72,7 @@ class UpstreamRefresher:
         upstream = self.upstreams().get(pool_name) if pool_name is not None else None
         if phase is None or upstream is None:
             return
-        loop = asyncio.get_running_loop()
-        server = upstream.choose(None, loop.time(), ())
+        server = upstream.choose(None, time.monotonic(), ())
         if server is None:
             return
         headers = [(n, v) for n, v in plan.request_headers if n.lower() not in _DROPPED]
@@ -103,6 +102,6 @@ class UpstreamRefresher:
             await phase.finish(plan, None, False)
             raise
         finally:
-            upstream.finished(server, time.monotonic() - sent, ok, False, loop.time())
+            upstream.finished(server, time.monotonic() - sent, ok, False, time.monotonic())
             if writer is not None:
                 writer.close()
