@@ -214,6 +214,16 @@ def _chunk(data: bytes) -> bytes:
 # ------------------------------------------------------------------------------ shared state
 
 
+cdef class StateCore:
+    """What every connection of a worker reads of their shared state on each request, as C fields
+    (a dataclass attribute is a Python lookup: ~10 a proxied request). ``pyproxy.proxy.ProxyState``
+    is this plus its life cycle in Python; connections hold it typed."""
+
+    cdef public object config, router, upstreams, pools, clients, access_log, ratelimit, cache
+    cdef public bint draining  # shutting down: answer what is in flight with "Connection: close"
+    cdef public WorkerMetrics metrics
+
+
 cdef class ConnectionPool:
     """Kept-alive upstream connections of one pool, per server (most recently used first)."""
 
@@ -1408,7 +1418,8 @@ cdef class UpstreamConnection:
 cdef class ClientConnection:
     """One client connection: parse its requests, queue them, answer them in order."""
 
-    cdef public object _loop, body_timer, limits, out, parser, peer, queue, read_pauses, send_timer, state, transport
+    cdef public object _loop, body_timer, limits, out, parser, peer, queue, read_pauses, send_timer, transport
+    cdef public StateCore state
     cdef readonly str peer_text  # peer decoded (latin-1), once per connection
     cdef object rl_policy, rl_route, rl_plan  # the rate-limit plan of this connection's requests (Exchange._limit_now)
     cdef public Deadline deadline  # head (408) or keep-alive idle timeout

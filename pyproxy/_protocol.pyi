@@ -7,6 +7,20 @@ from typing import Any
 
 from pyproxy.config import Pool, Route, Server
 
+class StateCore:
+    """What every connection of a worker reads of their shared state on each request."""
+
+    config: Any
+    router: Any
+    upstreams: Any
+    pools: Any
+    clients: Any
+    access_log: Any
+    ratelimit: Any
+    cache: Any
+    draining: bool
+    metrics: WorkerMetrics
+
 class ConnectionPool:
     pool: Pool
     connects: int

@@ -5,10 +5,9 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
 from typing import Any
 
-from pyproxy._protocol import ClientConnection, ConnectionPool, Exchange, UpstreamConnection
+from pyproxy._protocol import ClientConnection, ConnectionPool, Exchange, StateCore, UpstreamConnection
 from pyproxy.balance.pool import UpstreamPool
 from pyproxy.cache.phase import HttpCachePhase
 from pyproxy.cache.refresh import UpstreamRefresher
@@ -27,30 +26,40 @@ ADAPT_INTERVAL = 0.25
 per its own ``interval``)."""
 
 
-@dataclass
-class ProxyState:
-    """What every connection of a worker shares: the configuration, router, pools."""
+class ProxyState(StateCore):
+    """What every connection of a worker shares: the configuration, router, pools (the fields the
+    data plane reads per request live in the compiled base, ``StateCore``).
 
-    config: Config
-    router: Router
-    upstreams: dict[str, UpstreamPool]  # balancing, health, resilience per pool
-    pools: dict[str, ConnectionPool]  # kept-alive upstream connections per pool
-    clients: set[ClientConnection] = field(default_factory=set)
-    # Shutting down: answer what is in flight with "Connection: close", take nothing new.
-    draining: bool = False
-    access_log: AccessLog | None = None
-    metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
-    # Rate limits (None: no route has any). The local limiter (its counter table and its journal of
-    # blocked keys) is shared by the machine's workers when the supervisor made it before forking;
-    # it outlives reloads.
-    ratelimit: RateLimitPhase | None = None
-    ratelimit_local: LocalLimiter | None = None
-    # The HTTP cache (None: no route caches). Its memory tier is this worker's; Redis and the
-    # database tiers are shared.
-    cache: HttpCachePhase | None = None
-    _adapt_handle: asyncio.TimerHandle | None = None
-    _started: bool = False  # start() ran: a cache phase built later (a reload) starts at once
-    _background: set[asyncio.Task[Any]] = field(default_factory=set)
+    ``clients``: the open client connections. ``draining``: shutting down (answer what is in
+    flight with "Connection: close", take nothing new). ``ratelimit``: the rate-limit phase (None:
+    no route has any limit); ``ratelimit_local``, the local limiter (its counter table and its
+    journal of blocked keys), is shared by the machine's workers when the supervisor made it before
+    forking, and outlives reloads. ``cache``: the HTTP cache phase (None: no route caches); its
+    memory tier is this worker's, Redis and the database tiers are shared.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        router: Router,
+        upstreams: dict[str, UpstreamPool],
+        pools: dict[str, ConnectionPool],
+        ratelimit_local: LocalLimiter | None = None,
+    ) -> None:
+        self.config = config
+        self.router = router
+        self.upstreams = upstreams  # balancing, health, resilience per pool
+        self.pools = pools  # kept-alive upstream connections per pool
+        self.clients: set[ClientConnection] = set()
+        self.draining = False
+        self.access_log: AccessLog | None = None
+        self.metrics = WorkerMetrics()
+        self.ratelimit: RateLimitPhase | None = None
+        self.ratelimit_local = ratelimit_local
+        self.cache: HttpCachePhase | None = None
+        self._adapt_handle: asyncio.TimerHandle | None = None
+        self._started = False  # start() ran: a cache phase built later (a reload) starts at once
+        self._background: set[asyncio.Task[Any]] = set()
 
     def open_access_log(self) -> None:
         """Open (or reopen, after a reload) the access log the configuration asks for."""

@@ -4,6 +4,7 @@ their answer cannot differ."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pyproxy.config import parse_config
@@ -51,8 +52,11 @@ def test_connection_plan_and_allow_fast_answer_as_decide_sync() -> None:
             planned.allowed["ip"] += 1  # the data plane counts what the plan allows
         else:
             assert got_fast is None and got_plan is None, step
-            assert fast.decide_sync("ip", [], b"/", PEER).response == want.response
-            assert planned.decide_sync("ip", [], b"/", PEER).response == want.response
+            for p in (fast, planned):
+                got = p.decide_sync("ip", [], b"/", PEER).response
+                assert got is not None and want.response is not None
+                assert got.status == want.response.status == 429
+                assert json.loads(got.body)["level"] == json.loads(want.response.body)["level"] == "key"
     assert [h[1] for h in split(general.decide_sync("ip", [], b"/", "198.51.100.1").headers)] == [
         b'"key";q=4;w=3600, "global";q=7;w=3600', b'"global";r=2',  # another peer: the global level binds
     ]
