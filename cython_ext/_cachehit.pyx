@@ -26,6 +26,7 @@ READY_MAX = 4096
 """Stored responses kept parsed for the fast path, and request memos (each cleared when full)."""
 
 cdef Py_ssize_t _READY_MAX = READY_MAX
+cdef double _DELTA_MAX = 2147483648.0  # 2^31 seconds: the largest delta-seconds a cache must keep
 cdef object _Answer = None  # pyproxy.cache.phase.Answer, once imported
 
 
@@ -120,8 +121,10 @@ cdef class Ready:
     cdef object answer(self, bint head_only, double age, double ttl):
         """The ``Answer`` for a hit at ``age`` with ``ttl`` left (seconds, ``ttl > 0``)."""
         global _Answer
-        cdef long long whole_age = <long long>age  # b"%d" % age: truncated
-        cdef long long whole_ttl = <long long>floor(ttl)
+        # Whole seconds (Age truncated, as b"%d" % age; ttl rounded down), capped at 2^31 as RFC 9111
+        # §1.2.2 caps delta-seconds: a C conversion of a larger double is undefined.
+        cdef long long whole_age = <long long>min(age, _DELTA_MAX)
+        cdef long long whole_ttl = <long long>floor(min(ttl, _DELTA_MAX))
         if whole_age != self._age or whole_ttl != self._ttl:
             self._age, self._ttl = whole_age, whole_ttl
             self._get = self._head = None

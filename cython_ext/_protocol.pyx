@@ -148,19 +148,15 @@ def _absolute_form(ex: Exchange) -> bytes:
 
 
 cdef inline double _monotonic() noexcept:
-    """Seconds on CLOCK_MONOTONIC at full resolution, for durations: the loop's clock (libuv's)
-    ticks in whole milliseconds, too coarse for the latency of a fast upstream."""
+    """Seconds on CLOCK_MONOTONIC at full resolution, without a Python call: for durations (the
+    loop's clock, libuv's, ticks in whole milliseconds, too coarse for a fast upstream's latency)
+    and as the loop's clock itself (uvloop's and asyncio's loop.time() are CLOCK_MONOTONIC too, and
+    loop.time() is a Python call: ~400 instructions, five times per proxied request; uvloop's is
+    read once per iteration in whole milliseconds, so a timer set from this one fires at most a few
+    milliseconds later). The pools' clock is the same (``UpstreamPool._now``)."""
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return ts.tv_sec + ts.tv_nsec * 1e-9
-
-
-cdef inline double _loop_now() noexcept:
-    """The event loop's clock without a Python call (``loop.time()`` is one: ~400 instructions,
-    five times per proxied request). Both uvloop's clock and asyncio's are CLOCK_MONOTONIC;
-    uvloop's is read once per loop iteration in whole milliseconds, so this one can be ahead of it
-    by a few milliseconds — a timer set from it fires that much later, at most."""
-    return _monotonic()
 
 
 # Scratch results of the header scans: one each, reused (the event loop runs one callback at a time).
@@ -269,7 +265,7 @@ cdef class ConnectionPool:
             conn.close()
             return
         idle.append(conn)
-        conn.deadline.set(_loop_now() + self.pool.idle_timeout, conn.close)
+        conn.deadline.set(_monotonic() + self.pool.idle_timeout, conn.close)
 
     def close_server(self, address: str) -> None:
         """Close the idle connections to the server at ``address`` (it left the pool)."""
@@ -662,7 +658,7 @@ cdef class Exchange:
         """Phase 5 starts: a slot of the pool's bulkhead, then a server."""
         route = self.route
         self.upool = upool = self.client.state.upstreams[route.pool]
-        upool.retry_budget.record_request(_loop_now())
+        upool.retry_budget.record_request(_monotonic())
         if upool.unlimited:
             self._forward()  # no concurrency limit on the pool: nothing to take or give back
             return
@@ -693,7 +689,7 @@ cdef class Exchange:
             return  # the client left during a retry's backoff
         route = self.route
         upool = self.upool
-        self.chosen = server = upool.choose(self, _loop_now(), self.tried)
+        self.chosen = server = upool.choose(self, _monotonic(), self.tried)
         if server is None:
             if self.last_failure is not None:
                 # A retry found no other server: the client gets what the last attempt got.
@@ -736,7 +732,7 @@ cdef class Exchange:
             return False
         if not self.upool.can_retry_elsewhere(self.tried):
             return False  # the others are down or draining: answer this failure, keep the budget
-        if not self.upool.may_retry(_loop_now()):
+        if not self.upool.may_retry(_monotonic()):
             return False
         self.attempts += 1
         return True
@@ -772,7 +768,7 @@ cdef class Exchange:
         if server is None:
             return
         self.chosen = None
-        now = _loop_now()
+        now = _monotonic()
         latency = self.upstream_latency or (_monotonic() - self.sent_at if self.sent_at else 0.0)
         status = self.upstream_status
         # No response at all (closed, timed out, malformed, cut short) is the server's failure;
@@ -858,7 +854,7 @@ cdef class Exchange:
             self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self.response_timeout = self.route.response_timeout or upstream.pool.pool.response_timeout
         self.sent_at = _monotonic()
-        upstream.deadline.set(_loop_now() + self.response_timeout, upstream.response_timed_out)
+        upstream.deadline.set(_monotonic() + self.response_timeout, upstream.response_timed_out)
         if self.route.hedge_after is not None and not self.hedged and self.hedge_handle is None:
             self._arm_hedge()
 
@@ -867,7 +863,7 @@ cdef class Exchange:
         if not self.replayable():
             return
         loop = self.client._loop
-        delay = self.upool.hedge_delay(self.route.hedge_after, _loop_now())
+        delay = self.upool.hedge_delay(self.route.hedge_after, _monotonic())
         if delay > 0:
             self.hedge_handle = loop.call_later(delay, self._hedge)
 
@@ -877,7 +873,7 @@ cdef class Exchange:
         if self.done or self.response_started or self.upstream is None or self.hedged:
             return
         upool = self.upool
-        now = _loop_now()
+        now = _monotonic()
         if not upool.can_retry_elsewhere(self.tried) or not upool.may_retry(now):
             return
         server = upool.choose(self, now, self.tried)
@@ -925,7 +921,7 @@ cdef class Exchange:
             conn.pause_reading()
         conn.send_raw(head)
         self.hedge_sent_at = _monotonic()
-        conn.deadline.set(_loop_now() + self.response_timeout, conn.response_timed_out)
+        conn.deadline.set(_monotonic() + self.response_timeout, conn.response_timed_out)
 
     cpdef drop_hedge(self, object ok, bint connect_failure):
         """End the hedge attempt: its connection closed, its server told ``ok`` (None: no verdict)."""
@@ -941,7 +937,7 @@ cdef class Exchange:
         if server is not None:
             self.hedge_chosen = None
             latency = _monotonic() - self.hedge_sent_at if self.hedge_sent_at else 0.0
-            self.upool.finished(server, latency, ok, connect_failure, _loop_now())
+            self.upool.finished(server, latency, ok, connect_failure, _monotonic())
 
     cpdef promote_hedge(self):
         """The first attempt failed or timed out while the hedge is in flight: the hedge carries on
@@ -949,7 +945,7 @@ cdef class Exchange:
         old = self.chosen
         if old is not None:
             latency = _monotonic() - self.sent_at if self.sent_at else 0.0
-            self.upool.finished(old, latency, False, self.connect_failed, _loop_now())
+            self.upool.finished(old, latency, False, self.connect_failed, _monotonic())
         self.chosen, self.hedge_chosen = self.hedge_chosen, None
         self.upstream, self.hedge = self.hedge, None
         self.server = self.chosen.server
@@ -972,7 +968,7 @@ cdef class Exchange:
             # The first attempt's server: no verdict (slow is not failed; its EWMA learns from the
             # requests it does answer).
             if self.chosen is not None:
-                self.upool.finished(self.chosen, 0.0, None, False, _loop_now())
+                self.upool.finished(self.chosen, 0.0, None, False, _monotonic())
             self.chosen, self.hedge_chosen = self.hedge_chosen, None
             self.upstream, self.hedge = conn, None
             self.server = self.chosen.server
@@ -1599,7 +1595,8 @@ cdef class ClientConnection:
         ex.keep_alive = parser.should_keep_alive()
         if ex.keep_alive and not fields.connection:
             # llhttp parses HTTP 0.9, 1.0, 1.1 and 2.0 only (any other version is a parse error),
-            # and without a Connection field keeps the connection open for 1.1 alone: no need for
+            # and without a Connection (or Proxy-Connection) field keeps the connection open for
+            # 1.1 alone: no need for
             # get_http_version, which formats a str (~2,300 of the ~30,000 instructions of a cache hit).
             version = "1.1"
         else:
@@ -1662,7 +1659,7 @@ cdef class ClientConnection:
     def on_body(self, body: bytes) -> None:
         ex = self.parsing
         assert ex is not None
-        self.body_deadline = _loop_now() + self.body_timeout
+        self.body_deadline = _monotonic() + self.body_timeout
         if ex.refusal is None and not ex.done:
             try:
                 ex.feed_body(body)
@@ -1880,7 +1877,7 @@ cdef class ClientConnection:
             self.transport.abort()
 
     cpdef _arm(self, seconds: float, callback: Callable[[], None]):
-        self.deadline.set(_loop_now() + seconds, callback)
+        self.deadline.set(_monotonic() + seconds, callback)
 
     cpdef _disarm(self):
         self.deadline.clear()
@@ -1891,7 +1888,7 @@ cdef class ClientConnection:
         self.abort()
 
     def _start_body_timer(self) -> None:
-        self.body_deadline = _loop_now() + self.body_timeout
+        self.body_deadline = _monotonic() + self.body_timeout
         self.body_timer = self._loop.call_at(self.body_deadline, self._body_timeout)
 
     def _stop_body_timer(self) -> None:
@@ -1900,7 +1897,7 @@ cdef class ClientConnection:
             self.body_timer = None
 
     def _body_timeout(self) -> None:
-        now = _loop_now()
+        now = _monotonic()
         if self.body_deadline > now or self.read_pauses:
             # Data came meanwhile, or we stopped reading ourselves (backpressure): not the
             # client's delay. Check again later.

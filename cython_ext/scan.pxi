@@ -46,7 +46,8 @@ cdef class HeadFields:
 
     cdef public object host, content_length, expect
     cdef public int hosts, lengths
-    cdef public bint transfer_encoding, connection  # any field of that name
+    cdef public bint transfer_encoding
+    cdef public bint connection  # a Connection or Proxy-Connection field
 
     cdef scan(self, list headers):
         cdef bytes name
@@ -74,6 +75,10 @@ cdef class HeadFields:
                     self.expect = value
             elif size == 10:
                 if _lower_name_is(name, b"connection", 10):
+                    self.connection = True
+            elif size == 16:
+                # llhttp reads Proxy-Connection as it reads Connection (keep-alive, close)
+                if _lower_name_is(name, b"proxy-connection", 16):
                     self.connection = True
 
     cdef long long plain_framing(self):

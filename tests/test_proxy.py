@@ -256,6 +256,8 @@ KEEP_ALIVE_CASES = {
     "1.0 default": (b"HTTP/1.0", b"", False),
     "1.0 keep-alive": (b"HTTP/1.0", b"Connection: Keep-Alive\r\n", True),
     "1.1 upgrade without connection": (b"HTTP/1.1", b"Upgrade: websocket\r\n", True),
+    "1.1 proxy-connection close": (b"HTTP/1.1", b"Proxy-Connection: close\r\n", False),
+    "1.0 proxy-connection keep-alive": (b"HTTP/1.0", b"Proxy-Connection: keep-alive\r\n", True),
 }
 
 
@@ -286,6 +288,29 @@ def test_http_versions_other_than_1x_are_refused(version: bytes, status: bytes) 
         out = raw(addr, b"GET / " + version + b"\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 " + status + b" "), out[:200]
     assert out.count(b"HTTP/1.1 ") == 1 and up.received == 0
+
+
+def test_http10_with_proxy_connection_keep_alive_is_still_http10() -> None:
+    """llhttp keeps such a connection open as if Connection said so; the request stays HTTP/1.0:
+    its Expect: 100-continue gets no interim response (a 1.0 client knows none)."""
+    up = SampleServer()
+    with proxy(up) as addr, socket.create_connection(addr, timeout=5) as sock:
+        sock.sendall(b"POST /echo HTTP/1.0\r\nHost: x\r\nProxy-Connection: keep-alive\r\n"
+                     b"Expect: 100-continue\r\nContent-Length: 3\r\n\r\n")
+        sock.settimeout(0.5)
+        try:
+            early = sock.recv(65536)
+        except TimeoutError:
+            early = b""
+        assert early == b"", early  # nothing before the body: no 100 Continue to a 1.0 client
+        sock.settimeout(5)
+        sock.sendall(b"abc")
+        out = b""
+        while out.count(b"HTTP/1.1 ") < 1 or not out.endswith(b"abc"):
+            chunk = sock.recv(65536)
+            assert chunk, out
+            out += chunk
+        assert out.startswith(b"HTTP/1.1 200 ") and b"connection: close" not in out.lower()
 
 
 def test_idle_keep_alive_connection_is_closed() -> None:

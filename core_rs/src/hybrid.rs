@@ -112,7 +112,9 @@ impl HybridCounter {
         } else {
             0
         };
-        global + self.pending.get(idx) + self.inflight.get(idx)
+        global
+            .saturating_add(self.pending.get(idx))
+            .saturating_add(self.inflight.get(idx))
     }
 
     /// The window index of `t_us` and the offset in it.

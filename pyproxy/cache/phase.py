@@ -218,6 +218,7 @@ class HttpCachePhase:
         self.policies = {r.name: policy_of(r.cache) for r in routes}
         self.routes = frozenset(name for name, p in self.policies.items() if p.enabled)
         self._keys.clear()  # primary keys follow the route's policy (query normalisation)
+        self._ready.clear()  # and a parsed copy's lifetime its forced TTL
         self._hit_path = self._make_hit_path()
 
     @classmethod

@@ -13,10 +13,11 @@ user key, several limits per level), all charged or none. The answer is a :class
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import Final, Generic, Literal, TypeVar
 
-__all__ = ["ALGORITHMS", "Algorithm", "Binding", "BlockedKey", "Check", "CheckResult", "Decision", "Penalty"]
+__all__ = ["ALGORITHMS", "Algorithm", "Binding", "BlockedKey", "Check", "CheckResult", "Decision", "Penalty", "TupleMemo"]
 
 Algorithm = Literal["sliding_window_counter", "sliding_log"]
 ALGORITHMS: Final[tuple[Algorithm, ...]] = ("sliding_window_counter", "sliding_log")
@@ -163,6 +164,43 @@ class Decision:
         if self.allowed or math.isinf(self.retry_after):
             return None
         return max(1, math.ceil(self.retry_after))
+
+
+V = TypeVar("V")
+
+
+class TupleMemo(Generic[V]):
+    """What was worked out for a tuple of checks, kept by the tuple's identity: a rate-limit policy
+    hands out the same tuple per route and key, a tuple never changes, and the memo holds it (so
+    its id cannot be reused). ``variant`` tells apart values made with other options for the same
+    tuple. Other sequences are not kept. Bounded: emptied when full."""
+
+    __slots__ = ("_items", "size")
+
+    def __init__(self, size: int = 4096) -> None:
+        self._items: dict[int, tuple[Sequence[Check], object, V]] = {}
+        self.size = size
+
+    def get(self, checks: Sequence[Check], variant: object = None) -> V:
+        """The value kept for ``checks`` (and ``variant``); ``KeyError`` if none."""
+        item = self._items.get(id(checks))
+        if item is None or item[0] is not checks or item[1] != variant:
+            raise KeyError(variant)
+        return item[2]
+
+    def put(self, checks: Sequence[Check], variant: object, value: V) -> None:
+        """Keep ``value`` for ``checks`` (a tuple; anything else is not kept)."""
+        if type(checks) is not tuple:
+            return
+        if len(self._items) >= self.size:
+            self._items.clear()
+        self._items[id(checks)] = (checks, variant, value)
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 Binding = tuple[Check, int, float]

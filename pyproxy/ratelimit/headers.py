@@ -46,7 +46,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Final, NamedTuple
 
-from pyproxy.ratelimit.checks import Binding, Check, CheckResult, Decision
+from pyproxy.ratelimit.checks import Binding, Check, CheckResult, Decision, TupleMemo
 
 __all__ = [
     "LEVELS",
@@ -141,10 +141,9 @@ def _policy_of(checks: Iterable[Check]) -> bytes:
     return ", ".join(items.values()).encode()
 
 
-# binding_fields' memos: the policy value per tuple of checks (by identity: a rate-limit policy
-# hands out the same tuple per route and key, and the memo holds it), the start of the RateLimit
-# value per check name. Both bounded: cleared when full.
-_POLICIES: dict[int, tuple[Sequence[Check], bytes]] = {}
+# binding_fields' memos: the policy value per tuple of checks, the start of the RateLimit value per
+# check name. Both bounded: cleared when full.
+_POLICIES: TupleMemo[bytes] = TupleMemo()
 _STATE_PREFIXES: dict[str, bytes] = {}
 _MEMO_SIZE: Final = 4096
 
@@ -164,14 +163,12 @@ def plan_fields(checks: Sequence[Check]) -> tuple[tuple[bytes, bytes], bytes, li
 
 
 def _policy_memo(checks: Sequence[Check]) -> bytes:
-    memo = _POLICIES.get(id(checks))
-    if memo is not None and memo[0] is checks:
-        return memo[1]
+    try:
+        return _POLICIES.get(checks)
+    except KeyError:
+        pass
     policy = _policy_of(checks)
-    if type(checks) is tuple:
-        if len(_POLICIES) >= _MEMO_SIZE:
-            _POLICIES.clear()
-        _POLICIES[id(checks)] = (checks, policy)
+    _POLICIES.put(checks, None, policy)
     return policy
 
 

@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Final
 
 from pyproxy._core import HybridClock, HybridCounter, HybridPlan, Tally, hybrid_charge
 from pyproxy.ratelimit import lua
-from pyproxy.ratelimit.checks import Binding, BlockedKey, Check, CheckResult, Decision, Penalty, add_penalty
+from pyproxy.ratelimit.checks import Binding, BlockedKey, Check, CheckResult, Decision, Penalty, TupleMemo, add_penalty
 from pyproxy.ratelimit.headers import plan_fields
 from pyproxy.ratelimit.local import MAX_LIMIT, LocalLimiter, _BoxState, _counter_decide, _counter_reset, _Item, _ns
 from pyproxy.ratelimit.redis_backend import RedisLimiter, RedisUnavailable
@@ -202,8 +202,7 @@ class HybridLimiter:
         self.max_counters = max_counters
         self.clock = clock
         self._counters: dict[tuple[str, int, float], HybridCounter] = {}
-        # charge_plan's memo: (checks, with fields, plan) by the tuple's identity
-        self._plans: dict[int, tuple[Sequence[Check], bool, HybridPlan | None]] = {}
+        self._plans: TupleMemo[HybridPlan | None] = TupleMemo()  # charge_plan's; variant: with fields
         self._plans_allowed = Tally()  # what every plan handed out allowed
         # penalty keys checked since the last sync: key -> blocked until (local ns) to share, or 0
         self._penalty_keys: dict[str, int] = {}
@@ -435,6 +434,7 @@ class HybridLimiter:
                 counter = self._counter(check)  # validates, raises for what hybrid cannot count
             if check.cost != cost:
                 return None
+            counter.touch()  # in use: not dropped as idle by an eviction a later check's counter makes
             chosen.append(counter)
         if len(chosen) > 1 and len({id(c) for c in chosen}) != len(chosen):
             return None
@@ -448,9 +448,10 @@ class HybridLimiter:
         ``None`` instead of a plan for checks that are not the usual request or have a penalty
         box, and when this limiter's clock is not ``time.monotonic``. Every plan's allowed charges
         count in :meth:`stats`."""
-        memo = self._plans.get(id(checks))
-        if memo is not None and memo[0] is checks and memo[1] == fields:
-            return memo[2]
+        try:
+            return self._plans.get(checks, fields)
+        except KeyError:
+            pass
         if type(checks) is not tuple or not checks or self.clock is not time.monotonic:
             return None
         plan = None
@@ -461,9 +462,7 @@ class HybridLimiter:
                 plan = HybridPlan(
                     chosen, cost, self._redis_clock, plan_fields(checks) if fields else None, self._plans_allowed
                 )
-        if len(self._plans) >= 4096:
-            self._plans.clear()
-        self._plans[id(checks)] = (checks, fields, plan)
+        self._plans.put(checks, fields, plan)
         self._ensure_task()
         return plan
 

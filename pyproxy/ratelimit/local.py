@@ -104,7 +104,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from pyproxy.core import ChargePlan, SharedWindows, Tally
-from pyproxy.ratelimit.checks import Binding, BlockedKey, Check, CheckResult, Decision, Penalty, add_penalty
+from pyproxy.ratelimit.checks import Binding, BlockedKey, Check, CheckResult, Decision, Penalty, TupleMemo, add_penalty
 from pyproxy.ratelimit.headers import plan_fields
 
 if TYPE_CHECKING:
@@ -361,9 +361,8 @@ class LocalLimiter:
         self.clock = clock
         self._journal = _Journal(self.table)
         self._specs: dict[tuple[str, str, int, float], _Spec] = {}
-        self._fast_plans: dict[int, tuple[Sequence[Check], _FastPlan | None]] = {}
-        # charge_plan's memo: (checks, with fields, plan) by the tuple's identity
-        self._charge_plans: dict[int, tuple[Sequence[Check], bool, ChargePlan | None]] = {}
+        self._fast_plans: TupleMemo[_FastPlan | None] = TupleMemo()
+        self._charge_plans: TupleMemo[ChargePlan | None] = TupleMemo()  # variant: with fields
         self._plans_allowed = Tally()  # what every plan handed out allowed
         # logs: counts of finished sub-windows, per sub-window key (they no longer change)
         self._past: dict[str, int] = {}
@@ -520,9 +519,10 @@ class LocalLimiter:
         ``None``); every plan's allowed charges count in :meth:`stats`, however long it is kept.
         Plans read the monotonic clock themselves: none for a limiter on another clock.
         """
-        memo = self._charge_plans.get(id(checks))
-        if memo is not None and memo[0] is checks and memo[1] == fields:
-            return memo[2]
+        try:
+            return self._charge_plans.get(checks, fields)
+        except KeyError:
+            pass
         if type(checks) is not tuple or self.clock is not time.monotonic:
             return None
         fast = self._fast_plan(checks)
@@ -530,9 +530,7 @@ class LocalLimiter:
         if fast is not None and not fast[2]:
             _, triples, _, cost = fast
             plan = ChargePlan(self.table, triples, cost, plan_fields(checks) if fields else None, self._plans_allowed)
-        if len(self._charge_plans) >= 4096:
-            self._charge_plans.clear()
-        self._charge_plans[id(checks)] = (checks, fields, plan)
+        self._charge_plans.put(checks, fields, plan)
         return plan
 
     def _fast_charge(self, checks: Sequence[Check], now: float, t: int) -> _FastCharge | None:
@@ -555,15 +553,12 @@ class LocalLimiter:
         """What :meth:`_fast_charge` needs of ``checks`` (``None``: not a usual request), kept for
         a tuple of checks seen before — by identity: a tuple never changes, and the memo holds it
         (a rate-limit policy hands out the same tuple per route and key)."""
-        if type(checks) is tuple:
-            memo = self._fast_plans.get(id(checks))
-            if memo is not None and memo[0] is checks:
-                return memo[1]
+        try:
+            return self._fast_plans.get(checks)
+        except KeyError:
+            pass
         plan = self._make_fast_plan(checks)
-        if type(checks) is tuple:
-            if len(self._fast_plans) >= 4096:
-                self._fast_plans.clear()
-            self._fast_plans[id(checks)] = (checks, plan)
+        self._fast_plans.put(checks, None, plan)
         return plan
 
     def _make_fast_plan(self, checks: Sequence[Check]) -> _FastPlan | None:

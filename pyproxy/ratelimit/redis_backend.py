@@ -71,7 +71,7 @@ from redis.retry import Retry
 
 from pyproxy.errors import PyproxyError
 from pyproxy.ratelimit import lua
-from pyproxy.ratelimit.checks import BlockedKey, Check, CheckResult, Decision, Penalty, add_penalty
+from pyproxy.ratelimit.checks import BlockedKey, Check, CheckResult, Decision, Penalty, TupleMemo, add_penalty
 
 __all__ = ["LATENCY_BOUNDS", "BlockedKey", "RedisLimiter", "RedisLimiterStats", "RedisUnavailable"]
 
@@ -240,7 +240,7 @@ class RedisLimiter:
         self._nonces = itertools.count()
         self._items: dict[tuple[str, str, int, float], tuple[str, str, str, str, int]] = {}
         # Plans of tuples of checks seen before (_plan_of), by identity.
-        self._plans: dict[int, tuple[Sequence[Check], bool, tuple[list[_Item], list[int], dict[str, Penalty], list[_Group]]]] = {}
+        self._plans: TupleMemo[tuple[list[_Item], list[int], dict[str, Penalty], list[_Group]]] = TupleMemo()
         self._ready = not self._cluster
         self._init_lock = asyncio.Lock()
         # health
@@ -397,15 +397,12 @@ class RedisLimiter:
         """:meth:`_plan`, kept for a tuple of checks seen before (a rate-limit policy hands out the
         same tuple for a route and key): identity, since a tuple never changes, and the memo holds
         it, so its id cannot be reused. Plans are never modified once made."""
-        if type(checks) is not tuple:
-            return self._plan(checks, charge)
-        memo = self._plans.get(id(checks))
-        if memo is not None and memo[0] is checks and memo[1] == charge:
-            return memo[2]
+        try:
+            return self._plans.get(checks, charge)
+        except KeyError:
+            pass
         plan = self._plan(checks, charge)
-        if len(self._plans) >= 4096:
-            self._plans.clear()
-        self._plans[id(checks)] = (checks, charge, plan)
+        self._plans.put(checks, charge, plan)
         return plan
 
     def _plan(

@@ -36,7 +36,7 @@ impl HybridCounter {
         limit: i64,
         window_us: i64,
     ) -> PyResult<Self> {
-        let limit = at_least("limit", limit, 1)?;
+        let limit = at_least("limit", limit, 0)?; // 0: every charge is refused
         let w = at_least("window_us", window_us, 1)?;
         Ok(HybridCounter {
             inner: GilCell::new(hybrid::HybridCounter::new(limit, w)),
