@@ -12,14 +12,14 @@ Each hit also feeds cache warming (``pyproxy/cache/warming.py`` documents it): i
 hit count (:class:`HitCounts`, kept here so the hit path stays in C) and :func:`warm`.
 
 ``pyproxy.cache.phase`` binds :func:`lookup_now` and :func:`warm` as its methods, builds
-:class:`Ready` and keeps a :class:`HitPath` (what the hit path reads of it); this module imports
-the phase (for ``Answer``) on the first answer it builds, since the phase imports it.
+:class:`Ready` and keeps a :class:`HitPath` (what the hit path reads of it).
 """
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.math cimport exp, floor, log
 
+from pyproxy._protocol import Answer as _Answer  # what the data plane sends as it is
 from pyproxy.cache.http import primary_key as _primary_key, vary_key as _vary_key
 
 READY_MAX = 4096
@@ -27,7 +27,6 @@ READY_MAX = 4096
 
 cdef Py_ssize_t _READY_MAX = READY_MAX
 cdef double _DELTA_MAX = 2147483648.0  # 2^31 seconds: the largest delta-seconds a cache must keep
-cdef object _Answer = None  # pyproxy.cache.phase.Answer, once imported
 
 
 @cython.auto_pickle(False)  # worker state: nothing to pickle it for
@@ -120,7 +119,6 @@ cdef class Ready:
 
     cdef object answer(self, bint head_only, double age, double ttl):
         """The ``Answer`` for a hit at ``age`` with ``ttl`` left (seconds, ``ttl > 0``)."""
-        global _Answer
         # Whole seconds (Age truncated, as b"%d" % age; ttl rounded down), capped at 2^31 as RFC 9111
         # §1.2.2 caps delta-seconds: a C conversion of a larger double is undefined.
         cdef long long whole_age = <long long>min(age, _DELTA_MAX)
@@ -131,10 +129,6 @@ cdef class Ready:
         got = self._head if head_only else self._get
         if got is not None:
             return got
-        if _Answer is None:
-            from pyproxy.cache.phase import Answer
-
-            _Answer = Answer
         age_field = b"%d" % whole_age
         status_field = b"pyproxy; hit; ttl=%d; detail=memory" % whole_ttl
         fields = [*self.fields, (b"Age", age_field), (b"Cache-Status", status_field)]

@@ -56,7 +56,6 @@ from pyproxy.headers import (
 )
 from pyproxy.observe.access_log import AccessLog
 from pyproxy.cache.http import UNSAFE_METHODS as _UNSAFE  # they invalidate what they change (RFC 9111 §4.4)
-from pyproxy.cache.phase import Answer
 
 __all__ = ["BUCKETS", "ClientConnection", "ConnectionPool", "Exchange", "Histogram", "UpstreamConnection", "WorkerMetrics"]
 
@@ -208,6 +207,31 @@ def _chunk(data: bytes) -> bytes:
 
 
 # ------------------------------------------------------------------------------ shared state
+
+
+cdef class Answer:
+    """A response for the data plane to send as it is (it adds framing and the request id): what
+    the HTTP cache answers (``pyproxy.cache.phase``). ``tier``: the cache tier that served it;
+    ``length``: the Content-Length to declare when it is not ``len(body)`` (HEAD); ``head``: the
+    status line and ``headers`` already serialized (fields validated when they arrived), for the
+    fast path, which appends its own fields and the blank line. Compiled with the data plane so
+    that sending it reads C fields."""
+
+    cdef public int status
+    cdef public list headers
+    cdef public object body, tier, length, head
+
+    def __init__(self, int status, list headers, body, tier=None, length=None, head=None):
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.tier = tier
+        self.length = length
+        self.head = head
+
+    def __repr__(self):
+        return (f"Answer(status={self.status!r}, headers={self.headers!r}, body={self.body!r}, "
+                f"tier={self.tier!r}, length={self.length!r})")
 
 
 cdef class StateCore:
@@ -1708,7 +1732,9 @@ cdef class ClientConnection:
         if self.queue:
             # Not started from here: a long pipeline answered locally would otherwise recurse.
             self._loop.call_soon(self._start_next)
-        elif self.transport is not None and not self.transport.is_closing():
+        elif self.transport is not None and not self.closing:
+            # (closing: set by close, abort and connection_lost, our side of is_closing() without
+            # its Python call; a transport uvloop closes on its own reaches connection_lost)
             self._arm(self.keepalive_timeout, self.close)
 
     def idle(self) -> bool:
@@ -1763,7 +1789,7 @@ cdef class ClientConnection:
             sent = _get_first(ex.headers, b"x-request-id") if ex.headers else None
             ex.request_id = sent if sent and _REQUEST_ID.fullmatch(sent) else _new_id()
 
-    cpdef respond_cached(self, Exchange ex, answer):
+    cpdef respond_cached(self, Exchange ex, Answer answer):
         """Send a response the cache made: like :meth:`respond_local`, but the connection stays
         open while the request body is still arriving (it is read and dropped), and the response
         carries the rate-limit fields as a relayed one would."""

@@ -7,6 +7,25 @@ from typing import Any
 
 from pyproxy.config import Pool, Route, Server
 
+class Answer:
+    """A response for the data plane to send as it is (what the HTTP cache answers)."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes | memoryview
+    tier: str | None
+    length: int | None
+    head: bytes | None
+    def __init__(
+        self,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes | memoryview,
+        tier: str | None = None,
+        length: int | None = None,
+        head: bytes | None = None,
+    ) -> None: ...
+
 class StateCore:
     """What every connection of a worker reads of their shared state on each request."""
 

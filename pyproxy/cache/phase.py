@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pyproxy._cachehit import READY_MAX, HitCounts, HitPath, Ready
+from pyproxy._protocol import Answer  # what the data plane sends as it is (compiled with it)
 from pyproxy._cachehit import lookup_now as _lookup_now
 from pyproxy._cachehit import warm as _warm_on_hit
 from pyproxy.cache.coalesce import Coalescer
@@ -93,20 +94,6 @@ class _Variants:
 
     record: bytes
     names: tuple[str, ...]
-
-
-@dataclass(slots=True)
-class Answer:
-    """A response for the data plane to send as it is (it adds framing and the request id)."""
-
-    status: int
-    headers: list[tuple[bytes, bytes]]
-    body: bytes | memoryview
-    tier: str | None = None
-    length: int | None = None  # Content-Length to declare when it is not len(body) (HEAD)
-    # The status line and ``headers`` already serialized (fields validated when they arrived), for
-    # the data plane's fast path: it appends its own fields and the blank line.
-    head: bytes | None = None
 
 
 @dataclass
