@@ -289,5 +289,5 @@ class HybridPlan:
 
 def hybrid_charge(
     counters: Sequence[HybridCounter], cost: int, t_us: int
-) -> list[tuple[int, int, int, int, int]] | None:
-    """All or none: ``[(idx, e, cur, remaining, reset_us)]`` per counter, or ``None``."""
+) -> tuple[int, list[tuple[int, int, int, int, int]]] | None:
+    """All or none: ``(binding index, [(idx, e, cur, remaining, reset_us)] per counter)``, or ``None``."""

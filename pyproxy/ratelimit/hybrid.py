@@ -406,23 +406,22 @@ class HybridLimiter:
                     return False
                 self._penalty_keys.setdefault(check.key, 0)
         t_us = self.redis_now_us()
-        found = hybrid_charge(chosen, cost, t_us)  # (idx, e, current, remaining, reset µs) per counter
-        if found is None:
+        charged = hybrid_charge(chosen, cost, t_us)
+        if charged is None:
             return False
         self._allowed += 1
         if details == _NO_DETAILS:
             return None
-        results: list[CheckResult] = []
-        binding: Binding | None = None
-        for check, (_, _, _, remaining, reset_us) in zip(checks, found, strict=True):
-            reset = reset_us / 1e6
-            if details == _DECISION:
-                results.append(CheckResult(check, True, remaining, 0.0, reset))
-            elif binding is None or remaining < binding[1] or (remaining == binding[1] and reset > binding[2]):
-                binding = (check, remaining, reset)  # Decision.binding's choice
-        if binding is not None:
-            return binding
-        return Decision(True, tuple(results), server_time_us=t_us)
+        # per counter (window index, offset, current count, remaining, reset µs); which one binds
+        binds, found = charged
+        if details == _BINDING:
+            _, _, _, remaining, reset_us = found[binds]
+            return (checks[binds], remaining, reset_us / 1e6)
+        results = tuple(
+            CheckResult(check, True, remaining, 0.0, reset_us / 1e6)
+            for check, (_, _, _, remaining, reset_us) in zip(checks, found, strict=True)
+        )
+        return Decision(True, results, server_time_us=t_us)
 
     def _fast_counters(self, checks: Sequence[Check], cost: int) -> list[HybridCounter] | None:
         """The counters of a usual request's checks — one cost, each counter once — or ``None``."""

@@ -224,25 +224,30 @@ fn monotonic_secs() -> f64 {
 type ChargedTuple = (i64, u64, u64, u64, u64);
 
 /// Charge ``cost`` to every counter at Redis time ``t_us`` if each leaves room (all or none):
-/// ``[(window index, offset, current count before, remaining, reset µs)]`` per counter, or
-/// ``None`` with nothing charged. The counters must be distinct (``ValueError`` otherwise).
+/// ``(binding, [(window index, offset, current count before, remaining, reset µs)])`` — one tuple
+/// per counter, ``binding`` the index of the one a ``RateLimit`` header advertises (least
+/// remaining, on a tie the latest reset) — or ``None`` with nothing charged. The counters must be
+/// distinct and at least one (``ValueError`` otherwise).
 #[pyfunction]
 fn hybrid_charge(
     py: Python<'_>,
     counters: Vec<Py<HybridCounter>>,
     cost: i64,
     t_us: u64,
-) -> PyResult<Option<Vec<ChargedTuple>>> {
+) -> PyResult<Option<(usize, Vec<ChargedTuple>)>> {
+    if counters.is_empty() {
+        return Err(PyValueError::new_err("counters must not be empty"));
+    }
     distinct(py, &counters)?;
     let mut out = Vec::with_capacity(counters.len());
     if !charge(py, &counters, cost_arg(cost)?, t_us, &mut out)? {
         return Ok(None);
     }
-    Ok(Some(
-        out.iter()
-            .map(|c| (c.idx, c.e, c.cur, c.remaining, c.reset))
-            .collect(),
-    ))
+    let chosen = binding(&out).unwrap_or(0);
+    let tuples = out
+        .iter()
+        .map(|c| (c.idx, c.e, c.cur, c.remaining, c.reset));
+    Ok(Some((chosen, tuples.collect())))
 }
 
 fn distinct(py: Python<'_>, counters: &[Py<HybridCounter>]) -> PyResult<()> {
