@@ -1620,8 +1620,8 @@ cdef class ClientConnection:
         if ex.keep_alive and not fields.connection:
             # llhttp parses HTTP 0.9, 1.0, 1.1 and 2.0 only (any other version is a parse error),
             # and without a Connection (or Proxy-Connection) field keeps the connection open for
-            # 1.1 alone: no need for
-            # get_http_version, which formats a str (~2,300 of the ~30,000 instructions of a cache hit).
+            # 1.1 alone: no need for get_http_version, which formats a str (~2,300 of the ~30,000
+            # instructions of a cache hit).
             version = "1.1"
         else:
             version = parser.get_http_version()

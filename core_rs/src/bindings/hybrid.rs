@@ -10,7 +10,7 @@ use pyo3::types::{PyList, PyString, PyTuple};
 
 use super::gil_cell::{GilCell, GilRefMut};
 use super::keys::at_least;
-use super::plan::{allowed_answer, tally_or_new, PlanFields, Tally};
+use super::plan::{PlanOutput, Tally};
 use super::window::cost_arg;
 use crate::clock;
 use crate::hybrid::{self, binding, charge_all, Charged};
@@ -285,8 +285,7 @@ pub struct HybridPlan {
     counters: Vec<Py<HybridCounter>>,
     cost: u64,
     clock: Py<HybridClock>,
-    fields: Option<PlanFields>,
-    tally: Py<Tally>,
+    output: PlanOutput,
 }
 
 #[pymethods]
@@ -305,13 +304,9 @@ impl HybridPlan {
             return Err(PyValueError::new_err("counters must not be empty"));
         }
         distinct(py, &counters)?;
-        let fields = fields
-            .map(|f| PlanFields::parse(f, counters.len()))
-            .transpose()?;
         Ok(HybridPlan {
             cost: cost_arg(cost)?,
-            fields,
-            tally: tally_or_new(py, tally)?,
+            output: PlanOutput::new(py, fields, counters.len(), tally)?,
             counters,
             clock,
         })
@@ -334,15 +329,14 @@ impl HybridPlan {
         if !charge(py, &self.counters, self.cost, t_us, &mut out)? {
             return Ok(None);
         }
-        self.tally.get().add_one();
         let b = binding(&out).map(|i| (i, out[i].remaining, out[i].reset as f64 / 1e6));
-        Ok(Some(allowed_answer(py, self.fields.as_ref(), b)?))
+        Ok(Some(self.output.allowed(py, b)?))
     }
 
     /// The count the allowed charges go to.
     #[getter]
     fn tally(&self, py: Python<'_>) -> Py<Tally> {
-        self.tally.clone_ref(py)
+        self.output.tally(py)
     }
 
     fn __len__(&self) -> usize {

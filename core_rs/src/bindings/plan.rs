@@ -44,17 +44,52 @@ impl Tally {
     }
 }
 
-/// ``tally`` argument → the tally itself, or a new one of the plan's own.
-pub(super) fn tally_or_new(py: Python<'_>, tally: Option<Py<Tally>>) -> PyResult<Py<Tally>> {
-    match tally {
-        Some(t) => Ok(t),
-        None => Py::new(py, Tally::default()),
+/// What every plan does with an allowed charge: count it in its tally and answer the response
+/// fields (the plan's ``fields`` and ``tally`` arguments).
+pub(super) struct PlanOutput {
+    fields: Option<PlanFields>,
+    tally: Py<Tally>,
+}
+
+impl PlanOutput {
+    /// From the ``fields`` (one state prefix per each of ``n`` checks) and ``tally`` arguments; a
+    /// tally of the plan's own when none is given.
+    pub(super) fn new(
+        py: Python<'_>,
+        fields: Option<&Bound<'_, PyTuple>>,
+        n: usize,
+        tally: Option<Py<Tally>>,
+    ) -> PyResult<Self> {
+        let fields = fields.map(|f| PlanFields::parse(f, n)).transpose()?;
+        let tally = match tally {
+            Some(t) => t,
+            None => Py::new(py, Tally::default())?,
+        };
+        Ok(PlanOutput { fields, tally })
+    }
+
+    /// An allowed charge: counted, and its answer — the fields for ``binding``
+    /// ``(check index, remaining, reset seconds)``, or ``[]`` when the plan writes none.
+    pub(super) fn allowed<'py>(
+        &self,
+        py: Python<'py>,
+        binding: Option<(usize, u64, f64)>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        self.tally.get().add_one();
+        match (&self.fields, binding) {
+            (Some(f), Some((index, remaining, reset))) => f.answer(py, index, remaining, reset),
+            _ => Ok(PyList::empty(py)),
+        }
+    }
+
+    pub(super) fn tally(&self, py: Python<'_>) -> Py<Tally> {
+        self.tally.clone_ref(py)
     }
 }
 
 /// What an allowed charge of a plan puts in the response: the ``RateLimit-Policy`` field as it
 /// is, and the ``RateLimit`` field naming the binding check.
-pub(super) struct PlanFields {
+struct PlanFields {
     policy: Py<PyTuple>,
     state_name: Py<PyBytes>,
     prefixes: Vec<Box<[u8]>>,
@@ -62,7 +97,7 @@ pub(super) struct PlanFields {
 
 impl PlanFields {
     /// ``fields`` argument ``(policy_field, state_name, state_prefixes)``, one prefix per check.
-    pub(super) fn parse(f: &Bound<'_, PyTuple>, n: usize) -> PyResult<Self> {
+    fn parse(f: &Bound<'_, PyTuple>, n: usize) -> PyResult<Self> {
         let (policy, state_name, prefixes): (Bound<'_, PyTuple>, Bound<'_, PyBytes>, Vec<Vec<u8>>) =
             f.extract().map_err(|_| {
                 wrong_type(
@@ -95,7 +130,7 @@ impl PlanFields {
     /// ``[policy_field, (state_name, prefix + b"<remaining>;t=<seconds>")]`` for check ``index``:
     /// the seconds rounded up as the Python side's ``_whole_seconds`` does (the same float
     /// operations, so the same digits).
-    pub(super) fn answer<'py>(
+    fn answer<'py>(
         &self,
         py: Python<'py>,
         index: usize,
@@ -119,18 +154,6 @@ impl PlanFields {
             py,
             [self.policy.bind(py).clone().into_any(), state.into_any()],
         )
-    }
-}
-
-/// A plan's answer for an allowed request: its fields, or ``[]`` when it writes none.
-pub(super) fn allowed_answer<'py>(
-    py: Python<'py>,
-    fields: Option<&PlanFields>,
-    binding: Option<(usize, u64, f64)>,
-) -> PyResult<Bound<'py, PyList>> {
-    match (fields, binding) {
-        (Some(f), Some((index, remaining, reset))) => f.answer(py, index, remaining, reset),
-        _ => Ok(PyList::empty(py)),
     }
 }
 

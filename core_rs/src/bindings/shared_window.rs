@@ -8,7 +8,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
 
 use super::keys::{at_least, check_tuple, key_parts};
-use super::plan::{allowed_answer, tally_or_new, PlanFields, Tally};
+use super::plan::{PlanOutput, Tally};
 use super::window::{cost_arg, decision_tuple, now_ns, retry_secs, scratch, with_parsed, INLINE};
 use crate::clock;
 use crate::error::check_seconds;
@@ -260,8 +260,7 @@ pub struct ChargePlan {
     table: Py<SharedWindows>,
     checks: Vec<PlannedCheck>,
     cost: u64,
-    fields: Option<PlanFields>,
-    tally: Py<Tally>,
+    output: PlanOutput,
 }
 
 /// One triple of a [`ChargePlan`], its key owned.
@@ -303,15 +302,12 @@ impl ChargePlan {
                 "checks must not be empty",
             ));
         }
-        let fields = fields
-            .map(|f| PlanFields::parse(f, planned.len()))
-            .transpose()?;
+        let output = PlanOutput::new(py, fields, planned.len(), tally)?;
         Ok(ChargePlan {
             table,
             checks: planned,
             cost,
-            fields,
-            tally: tally_or_new(py, tally)?,
+            output,
         })
     }
 
@@ -341,16 +337,15 @@ impl ChargePlan {
         if !d.allowed {
             return Ok(None);
         }
-        self.tally.get().add_one();
         // An allowed decision always names its binding check (there is at least one check).
         let binding = binding.map(|b| (b.index, b.remaining, clock::ns_to_secs(b.reset)));
-        Ok(Some(allowed_answer(py, self.fields.as_ref(), binding)?))
+        Ok(Some(self.output.allowed(py, binding)?))
     }
 
     /// The count the allowed charges go to.
     #[getter]
     fn tally(&self, py: Python<'_>) -> Py<Tally> {
-        self.tally.clone_ref(py)
+        self.output.tally(py)
     }
 
     /// Number of checks.
