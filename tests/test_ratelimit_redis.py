@@ -120,8 +120,10 @@ def test_single_check_matches_model_exactly(redis_clean: RedisServer, algorithm:
     run(main)
 
 
-def test_three_levels_match_model_hit_all(redis_clean: RedisServer) -> None:
-    """global + route + user (mixed algorithms and windows): all-or-none exactly as ``hit_all``."""
+@pytest.mark.parametrize("replies", ["packed", "text"])
+def test_three_levels_match_model_hit_all(redis_clean: RedisServer, replies: str) -> None:
+    """global + route + user (mixed algorithms and windows): all-or-none exactly as ``hit_all``;
+    the same with a client that decodes replies as text (the script then answers in decimals)."""
     rng = random.Random(11)
     specs = [
         ("global", 12, 0.5, "sliding_window_counter"),
@@ -131,7 +133,13 @@ def test_three_levels_match_model_hit_all(redis_clean: RedisServer) -> None:
 
     async def main() -> None:
         models = [ModelWindow(limit, round(w * 1e6), exact=algo == "sliding_log") for _, limit, w, algo in specs]
-        async with single(redis_clean) as lim:
+        if replies == "packed":
+            limiter = single(redis_clean)
+        else:
+            text_client = redis.asyncio.Redis.from_url(redis_clean.url, decode_responses=True)
+            limiter = RedisLimiter(text_client, owns_client=True, timeout=1.0)
+        async with limiter as lim:
+            assert lim._binary_replies == (replies == "packed")
             firsts = set()
             for step in range(60):
                 cost = rng.choice([1, 1, 2])

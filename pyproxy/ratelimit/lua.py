@@ -79,25 +79,27 @@ end
 # HIT: decide (and, unless peeking, charge) the checks of one request.
 #
 # KEYS: the n checks' state keys, then for each of the m penalty keys its block and violation keys.
-# ARGV[1]: space-separated: nonce (unique per request), n, m, 1 charge / 0 peek; then per check
-#   kind (c counter, l log), limit, window (counter: in units; log: µs), unit (µs), cost,
-#   penalty index (1..m, 0 for none); then per penalty key max_violations, violation_window (µs),
-#   block_for (µs), block_max (µs).
-# Reply, space-separated integers: allowed (1/0), now (µs); per check: ok (its limit admits; 1/0),
-#   remaining, wait (µs, -1 never), reset (µs until its usage has aged out entirely), window index
-#   charged (counter); per penalty key: blocked before this request (1/0), blocked until (µs, 0 if
-#   never), strikes, violations in the current violation window.
+# ARGV[1]: the nonce (unique per request). ARGV[2]: little-endian doubles (integers, all below 2^53):
+#   n, m, 1 charge / 0 peek, the reply's form (1 little-endian 8-byte integers, 0 space-separated
+#   decimals: for clients that decode replies as text); then per check kind (1 counter, 2 log),
+#   limit, window (counter: in units; log: µs), unit (µs), cost, penalty index (1..m, 0 for none);
+#   then per penalty key max_violations, violation_window (µs), block_for (µs), block_max (µs).
+#   One struct.unpack reads them all: parsing a space-separated string with gmatch cost ~3.5 µs of
+#   a ~22 µs script (measured).
+# Reply, integers: allowed (1/0), now (µs); per check: ok (its limit admits; 1/0), remaining, wait
+#   (µs, -1 never), reset (µs until its usage has aged out entirely), window index charged (counter);
+#   per penalty key: blocked before this request (1/0), blocked until (µs, 0 if never), strikes,
+#   violations in the current violation window.
 HIT = Script(
     "hit",
     _PRELUDE
     + r"""
--- one space-separated argument: packing and parsing one string is cheaper than ~30 (measured)
-local ARG = {}
-for tok in string.gmatch(ARGV[1], '%S+') do ARG[#ARG + 1] = tok end
-local nonce = ARG[1]
-local n = tonumber(ARG[2])
-local m = tonumber(ARG[3])
-local charge = ARG[4] == '1'
+local nonce = ARGV[1]
+local ARG = {struct.unpack('<' .. string.rep('d', #ARGV[2] / 8), ARGV[2])}
+local n = ARG[1]
+local m = ARG[2]
+local charge = ARG[3] == 1
+local binary = ARG[4] == 1
 local A = 4                -- ARG offset of the checks
 local PA = A + 6 * n       -- ARG offset of the penalty keys
 
@@ -122,11 +124,11 @@ local allowed = true
 local ok, rem, wait, reset, st = {}, {}, {}, {}, {}
 for i = 1, n do
   local a = A + 6 * (i - 1)
-  local kind = ARG[a + 1]
-  local limit = tonumber(ARG[a + 2])
-  local w = tonumber(ARG[a + 3])
-  local unit = tonumber(ARG[a + 4])
-  local cost = tonumber(ARG[a + 5])
+  local kind = ARG[a + 1] == 1 and 'c' or 'l'
+  local limit = ARG[a + 2]
+  local w = ARG[a + 3]
+  local unit = ARG[a + 4]
+  local cost = ARG[a + 5]
   local key = KEYS[i]
   if kind == 'c' then
     local h = redis.call('HMGET', key, 'i', 'p', 'c', 't')
@@ -201,7 +203,7 @@ for i = 1, n do
     end
     st[i] = {kind, key, w, unit, cost, 0, 0, 0, newest, used, nw}
   end
-  local pj = tonumber(ARG[a + 6])
+  local pj = ARG[a + 6]
   if pj > 0 and was[pj] then
     allowed = false
   end
@@ -268,16 +270,16 @@ end
 if charge and not allowed then
   local hurt = {}
   for i = 1, n do
-    local pj = tonumber(ARG[A + 6 * (i - 1) + 6])
+    local pj = ARG[A + 6 * (i - 1) + 6]
     if pj > 0 and ok[i] == 0 and not was[pj] then hurt[pj] = true end
   end
   for j = 1, m do
     if hurt[j] then
       local b = PA + 4 * (j - 1)
-      local maxv = tonumber(ARG[b + 1])
-      local vw = tonumber(ARG[b + 2])
-      local bfor = tonumber(ARG[b + 3])
-      local bmax = tonumber(ARG[b + 4])
+      local maxv = ARG[b + 1]
+      local vw = ARG[b + 2]
+      local bfor = ARG[b + 3]
+      local bmax = ARG[b + 4]
       local vkey = KEYS[n + 2 * j]
       local v = redis.call('INCR', vkey)
       if v == 1 then redis.call('PEXPIRE', vkey, ms(vw)) end
@@ -308,9 +310,9 @@ else
   end
 end
 
--- One space-separated string: cheaper for the client to parse than an array of integers, and one
--- string.format is cheaper here than one per number (measured). '%d' prints the integers exactly
--- ('..' and tostring would print 14 significant digits).
+-- Packed integers (one struct.pack; the client unpacks them in one call), or one space-separated
+-- string: both far cheaper to read than an array reply of integers (measured). '%d' prints the
+-- integers exactly ('..' and tostring would print 14 significant digits).
 local out = {allowed and 1 or 0, now}
 for i = 1, n do
   local k = #out
@@ -319,6 +321,9 @@ end
 for j = 1, m do
   local k = #out
   out[k + 1] = was[j] and 1 or 0; out[k + 2] = pu[j]; out[k + 3] = pn[j]; out[k + 4] = pv[j]
+end
+if binary then
+  return struct.pack('<' .. string.rep('i8', #out), unpack(out))
 end
 return string.format(string.rep('%d ', #out), unpack(out))
 """,

@@ -47,6 +47,7 @@ import logging
 import math
 import os
 import random
+import struct
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -72,6 +73,7 @@ from redis.retry import Retry
 from pyproxy.errors import PyproxyError
 from pyproxy.ratelimit import lua
 from pyproxy.ratelimit.checks import BlockedKey, Check, CheckResult, Decision, Penalty, TupleMemo, add_penalty
+from pyproxy.resilience.timeouts import SharedTimeout
 
 __all__ = ["LATENCY_BOUNDS", "BlockedKey", "RedisLimiter", "RedisLimiterStats", "RedisUnavailable"]
 
@@ -83,6 +85,9 @@ log = logging.getLogger("pyproxy.ratelimit.redis")
 LATENCY_BOUNDS: Final = (0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 
 _MAX_INT: Final = 2**53
+
+# HIT's reply: allowed, now, five numbers per counter, four per penalty key (lua.HIT)
+_Reply = tuple[int, ...]
 _KIND = {"sliding_window_counter": "c", "sliding_log": "l"}
 
 # Errors that mean "Redis is not there (for now)": they start an incident and a backoff. Other
@@ -145,7 +150,7 @@ class _Item:
 
     rkey: str
     kind: str  # "c" counter, "l" log
-    spec: str  # "kind limit window unit" for the script (window in units / µs)
+    spec: tuple[int, int, int, int]  # kind (1 counter, 2 log), limit, window (units / µs), unit µs
     cost: int
     tag: str
     slot: int
@@ -158,7 +163,23 @@ class _Group:
     items: list[int]
     pens: list[str]  # tags of the penalty keys
     keys: list[str] = field(default_factory=list)
-    tail: str = ""  # HIT's one argument after the request's nonce
+    # HIT's command up to its arguments (EVALSHA, sha, number of keys, keys), encoded once
+    command: tuple[str | bytes | int, ...] = ()
+    packed: bytes = b""  # HIT's numbers (ARGV[2])
+    reply: struct.Struct = struct.Struct("<0q")  # HIT's reply in binary form
+
+
+@dataclass(slots=True)
+class _Plan:
+    """How a tuple of checks is decided: distinct counters, check → counter, penalty boxes by tag,
+    the script calls (one per slot), and for a single call each check's place in its reply."""
+
+    items: list[_Item]
+    mapping: list[int]
+    penalties: dict[str, Penalty]
+    groups: list[_Group]
+    # one script call: the reply offset of each check's (ok, remaining, wait, reset, window)
+    offsets: list[int] | None
 
 
 def _escape(key: str) -> str:
@@ -230,17 +251,21 @@ class RedisLimiter:
         self.client = client
         self.prefix = prefix
         self.timeout = timeout
+        # The decisions' bound: one loop timer for all in flight (asyncio.timeout: one per call).
+        self._decision_timeout = SharedTimeout(timeout)
         self.admin_timeout = admin_timeout
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self._owns_client = owns_client
         self._cluster = isinstance(client, RedisCluster)
+        # HIT answers in packed integers unless the client would decode them as text
+        self._binary_replies = not client.get_encoder().decode_responses
         # Nonces name the log members a request adds: unique per instance and per request.
-        self._nonce_prefix = os.urandom(6).hex()
+        self._nonce_prefix = os.urandom(6).hex().encode()
         self._nonces = itertools.count()
-        self._items: dict[tuple[str, str, int, float], tuple[str, str, str, str, int]] = {}
+        self._items: dict[tuple[str, str, int, float], tuple[str, str, tuple[int, int, int, int], str, int]] = {}
         # Plans of tuples of checks seen before (_plan_of), by identity.
-        self._plans: TupleMemo[tuple[list[_Item], list[int], dict[str, Penalty], list[_Group]]] = TupleMemo()
+        self._plans: TupleMemo[_Plan] = TupleMemo()
         self._ready = not self._cluster
         self._init_lock = asyncio.Lock()
         # health
@@ -343,7 +368,7 @@ class RedisLimiter:
         return key_slot(_escape(key).encode()) if self._cluster else 0
 
     async def run_scripts(
-        self, calls: Sequence[tuple[lua.Script, list[str], Sequence[str | int]]], timeout: float | None = None
+        self, calls: Sequence[tuple[lua.Script, list[str], Sequence[str | bytes | int]]], timeout: float | None = None
     ) -> list[Any]:
         """Run scripts concurrently (in a cluster each on the node of its keys, which must share a
         slot), within ``timeout`` (default ``timeout``) and with the health state, backoff and
@@ -372,8 +397,8 @@ class RedisLimiter:
         """What :meth:`hit` would answer now, charging nothing and counting no violation."""
         return await self._decide(checks, charge=False)
 
-    def _item_parts(self, check: Check) -> tuple[str, str, str, str, int]:
-        """(state key, kind, script spec "kind limit window unit", tag, slot) of a check, cached."""
+    def _item_parts(self, check: Check) -> tuple[str, str, tuple[int, int, int, int], str, int]:
+        """(state key, kind, script spec (kind, limit, window, unit), tag, slot) of a check, cached."""
         ident = (check.key, check.algorithm, check.limit, check.window)
         parts = self._items.get(ident)
         if parts is None:
@@ -387,13 +412,13 @@ class RedisLimiter:
             tag = _escape(check.key)
             rkey = f"{self.prefix}{{{tag}}}:{kind}:{check.limit}:{wus}"
             slot = key_slot(tag.encode()) if self._cluster else 0
-            parts = (rkey, kind, f"{kind} {check.limit} {warg} {unit}", tag, slot)
+            parts = (rkey, kind, (1 if kind == "c" else 2, check.limit, warg, unit), tag, slot)
             if len(self._items) >= 65536:
                 self._items.clear()
             self._items[ident] = parts
         return parts
 
-    def _plan_of(self, checks: Sequence[Check], charge: bool) -> tuple[list[_Item], list[int], dict[str, Penalty], list[_Group]]:
+    def _plan_of(self, checks: Sequence[Check], charge: bool) -> _Plan:
         """:meth:`_plan`, kept for a tuple of checks seen before (a rate-limit policy hands out the
         same tuple for a route and key): identity, since a tuple never changes, and the memo holds
         it, so its id cannot be reused. Plans are never modified once made."""
@@ -405,9 +430,7 @@ class RedisLimiter:
         self._plans.put(checks, charge, plan)
         return plan
 
-    def _plan(
-        self, checks: Sequence[Check], charge: bool
-    ) -> tuple[list[_Item], list[int], dict[str, Penalty], list[_Group]]:
+    def _plan(self, checks: Sequence[Check], charge: bool) -> _Plan:
         """Distinct counters (same Redis key: costs added), check → counter, penalty boxes by tag,
         and the script calls: one group per slot in a cluster, else one."""
         items: list[_Item] = []
@@ -436,40 +459,75 @@ class RedisLimiter:
         for group in by_slot.values():
             pen_index = {tag: j + 1 for j, tag in enumerate(group.pens)}
             keys = [items[i].rkey for i in group.items]
-            args = [f"{len(group.items)} {len(group.pens)} {1 if charge else 0}"]
+            numbers = [len(group.items), len(group.pens), 1 if charge else 0, 1 if self._binary_replies else 0]
             for i in group.items:
                 it = items[i]
-                args.append(f"{it.spec} {it.cost} {pen_index.get(it.tag, 0)}")
+                numbers += (*it.spec, it.cost, pen_index.get(it.tag, 0))
             for tag in group.pens:
                 keys += (f"{self.prefix}{{{tag}}}:b", f"{self.prefix}{{{tag}}}:v")
                 p = penalties[tag]
-                args.append(
-                    f"{p.max_violations} {_window_us(p.violation_window)} {_window_us(p.block_for)} "
-                    f"{_window_us(p.block_max)}"
+                numbers += (
+                    p.max_violations,
+                    _window_us(p.violation_window),
+                    _window_us(p.block_for),
+                    _window_us(p.block_max),
                 )
             group.keys = keys
-            group.tail = " ".join(args)
-        return items, mapping, penalties, list(by_slot.values())
+            group.command = self._evalsha(lua.HIT, keys)
+            group.packed = struct.pack(f"<{len(numbers)}d", *numbers)
+            group.reply = struct.Struct(f"<{2 + 5 * len(group.items) + 4 * len(group.pens)}q")
+        groups = list(by_slot.values())
+        # one group holds every item, in order: item i's five numbers start at 2 + 5·i
+        offsets = [2 + 5 * i for i in mapping] if len(groups) == 1 else None
+        return _Plan(items, mapping, penalties, groups, offsets)
 
     async def _decide(self, checks: Sequence[Check], charge: bool) -> Decision:
         if not checks:
             return Decision(True, ())
-        nonce = f"{self._nonce_prefix}{next(self._nonces):x}"
-        items, mapping, _, groups = self._plan_of(checks, charge)
+        nonce = b"%s%x" % (self._nonce_prefix, next(self._nonces))
+        plan = self._plan_of(checks, charge)
+        groups = plan.groups
         started = time.perf_counter()
-        if len(groups) == 1:
+        if plan.offsets is not None:
             group = groups[0]
-            replies = [await self._guarded(lambda: self._hit_one(group, nonce), self.timeout)]
+            command = (*group.command, nonce, group.packed)
+            if self._healthy and self._ready and self.timeout == self._decision_timeout.seconds:
+                # _guarded inlined for the common case (one script, Redis healthy): in a round
+                # trip of ~150 µs, each coroutine and call here costs its share of the wake-up
+                try:
+                    with self._decision_timeout.bound():
+                        raw = await self._run_script(lua.HIT, group.keys, command)
+                except (*_OUTAGE, RedisError) as exc:
+                    raise self._unavailable(exc, False, self.timeout) from exc
+            else:
+                raw = await self._guarded(lambda: self._run_script(lua.HIT, group.keys, command), self.timeout)
+            reply = self._reply(group, raw)
+            self._observe(time.perf_counter() - started)
+            if reply[0] == 1:  # allowed: the common case, without the denial bookkeeping
+                return Decision(
+                    True,
+                    tuple([
+                        CheckResult(check, True, reply[at + 1], 0.0, reply[at + 3] / 1e6)
+                        for check, at in zip(checks, plan.offsets)
+                    ]),
+                    server_time_us=reply[1],
+                )
+            replies = [reply]
         else:
-            replies = await self._guarded(lambda: self._hit_slots(groups, nonce, items, charge), self.timeout)
-        self._observe(time.perf_counter() - started)
-        return self._decision(checks, items, mapping, groups, replies)
+            replies = await self._guarded(lambda: self._hit_slots(groups, nonce, plan.items, charge), self.timeout)
+            self._observe(time.perf_counter() - started)
+        return self._decision(checks, plan, replies)
 
-    async def _hit_one(self, group: _Group, nonce: str) -> list[int]:
-        reply = await self._script(lua.HIT, group.keys, [f"{nonce} {group.tail}"])
-        return [int(x) for x in reply.split()]
+    async def _hit_one(self, group: _Group, nonce: bytes) -> _Reply:
+        return self._reply(group, await self._run_script(lua.HIT, group.keys, (*group.command, nonce, group.packed)))
 
-    async def _hit_slots(self, groups: list[_Group], nonce: str, items: list[_Item], charge: bool) -> list[list[int]]:
+    def _reply(self, group: _Group, raw: Any) -> _Reply:
+        """HIT's reply as integers (packed, or as text for a client decoding replies)."""
+        if self._binary_replies:
+            return group.reply.unpack(raw)
+        return tuple(map(int, raw.split()))
+
+    async def _hit_slots(self, groups: list[_Group], nonce: bytes, items: list[_Item], charge: bool) -> list[_Reply]:
         """One HIT per slot, concurrently; refund the slots that charged if another denied or failed.
 
         A denial is refunded before returning (so all-or-none holds when ``hit`` returns); a failure
@@ -490,9 +548,9 @@ class RedisLimiter:
                 self._refund_later([(g, r) for g, r in done if int(r[0]) == 1], nonce, items)
             raise
         failed = next((o for o in outcomes if isinstance(o, BaseException)), None)
-        replies = [o for o in outcomes if isinstance(o, list)]
+        replies = [o for o in outcomes if isinstance(o, tuple)]
         if charge:
-            charged = [(g, o) for g, o in zip(groups, outcomes, strict=True) if isinstance(o, list) and int(o[0]) == 1]
+            charged = [(g, o) for g, o in zip(groups, outcomes, strict=True) if isinstance(o, tuple) and int(o[0]) == 1]
             if failed is not None:
                 self._refund_later(charged, nonce, items)
             elif len(charged) < len(groups):
@@ -501,7 +559,7 @@ class RedisLimiter:
             raise failed
         return replies
 
-    async def _refund_all(self, charged: list[tuple[_Group, list[int]]], nonce: str, items: list[_Item]) -> None:
+    async def _refund_all(self, charged: list[tuple[_Group, _Reply]], nonce: bytes, items: list[_Item]) -> None:
         if not charged:
             return
         self._refunds += 1
@@ -514,7 +572,7 @@ class RedisLimiter:
             self._refund_failures += len(failures)
             log.debug("Redis rate limiter: refund failed (%r); the units age out with their window", failures[0])
 
-    def _refund_later(self, charged: list[tuple[_Group, list[int]]], nonce: str, items: list[_Item]) -> None:
+    def _refund_later(self, charged: list[tuple[_Group, _Reply]], nonce: bytes, items: list[_Item]) -> None:
         if not charged:
             return
 
@@ -529,29 +587,23 @@ class RedisLimiter:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _refund(self, group: _Group, reply: list[int], nonce: str, items: list[_Item]) -> None:
+    async def _refund(self, group: _Group, reply: _Reply, nonce: bytes, items: list[_Item]) -> None:
         """Take back what HIT charged on one slot (``reply`` gives each counter's window index)."""
         keys = [items[i].rkey for i in group.items]
-        args: list[str | int] = [nonce]
+        args: list[str | bytes | int] = [nonce]
         for n, i in enumerate(group.items):
             args += (items[i].kind, reply[2 + 5 * n + 4], items[i].cost)
         await self._script(lua.REFUND, keys, args)
 
-    def _decision(
-        self,
-        checks: Sequence[Check],
-        items: list[_Item],
-        mapping: list[int],
-        groups: list[_Group],
-        replies: list[list[int]],
-    ) -> Decision:
+    def _decision(self, checks: Sequence[Check], plan: _Plan, replies: list[_Reply]) -> Decision:
+        items, mapping = plan.items, plan.mapping
         # per distinct counter: (ok, remaining, wait µs, reset µs); the replies are already ints
         state: list[tuple[int, int, int, int]] = [(1, 0, 0, 0)] * len(items)
         pen_left: dict[str, int] = {}  # µs until unblocked, on the key's node clock
         pen_was: dict[str, bool] = {}
         now = 0
         allowed = True
-        for group, reply in zip(groups, replies, strict=True):
+        for group, reply in zip(plan.groups, replies, strict=True):
             if reply[0] != 1:
                 allowed = False
             if reply[1] > now:
@@ -680,11 +732,23 @@ class RedisLimiter:
 
     # -- Redis calls ----------------------------------------------------------------------------
 
-    async def _script(self, script: lua.Script, keys: list[str], args: Sequence[str | int]) -> Any:
+    def _evalsha(self, script: lua.Script, keys: list[str]) -> tuple[str | bytes | int, ...]:
+        """``script``'s EVALSHA command up to its arguments. On a single server already encoded:
+        redis-py then packs it ~30% faster (a hot command); a cluster client routes commands by
+        their text name, so it gets text."""
+        if self._cluster:
+            return ("EVALSHA", script.sha, len(keys), *keys)
+        return (b"EVALSHA", script.sha.encode(), str(len(keys)).encode(), *(k.encode() for k in keys))
+
+    async def _script(self, script: lua.Script, keys: list[str], args: Sequence[str | bytes | int]) -> Any:
         """EVALSHA; on NOSCRIPT load the script (on the node owning ``keys`` in a cluster), again."""
+        return await self._run_script(script, keys, (*self._evalsha(script, keys), *args))
+
+    async def _run_script(self, script: lua.Script, keys: list[str], command: tuple[str | bytes | int, ...]) -> Any:
+        """Send ``command``, ``script``'s EVALSHA with its keys and arguments (see :meth:`_script`)."""
         self._round_trips += 1
         try:
-            return await self.client.evalsha(script.sha, len(keys), *keys, *args)
+            return await self.client.execute_command(*command)
         except NoScriptError:
             pass
         self._round_trips += 2
@@ -696,7 +760,7 @@ class RedisLimiter:
             await node.execute_command("SCRIPT", "LOAD", script.source)
         else:
             await self.client.script_load(script.source)
-        return await self.client.evalsha(script.sha, len(keys), *keys, *args)
+        return await self.client.execute_command(*command)
 
     async def _guarded(self, op: Callable[[], Awaitable[T]], timeout: float) -> T:
         """Run ``op`` within ``timeout``, keeping the health state, backoff and counters."""
@@ -711,22 +775,16 @@ class RedisLimiter:
                 )
             self._probing = probe = True
         try:
-            async with asyncio.timeout(timeout):
-                if not self._ready:
-                    await self._initialize()
-                result = await op()
-        except _OUTAGE as exc:
-            self._errors += 1
-            self._outage(exc, probe, timeout)
-            raise RedisUnavailable(f"Redis unavailable: {self._cause}", cause=exc) from exc
-        except RedisError as exc:
-            self._errors += 1
-            cause = f"{type(exc).__name__}: {exc}"
-            now = time.monotonic()
-            if now - self._last_error_log >= 60.0:
-                self._last_error_log = now
-                log.error("Redis rate limiter: Redis refused an operation (%s)", cause)
-            raise RedisUnavailable(f"Redis refused the operation: {cause}", cause=exc) from exc
+            if self._ready and timeout == self._decision_timeout.seconds:
+                with self._decision_timeout.bound():
+                    result = await op()
+            else:
+                async with asyncio.timeout(timeout):
+                    if not self._ready:
+                        await self._initialize()
+                    result = await op()
+        except (*_OUTAGE, RedisError) as exc:
+            raise self._unavailable(exc, probe, timeout) from exc
         finally:
             if probe:
                 self._probing = False
@@ -739,6 +797,21 @@ class RedisLimiter:
             self._healthy = True
             self._failures = 0
         return result
+
+    def _unavailable(self, exc: BaseException, probe: bool, timeout: float) -> RedisUnavailable:
+        """What a failed operation raises: counted; an outage (``_OUTAGE``) starts or continues an
+        incident and its backoff, another Redis error (a refused operation) is logged at most once
+        a minute."""
+        self._errors += 1
+        if isinstance(exc, _OUTAGE):
+            self._outage(exc, probe, timeout)
+            return RedisUnavailable(f"Redis unavailable: {self._cause}", cause=exc)
+        cause = f"{type(exc).__name__}: {exc}"
+        now = time.monotonic()
+        if now - self._last_error_log >= 60.0:
+            self._last_error_log = now
+            log.error("Redis rate limiter: Redis refused an operation (%s)", cause)
+        return RedisUnavailable(f"Redis refused the operation: {cause}", cause=exc)
 
     async def _initialize(self) -> None:
         """Learn a cluster's topology once, before concurrent use.
