@@ -36,6 +36,7 @@ from pyproxy.cache.compression import Compressor
 from pyproxy.cache.entry import CacheEntry, decode, encode
 from pyproxy.cache.memory import MemoryTier
 from pyproxy.cache.redis_tier import RedisTier
+from pyproxy.resilience.timeouts import SharedTimeout
 from pyproxy.cache.sql import SqlTier
 from pyproxy.cache.tags import TagGraph
 from pyproxy.cache.tier import Tier
@@ -118,7 +119,8 @@ class TieredCache:
             raise ValueError("timeout and backoff must be > 0 and max_backoff >= backoff")
         self._states = [_TierState(t) for t in tiers]
         self.compressor = compressor if compressor is not None else Compressor("zstd")
-        self.timeout = timeout
+        # one loop timer for all remote-tier calls in flight (asyncio.timeout: one per call)
+        self._call_timeout = SharedTimeout(timeout)
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.graph = TagGraph(dependencies)
@@ -170,6 +172,11 @@ class TieredCache:
             await asyncio.wait(set(self._background), timeout=timeout)
 
     @property
+    def timeout(self) -> float:
+        """The bound of each remote-tier call, in seconds."""
+        return self._call_timeout.seconds
+
+    @property
     def tiers(self) -> list[Tier]:
         return [st.tier for st in self._states]
 
@@ -183,7 +190,7 @@ class TieredCache:
             st.stats.skipped += 1
             raise _Skipped
         try:
-            async with asyncio.timeout(self.timeout):
+            with self._call_timeout.bound():
                 result = await op()
         except TimeoutError as e:
             self._failed(st, e, timeout=True)
