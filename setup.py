@@ -46,6 +46,8 @@ setup(
     ext_modules=cythonize(
         extensions,
         annotate=annotate,
+        # where ``from pyproxy._balance cimport ...`` finds cython_ext/pyproxy._balance.pxd
+        include_path=["cython_ext"],
         compiler_directives={
             "language_level": "3",
             "boundscheck": False,

@@ -27,14 +27,8 @@ cdef double _AVG_ALPHA = AVG_ALPHA
 
 
 cdef class ServerStats:
-    """One server's balancing state (the fields :class:`UpstreamServer` documents)."""
-
-    cdef public object server
-    cdef public str id
-    cdef public double weight
-    cdef public long long in_flight
-    cdef public double ewma, error_ewma, avg, stamp, since, tau
-    cdef public bint available
+    """One server's balancing state (the fields :class:`UpstreamServer` documents; declared in
+    ``pyproxy._balance.pxd`` with the other classes' fields)."""
 
     cpdef started(self):
         """A request was sent to this server."""
@@ -64,9 +58,6 @@ cdef class ServerStats:
 cdef class Rotation:
     """Round robin over the available servers of ``_servers`` from ``_next`` on."""
 
-    cdef public list _servers
-    cdef public Py_ssize_t _next
-
     cpdef pick(self, request, now, exclude=()):
         """The next available server not in ``exclude``, or None."""
         cdef list servers = self._servers
@@ -89,13 +80,9 @@ cdef class BucketCounter:
     """Two rolling counters, ``a`` and ``b`` (say requests and failures), over ``window`` seconds
     cut into ``buckets`` slots (:mod:`pyproxy.resilience._buckets` documents the ring)."""
 
-    cdef double _per_second
-    cdef Py_ssize_t _n
-    cdef long long* _a
-    cdef long long* _b
-    cdef long long _epoch  # absolute slot number (now // width) of the newest slot
-    cdef Py_ssize_t _index  # its position in the ring: _epoch % _n
-    cdef public long long a, b  # totals over the window
+    # fields (in the .pxd): _per_second, _n; _a, _b (the ring); _epoch, the absolute slot number
+    # (now // width) of the newest slot; _index, its position in the ring (_epoch % _n); a, b,
+    # the totals over the window
 
     def __cinit__(self, window: float, buckets: int = 10):
         self._a = self._b = NULL
@@ -171,8 +158,6 @@ cdef class BudgetWindow:
     """The per-request part of :class:`pyproxy.resilience.budget.RetryBudget` (its base): the
     window of original requests (``a``) and retries (``b``)."""
 
-    cdef public BucketCounter _window
-
     cpdef record_request(self, double now):
         """Count one original request (not a retry)."""
         self._window.add(now, 1, 0)
@@ -182,14 +167,15 @@ cdef class PoolCore:
     """The two per-request calls of :class:`pyproxy.balance.pool.UpstreamPool` (its base, which
     documents them and holds everything else): ``choose`` on its common path and ``finished``."""
 
-    cdef public object balancer, states, outlier, _recent, _recent_at
-    cdef public bint _plain
-
     cpdef choose(self, request, double now, tried):
         """A server for ``request`` other than those in ``tried``, or ``None``."""
+        balancer = self.balancer
         if not tried and self._plain:
             # The common case: first try, no per-server limit nor breakers to ask.
-            server = self.balancer.pick(request, now, ())
+            if isinstance(balancer, Rotation):
+                server = (<Rotation>balancer).pick(request, now, ())  # a C call
+            else:
+                server = balancer.pick(request, now, ())
             if server is not None:
                 return server
         return self._choose_among(request, now, tried)

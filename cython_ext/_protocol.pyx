@@ -82,6 +82,8 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcmp, memcpy
 
+from pyproxy._balance cimport PoolCore, ServerStats
+
 from http import HTTPStatus as _HTTPStatus
 from os import register_at_fork as _register_at_fork, urandom as _urandom
 
@@ -234,6 +236,30 @@ cdef class Answer:
                 f"tier={self.tier!r}, length={self.length!r})")
 
 
+cdef class RouteFacts:
+    """What the data plane reads of a route on each request, as C fields: a ``Route`` is a frozen
+    dataclass, each attribute a descriptor call (~8 a proxied request). Made once per route by
+    each connection (:meth:`ClientConnection.facts_of`); a reload brings new routes."""
+
+    cdef readonly object route
+    cdef readonly str name, pool
+    cdef readonly object host_header  # the Host sent upstream instead of the client's (bytes), or None
+    cdef readonly double response_timeout  # 0.0: the pool's
+    cdef readonly object max_body_size  # int, or None: the limits' default
+    cdef readonly bint idempotent
+    cdef readonly object hedge_after
+
+    def __init__(self, route: Route) -> None:
+        self.route = route
+        self.name = route.name
+        self.pool = route.pool
+        self.host_header = route.host_header.encode() if route.host_header else None
+        self.response_timeout = route.response_timeout or 0.0
+        self.max_body_size = route.max_body_size
+        self.idempotent = route.idempotent
+        self.hedge_after = route.hedge_after
+
+
 cdef class StateCore:
     """What every connection of a worker reads of their shared state on each request, as C fields
     (a dataclass attribute is a Python lookup: ~10 a proxied request). ``pyproxy.proxy.ProxyState``
@@ -247,16 +273,26 @@ cdef class StateCore:
 cdef class ConnectionPool:
     """Kept-alive upstream connections of one pool, per server (most recently used first)."""
 
-    cdef public object idle, pool
+    cdef public object pool
+    cdef public dict idle  # server address → its idle connections, the most recently used last
     cdef public long long connects
     cdef public bint retired
+    cdef Py_ssize_t max_idle  # the pool's settings, read per request (a dataclass: frozen)
+    cdef double idle_timeout
+    cdef readonly double response_timeout
+    cdef readonly object retry_statuses  # upstream statuses that may be retried elsewhere
 
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
         # Keyed by the server's address (a str: its hash is cached), not by the frozen Server
-        # dataclass, whose generated __hash__ is a Python call per lookup.
-        self.idle = collections.defaultdict(collections.deque)
+        # dataclass, whose generated __hash__ is a Python call per lookup. Lists, typed: pushing
+        # and popping them are C calls (a deque's are method calls by name).
+        self.idle = {}
+        self.max_idle = pool.max_idle_per_server
+        self.idle_timeout = pool.idle_timeout
+        self.response_timeout = pool.response_timeout
+        self.retry_statuses = pool.retry.on_statuses
         self.connects = 0
         self.retired = False  # replaced by a reload: connections close instead of returning
 
@@ -264,7 +300,7 @@ cdef class ConnectionPool:
         """A kept-alive connection to the server at ``address`` (most recently used first), if one
         is usable."""
         cdef UpstreamConnection conn
-        idle = self.idle.get(address)
+        cdef list idle = self.idle.get(address)
         while idle:
             conn = idle.pop()
             conn.deadline.clear()
@@ -284,12 +320,14 @@ cdef class ConnectionPool:
 
     cpdef release(self, UpstreamConnection conn):
         """Keep ``conn`` for reuse, or close it when the pool is full or it cannot be reused."""
-        idle = self.idle[conn.address]
-        if self.retired or not conn.usable() or len(idle) >= self.pool.max_idle_per_server:
+        cdef list idle = self.idle.get(conn.address)
+        if idle is None:
+            idle = self.idle[conn.address] = []
+        if self.retired or not conn.usable() or len(idle) >= self.max_idle:
             conn.close()
             return
         idle.append(conn)
-        conn.deadline.set(_monotonic() + self.pool.idle_timeout, conn.close)
+        conn.deadline.set(_monotonic() + self.idle_timeout, conn.close)
 
     def close_server(self, address: str) -> None:
         """Close the idle connections to the server at ``address`` (it left the pool)."""
@@ -325,11 +363,17 @@ cdef class Exchange:
     once, which hands the connection to the next exchange.
     """
 
-    cdef public object headers, host, method, pending, refusal, request_id, route, server, target
+    cdef public object host, method, refusal, request_id, route, server, target
+    cdef public list pending  # body bytes read before the upstream is connected
+    cdef public list headers  # (name, value) as received (typed: appends are C calls)
+    cdef public RouteFacts facts  # of ``route`` (None until routed)
+    cdef public str route_name, pool_name  # facts.name and facts.pool
     cdef object checked_headers  # the header list validated on arrival (not checked again)
     cdef public double response_timeout
     # balancing: the pool's run-time side, the server chosen (UpstreamServer), servers tried so far
-    cdef public object upool, chosen, tried, waiter, last_failure
+    cdef public PoolCore upool  # an UpstreamPool (typed: choose, finished and its fields are C)
+    cdef public ServerStats chosen  # an UpstreamServer
+    cdef public object tried, waiter, last_failure
     cdef public object extra_headers  # fields the response gets (rate-limit state), or None
     # caching (phase 4): the cache phase and its plan for this request, the response body copy kept
     # for storing, and the upstream's response fields (for invalidation by unsafe methods)
@@ -339,7 +383,8 @@ cdef class Exchange:
     cdef public bint discard_body  # answered from cache before its body was read: drop the rest
     # hedging: the second attempt's connection and server, the timer that starts it
     cdef public UpstreamConnection hedge
-    cdef public object hedge_chosen, hedge_handle
+    cdef public ServerStats hedge_chosen
+    cdef public object hedge_handle
     cdef public bint hedged
     cdef public double hedge_sent_at
     cdef public bint admitted, connect_failed, upstream_failed
@@ -382,6 +427,7 @@ cdef class Exchange:
         # An Upgrade request (WebSocket): after a 101 both connections become a raw tunnel.
         self.upgrade = False
         self.route = None
+        self.route_name = self.pool_name = ""
         self.refusal = None
         self.body_received = 0
         self.request_done = False
@@ -468,7 +514,7 @@ cdef class Exchange:
             self.upstream.send_raw(b"0\r\n\r\n")
 
     cpdef body_limit(self):
-        route_limit = self.route.max_body_size if self.route else None
+        route_limit = self.facts.max_body_size if self.facts is not None else None
         return route_limit or self.client.limits.max_body_size
 
     @property
@@ -489,10 +535,10 @@ cdef class Exchange:
         self.client.metrics.in_flight += 1
         self.in_flight = True
         limits = state.ratelimit
-        if limits is not None and route.name in limits.routes:
+        if limits is not None and self.route_name in limits.routes:
             # Phase 3, rate limits: decided here (shared memory) or after a round trip (Redis).
             if limits.synchronous:
-                if not self._limit_now(limits, route.name):
+                if not self._limit_now(limits, self.route_name):
                     return
             else:
                 self.client._loop.create_task(self._limit_then_forward(limits))
@@ -528,7 +574,7 @@ cdef class Exchange:
 
     async def _limit_then_forward(self, limits: object) -> None:
         try:
-            outcome = await limits.decide(self.route.name, self.headers, self.target, self.client_ip)
+            outcome = await limits.decide(self.route_name, self.headers, self.target, self.client_ip)
         except Exception:  # noqa: BLE001 - a bug of ours must not leave the request hanging
             log.exception("rate-limit phase failed")
             self.fail(500, "internal proxy error", close=False)
@@ -555,14 +601,14 @@ cdef class Exchange:
         cache = self.client.state.cache
         if (
             cache is not None
-            and self.route.name in cache.routes
+            and self.route_name in cache.routes
             and self.method in _CACHE_METHODS
             and not self.upgrade
         ):
             self.cache_phase = cache
             if self.method != b"POST":
                 # A fresh response in this worker's memory is answered here, without a task.
-                answer = cache.lookup_now(self.route.name, self.method, "http", self.host or b"", self.target, self.headers, self.client_ip)
+                answer = cache.lookup_now(self.route_name, self.method, "http", self.host or b"", self.target, self.headers, self.client_ip)
                 if answer is not None:
                     self.answer_from_cache(answer)
                     return
@@ -573,7 +619,7 @@ cdef class Exchange:
     async def _cache_then_forward(self, cache: object) -> None:
         body = None
         if self.method == b"POST":
-            policy = cache.policies.get(self.route.name)
+            policy = cache.policies.get(self.route_name)
             if policy is None or not policy.cache_post:
                 self._admit()  # only looked at again for invalidation, once answered
                 return
@@ -584,7 +630,7 @@ cdef class Exchange:
                 self._admit()  # too large to key the cache by: forwarded as any POST
                 return
         try:
-            outcome = await cache.lookup(self.route.name, self.method, "http", self.host or b"", self.target, self.headers, body, self.client_ip)
+            outcome = await cache.lookup(self.route_name, self.method, "http", self.host or b"", self.target, self.headers, body, self.client_ip)
         except Exception:  # noqa: BLE001 - the cache failing must not fail the request
             log.exception("cache lookup failed; forwarding")
             outcome = None
@@ -631,7 +677,7 @@ cdef class Exchange:
             self.finish()
         else:
             self.discard_body = True
-            self.pending.clear()
+            del self.pending[:]
             self.pending_size = 0
             self.client.resume_reading("pending-body")
 
@@ -673,7 +719,7 @@ cdef class Exchange:
             self.client._loop.create_task(_logged(phase.finish(plan, body, self.cache_complete), "cache store"))
         elif self.method in _UNSAFE and self.route is not None and 200 <= self.upstream_status < 400:
             keys = phase.invalidate_now(
-                self.method, self.upstream_status, "http", self.host or b"", self.target, self.response_fields or [], self.route.name
+                self.method, self.upstream_status, "http", self.host or b"", self.target, self.response_fields or [], self.route_name
             )
             if keys:
                 self.client._loop.create_task(_logged(phase.cache.delete(*keys), "cache invalidation"))
@@ -681,7 +727,8 @@ cdef class Exchange:
     cpdef _admit(self):
         """Phase 5 starts: a slot of the pool's bulkhead, then a server."""
         route = self.route
-        self.upool = upool = self.client.state.upstreams[route.pool]
+        cdef PoolCore upool
+        self.upool = upool = self.client.state.upstreams[self.pool_name]
         upool.retry_budget.record_request(_monotonic())
         if upool.unlimited:
             self._forward()  # no concurrency limit on the pool: nothing to take or give back
@@ -691,7 +738,7 @@ cdef class Exchange:
             self.admitted = True
             self._forward()
         elif verdict is False:
-            self.fail(503, f"pool {route.pool!r} is at its concurrency limit", close=False)
+            self.fail(503, f"pool {self.pool_name!r} is at its concurrency limit", close=False)
         else:
             self.waiter = verdict  # queued; _admitted follows
 
@@ -705,22 +752,22 @@ cdef class Exchange:
             self.admitted = True
             self._forward()
         else:
-            self.fail(503, f"pool {self.route.pool!r} is at its concurrency limit (queue full or timed out)", close=False)
+            self.fail(503, f"pool {self.pool_name!r} is at its concurrency limit (queue full or timed out)", close=False)
 
     cpdef _forward(self):
         """Choose a server (another one on a retry) and send the request there."""
         if self.done:
             return  # the client left during a retry's backoff
-        route = self.route
-        upool = self.upool
-        self.chosen = server = upool.choose(self, _monotonic(), self.tried)
+        cdef PoolCore upool = self.upool
+        cdef ServerStats server = upool.choose(self, _monotonic(), self.tried)
+        self.chosen = server
         if server is None:
             if self.last_failure is not None:
                 # A retry found no other server: the client gets what the last attempt got.
                 self.fail(self.last_failure[0], self.last_failure[1], close=False)
                 return
             self.retry_after = upool.retry_after()
-            self.fail(503, f"no server of pool {route.pool!r} can take the request", close=False)
+            self.fail(503, f"no server of pool {self.pool_name!r} can take the request", close=False)
             return
         self.tried.append(server)
         server.started()
@@ -730,10 +777,10 @@ cdef class Exchange:
         self.upstream_status = 0
         self.upstream_latency = 0.0
         self.sent_at = 0.0
-        cdef ConnectionPool pool = self.client.state.pools[route.pool]
-        conn = pool.take_idle(server.id)
+        cdef ConnectionPool pool = self.client.state.pools[self.pool_name]
+        cdef UpstreamConnection conn = pool.take_idle(server.id)
         if conn is not None:
-            self.client.metrics.upstream_connection(route.pool, True)
+            self.client.metrics.upstream_connection(self.pool_name, True)
             self._attach(conn)
         else:
             self.client._loop.create_task(self._connect(pool, self.server))
@@ -743,7 +790,7 @@ cdef class Exchange:
         marked idempotent) without a body (bodies are streamed, not kept), not an Upgrade."""
         if self.upgrade or self.framing != 0 or self.upool is None:
             return False
-        return self.method in _IDEMPOTENT or self.route.idempotent
+        return self.method in _IDEMPOTENT or self.facts.idempotent
 
     cpdef bint claim_retry(self):
         """Whether this request may go to another server after a failed attempt: nothing of a
@@ -788,7 +835,7 @@ cdef class Exchange:
     cpdef report(self):
         """Feed the outcome of the current attempt to the pool (EWMA, breaker, ejection)."""
         cdef object ok  # True, False or None (no verdict): never let Cython infer a bint
-        server = self.chosen
+        cdef ServerStats server = self.chosen
         if server is None:
             return
         self.chosen = None
@@ -808,7 +855,7 @@ cdef class Exchange:
         if server.id not in self.upool.states:
             # Its last request ended after an admin DELETE: close the connections kept alive to it
             # now rather than hold them open for idle_timeout to a server that left.
-            pool = self.client.state.pools.get(self.route.pool)
+            pool = self.client.state.pools.get(self.pool_name)
             if pool is not None:
                 pool.close_server(server.id)
 
@@ -847,7 +894,7 @@ cdef class Exchange:
                 self.headers,
                 self.client.peer,
                 _HTTP,
-                self.route.host_header.encode() if self.route.host_header else None,
+                self.facts.host_header,
                 _VIA,
                 None,
                 _RID_FIELD,
@@ -871,15 +918,15 @@ cdef class Exchange:
         if self.request_done and chunked:
             out.append(b"0\r\n\r\n")
         upstream.send_raw(out[0] if len(out) == 1 else b"".join(out))
-        self.pending.clear()
+        del self.pending[:]
         self.pending_size = 0
         self.client.resume_reading("pending-body")
         if self.expect_continue and not self.request_done:
             self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        self.response_timeout = self.route.response_timeout or upstream.pool.pool.response_timeout
+        self.response_timeout = self.facts.response_timeout or upstream.pool.response_timeout
         self.sent_at = _monotonic()
         upstream.deadline.set(_monotonic() + self.response_timeout, upstream.response_timed_out)
-        if self.route.hedge_after is not None and not self.hedged and self.hedge_handle is None:
+        if self.facts.hedge_after is not None and not self.hedged and self.hedge_handle is None:
             self._arm_hedge()
 
     # -- hedging (routes with hedge_after): a second copy to another server when the first is slow
@@ -887,7 +934,7 @@ cdef class Exchange:
         if not self.replayable():
             return
         loop = self.client._loop
-        delay = self.upool.hedge_delay(self.route.hedge_after, _monotonic())
+        delay = self.upool.hedge_delay(self.facts.hedge_after, _monotonic())
         if delay > 0:
             self.hedge_handle = loop.call_later(delay, self._hedge)
 
@@ -908,10 +955,10 @@ cdef class Exchange:
         self.tried.append(server)
         server.started()
         self.hedge_chosen = server
-        cdef ConnectionPool pool = self.client.state.pools[self.route.pool]
+        cdef ConnectionPool pool = self.client.state.pools[self.pool_name]
         conn = pool.take_idle(server.id)
         if conn is not None:
-            self.client.metrics.upstream_connection(self.route.pool, True)
+            self.client.metrics.upstream_connection(self.pool_name, True)
             self._attach_hedge(conn)
         else:
             self.client._loop.create_task(self._connect_hedge(pool, server))
@@ -935,7 +982,7 @@ cdef class Exchange:
             self.target,
             self.headers,
             client=self.client.peer,
-            host=self.route.host_header.encode() if self.route.host_header else None,
+            host=self.facts.host_header,
             request_id=self.request_id,  # the same request, the same id
             content_length=0 if self.had_length else None,
         )
@@ -1040,7 +1087,7 @@ cdef class Exchange:
         self.stop_response_timer()
         self.upstream = None
         assert self.route is not None and self.server is not None
-        pool = self.client.state.pools[self.route.pool]
+        pool = self.client.state.pools[self.pool_name]
         self.client._loop.create_task(self._connect(pool, self.server))
 
     cpdef stop_response_timer(self):
@@ -1108,7 +1155,7 @@ cdef class Exchange:
         client = self.client
         if self.sent_at and self.route is not None:
             self.upstream_latency = _monotonic() - self.sent_at
-            client.metrics.upstream_answered(self.route.pool, self.upstream_latency)
+            client.metrics.upstream_answered(self.pool_name, self.upstream_latency)
         self.upstream_status = status
         switching = status == 101
         close = not switching and (
@@ -1149,7 +1196,11 @@ cdef class Exchange:
 cdef class UpstreamConnection:
     """One connection to an upstream server; carries one exchange at a time."""
 
-    cdef public object headers, parser, reason, server, transport
+    cdef public object parser, reason, server, transport
+    cdef public list headers
+    # Bound methods of the transport and the parser, looked up once: a method call by name costs
+    # a type lookup each time (~30 such calls a proxied request were ~12% of its instructions).
+    cdef object _write, _is_closing, _feed, _keep_alive, _status_code, _version
     cdef public str address  # server.address, computed once (the pool's key)
     cdef public Deadline deadline  # idle in the pool → close; busy → response timeout (504)
     cdef public Exchange exchange
@@ -1172,7 +1223,8 @@ cdef class UpstreamConnection:
         self.server = server
         self.address = server.address
         self.transport = None
-        self.parser = httptools.HttpResponseParser(self)
+        self._write = self._is_closing = None
+        self._new_parser()
         self.exchange = None
         self.deadline = Deadline(asyncio.get_running_loop())
         self.closed = False
@@ -1194,8 +1246,15 @@ cdef class UpstreamConnection:
         # body its Content-Length announces. We end the message ourselves after its head.
         self.head_only = False
 
+    cdef _new_parser(self):
+        parser = self.parser = httptools.HttpResponseParser(self)
+        self._feed = parser.feed_data
+        self._keep_alive = parser.should_keep_alive
+        self._status_code = parser.get_status_code
+        self._version = parser.get_http_version
+
     cpdef usable(self):
-        return not self.closed and self.transport is not None and not self.transport.is_closing()
+        return not self.closed and self.transport is not None and not self._is_closing()
 
     def response_timed_out(self) -> None:
         if self.exchange is not None:
@@ -1208,8 +1267,7 @@ cdef class UpstreamConnection:
     # -- writing the request
     cpdef send_raw(self, data: bytes):
         if self.usable():
-            assert self.transport is not None
-            self.transport.write(data)
+            self._write(data)
 
     cpdef send_body(self, data: bytes, chunked: bool):
         self.send_raw(_chunk(data) if chunked else data)
@@ -1236,6 +1294,8 @@ cdef class UpstreamConnection:
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it
         self.transport = cast(asyncio.Transport, transport)
+        self._write = self.transport.write
+        self._is_closing = self.transport.is_closing
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel:
@@ -1250,10 +1310,10 @@ cdef class UpstreamConnection:
         client = self.exchange.client
         client.cork()
         try:
-            self.parser.feed_data(data)
+            self._feed(data)
             if self.head_only and self.head_received and not self.message_done:
-                keep_alive = self.parser.should_keep_alive()
-                self.parser = httptools.HttpResponseParser(self)
+                keep_alive = self._keep_alive()
+                self._new_parser()
                 self._complete(keep_alive)
         except httptools.HttpParserUpgrade as e:
             if self.tunnel and self.exchange is not None:
@@ -1325,7 +1385,7 @@ cdef class UpstreamConnection:
     def on_headers_complete(self) -> None:
         ex = self.exchange
         assert ex is not None
-        status = self.parser.get_status_code()
+        status = self._status_code()
         if 100 <= status < 200 and status != 101:
             # Interim responses are not relayed (we answer 100-continue ourselves); wait for the
             # final one.
@@ -1350,13 +1410,13 @@ cdef class UpstreamConnection:
             self.framing = framing  # the plain case; everything else by the full rules
         else:
             # (get_http_version formats a string: only asked for when the full rules need it)
-            http11 = self.parser.get_http_version() == "1.1"
+            http11 = self._version() == "1.1"
             self.framing = response_framing(status, self.headers, ex.method, http11)
             if self.framing == 0 and fields.content_length is not None:
                 cl = fields.content_length
                 declared = int(cl) if cl.strip().isdigit() else None
         self.status = status
-        if ex.upool is not None and status in ex.upool.config.retry.on_statuses and ex.claim_retry():
+        if ex.upool is not None and status in self.pool.retry_statuses and ex.claim_retry():
             ex.upstream_status = status
             raise _RetryResponse(status)
         if ex.cache_phase is not None and ex.cache_response(self, status):
@@ -1388,7 +1448,7 @@ cdef class UpstreamConnection:
             return  # an interim (1xx) response ended
         if self.tunnel:
             return  # llhttp ends the 101 "message" at its head; the tunnel goes on
-        self._complete(self.parser.should_keep_alive())
+        self._complete(self._keep_alive())
 
     cpdef _complete(self, keep_alive: bool):
         ex = self.exchange
@@ -1438,7 +1498,16 @@ cdef class UpstreamConnection:
 cdef class ClientConnection:
     """One client connection: parse its requests, queue them, answer them in order."""
 
-    cdef public object _loop, body_timer, limits, out, parser, peer, queue, read_pauses, send_timer, transport
+    cdef public object _loop, body_timer, limits, parser, peer, send_timer, transport
+    # typed: their appends, pops and adds are C calls, not method lookups
+    cdef public list queue  # exchanges to answer, in order (a pipeline is short: pop(0) is cheap)
+    cdef public list out  # writes collected while corked
+    cdef public set read_pauses
+    # Bound methods looked up once (a method call by name costs a type lookup each time).
+    cdef object _write, _is_closing, _feed, _get_method, _keep_alive, _upgrade, _version
+    cdef RouteFacts route_facts  # of the last request's route
+    cdef object router, catch_all  # the router routing this connection's requests, its catch_all
+    cdef dict decisions  # and its memo of decisions
     cdef public StateCore state
     cdef readonly str peer_text  # peer decoded (latin-1), once per connection
     cdef object rl_policy, rl_route, rl_plan  # the rate-limit plan of this connection's requests (Exchange._limit_now)
@@ -1467,12 +1536,18 @@ cdef class ClientConnection:
         self.body_timeout = limits.body_timeout
         self.keepalive_timeout = limits.keepalive_timeout
         self._loop = asyncio.get_running_loop()
-        self.parser = httptools.HttpRequestParser(self)
+        parser = self.parser = httptools.HttpRequestParser(self)
+        self._feed = parser.feed_data
+        self._get_method = parser.get_method
+        self._keep_alive = parser.should_keep_alive
+        self._upgrade = parser.should_upgrade
+        self._version = parser.get_http_version
         self.transport = None
+        self._write = self._is_closing = None
         self.peer = b"unknown"
         self.peer_text = "unknown"
         self.parsing = None
-        self.queue = collections.deque()
+        self.queue = []
         self.head_raw = 0  # bytes read while the current head is incomplete
         self.deadline = Deadline(self._loop)
         self.read_pauses = set()
@@ -1490,11 +1565,15 @@ cdef class ClientConnection:
         self.send_timer = None
         self.corked = 0
         self.out = []
+        self.route_facts = None
+        self.router = self.catch_all = self.decisions = None
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it
         self.transport = cast(asyncio.Transport, transport)
+        self._write = transport.write
+        self._is_closing = transport.is_closing
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = str(peer[0]).encode()
@@ -1521,7 +1600,7 @@ cdef class ClientConnection:
             self.head_raw += len(data)
         self.feeding = True
         try:
-            self.parser.feed_data(data)
+            self._feed(data)
         except httptools.HttpParserCallbackError as e:
             cause = e.__context__
             if isinstance(cause, _Refuse):
@@ -1564,7 +1643,9 @@ cdef class ClientConnection:
             self.state.clients.discard(self)
             self.metrics.connections_open -= 1
         while self.queue:
-            self.queue.popleft().abandon()
+            ex = self.queue[0]
+            del self.queue[0]
+            ex.abandon()
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -1612,11 +1693,10 @@ cdef class ClientConnection:
     def on_headers_complete(self) -> None:
         ex = self.parsing
         assert ex is not None
-        parser = self.parser
-        ex.method = parser.get_method()
+        ex.method = self._get_method()
         fields = _REQUEST_FIELDS
         fields.scan(ex.headers)
-        ex.keep_alive = parser.should_keep_alive()
+        ex.keep_alive = self._keep_alive()
         if ex.keep_alive and not fields.connection:
             # llhttp parses HTTP 0.9, 1.0, 1.1 and 2.0 only (any other version is a parse error),
             # and without a Connection (or Proxy-Connection) field keeps the connection open for
@@ -1624,9 +1704,9 @@ cdef class ClientConnection:
             # instructions of a cache hit).
             version = "1.1"
         else:
-            version = parser.get_http_version()
+            version = self._version()
         ex.http11 = version == "1.1"
-        ex.upgrade = parser.should_upgrade()
+        ex.upgrade = self._upgrade()
         ex.head_done_at = _monotonic()
         self.head_raw = 0
         self._disarm()
@@ -1652,15 +1732,28 @@ cdef class ClientConnection:
             host = ex.host = hosts[0] if hosts else None
             if ex.upgrade and ex.framing != 0:
                 raise _Refuse(400, "an Upgrade request with a body")
-            # The router's memo of decisions read here first: a hit costs no Python call.
             router = self.state.router
-            ex.route = router._decisions.get((ex.method, ex.target, host), _NO_DECISION)
-            if ex.route is _NO_DECISION:
-                ex.route = router.match_raw(ex.method, ex.target, host)
+            if router is not self.router:  # a reload brings a new router
+                self.router = router
+                self.catch_all = router.catch_all
+                self.decisions = router._decisions
+            if self.catch_all is not None and ex.target[:1] == b"/":
+                ex.route = self.catch_all  # the first route takes every origin-form request
+            else:
+                # The router's memo of decisions read here first: a hit costs no Python call.
+                ex.route = self.decisions.get((ex.method, ex.target, host), _NO_DECISION)
+                if ex.route is _NO_DECISION:
+                    ex.route = router.match_raw(ex.method, ex.target, host)
             if ex.route is None:
                 # No route: answered here; a request body would have to be drained, so close then.
                 raise _Refuse(404, "no route for this request", close=ex.framing != 0)
-            if ex.framing > ex.body_limit():
+            facts = self.route_facts
+            if facts is None or facts.route is not ex.route:
+                facts = self.route_facts = RouteFacts(ex.route)
+            ex.facts = facts
+            ex.route_name = facts.name
+            ex.pool_name = facts.pool
+            if ex.framing != 0 and ex.framing > ex.body_limit():
                 raise _Refuse(413, f"request body larger than {ex.body_limit()} bytes")
             expect = fields.expect
             if expect is not None:
@@ -1717,7 +1810,7 @@ cdef class ClientConnection:
     cpdef exchange_finished(self, Exchange ex):
         """``ex`` was answered: close, or move on to the next pipelined request, or wait idle."""
         if self.queue and self.queue[0] is ex:
-            self.queue.popleft()
+            del self.queue[0]
         self._count(ex)
         if self.state.access_log is not None:
             self._log(ex, self.state.access_log)
@@ -1748,10 +1841,8 @@ cdef class ClientConnection:
             ex.in_flight = False
         if ex.refusal is not None:
             metrics.refused_request(ex.status)
-        route = ex.route.name if ex.route else ""
-        pool = ex.route.pool if ex.route else ""
         took = _monotonic() - ex.head_done_at if ex.head_done_at else 0.0
-        metrics.request_done(route, pool, ex.status, took)
+        metrics.request_done(ex.route_name, ex.pool_name, ex.status, took)
 
     def _log(self, ex: Exchange, access_log: AccessLog) -> None:
         access_log.record(
@@ -1762,7 +1853,7 @@ cdef class ClientConnection:
             status=ex.status,
             body_bytes=ex.bytes_out,
             duration=_monotonic() - ex.head_done_at if ex.head_done_at else 0.0,
-            route=ex.route.name if ex.route else None,
+            route=ex.route_name or None,
             upstream=ex.server.address if ex.server else None,
             request_id=ex.request_id,
         )
@@ -1859,8 +1950,8 @@ cdef class ClientConnection:
     cpdef write(self, data: bytes):
         if self.corked:
             self.out.append(data)
-        elif self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+        elif self.transport is not None and not self._is_closing():
+            self._write(data)
 
     cpdef cork(self):
         """Collect writes until :meth:`uncork`: a response head and the body that came in the same
@@ -1871,7 +1962,7 @@ cdef class ClientConnection:
         self.corked -= 1
         if not self.corked and self.out:
             data = self.out[0] if len(self.out) == 1 else b"".join(self.out)
-            self.out.clear()
+            del self.out[:]
             self.write(data)
 
     cpdef pause_reading(self, reason: str):
@@ -1882,7 +1973,7 @@ cdef class ClientConnection:
     cpdef resume_reading(self, reason: str):
         if reason in self.read_pauses:
             self.read_pauses.discard(reason)
-            if not self.read_pauses and self.transport is not None and not self.transport.is_closing():
+            if not self.read_pauses and self.transport is not None and not self._is_closing():
                 self.transport.resume_reading()
 
     def close(self) -> None:
@@ -1890,7 +1981,7 @@ cdef class ClientConnection:
         self._disarm()
         if self.out:  # what was corked still goes out before the close
             data, self.corked = b"".join(self.out), 0
-            self.out.clear()
+            del self.out[:]
             self.write(data)
         if self.transport is not None:
             self.transport.close()
@@ -1917,7 +2008,7 @@ cdef class ClientConnection:
         self.body_deadline = _monotonic() + self.body_timeout
         self.body_timer = self._loop.call_at(self.body_deadline, self._body_timeout)
 
-    def _stop_body_timer(self) -> None:
+    cpdef _stop_body_timer(self):
         if self.body_timer is not None:
             self.body_timer.cancel()
             self.body_timer = None

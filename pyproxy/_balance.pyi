@@ -56,7 +56,9 @@ class BudgetWindow:
 @disjoint_base
 class PoolCore:
     balancer: Any
-    states: Any
+    states: dict[str, Any]
+    retry_budget: BudgetWindow
+    unlimited: bool
     outlier: Any
     _recent: Any
     _recent_at: Any

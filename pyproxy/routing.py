@@ -111,6 +111,12 @@ class Router:
         self._exact_hosts = {r.host for r in self.routes if r.host and not r.host.startswith("*.")}
         self._has_wildcards = any(r.host and r.host.startswith("*.") for r in self.routes)
         self._candidates = lru_cache(maxsize=host_cache_size)(self._routes_for_host)
+        # The first route, when it takes every request whose target is a path (no host, no
+        # methods, prefix "/"): the data plane then routes those without a lookup.
+        first = self.routes[0] if self.routes else None
+        self.catch_all: Route | None = (
+            first if first is not None and first.host is None and not first.methods and first.path_prefix == "/" else None
+        )
 
     def _routes_for_host(self, host: str | None) -> tuple[Route, ...]:
         return tuple(r for r in self.routes if _host_matches(r.host, host))

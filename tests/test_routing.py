@@ -115,3 +115,20 @@ def test_normalize_host(raw: str | bytes | None, host: str | None) -> None:
 )
 def test_normalize_path(target: str, path: str) -> None:
     assert normalize_path(target) == path
+
+
+def test_catch_all_is_the_first_route_only_when_it_takes_every_path() -> None:
+    """``catch_all`` (what the data plane routes origin-form requests to without a lookup) is the
+    first route exactly when it matches every path: and then ``match`` agrees for any such target."""
+    everything = Route(name="all", pool="p")
+    later = Route(name="api", pool="q", path_prefix="/api")
+    router = Router([everything, later])
+    assert router.catch_all is everything
+    for method, target, host in [("GET", "/", None), ("POST", "/api/x", "h"), ("GET", "/%2e%2e/a?b", "x:1")]:
+        assert router.match(method, target, host) is everything
+    # not for a first route that filters (nor for asterisk-form, which the data plane checks)
+    assert Router([later, everything]).catch_all is None
+    assert Router([Route(name="h", pool="p", host="a.example")]).catch_all is None
+    assert Router([Route(name="m", pool="p", methods=frozenset({"GET"}))]).catch_all is None
+    assert Router([]).catch_all is None
+    assert router.match("OPTIONS", "*", None) is None

@@ -81,7 +81,7 @@ class UpstreamPool(PoolCore):
         self._rng = rng or random.Random()
         self._loop = loop
         self.states: dict[str, ServerState] = {}
-        self.retry_budget = RetryBudget(
+        self.retry_budget: RetryBudget = RetryBudget(
             pool.retry.budget_percent, pool.retry.min_retries_per_window, pool.retry.budget_window
         )
         b = pool.bulkhead
