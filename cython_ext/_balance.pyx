@@ -22,6 +22,11 @@ ERROR_ALPHA = 0.05
 AVG_ALPHA = 0.05
 """Weight of one request in ``avg``, the plain latency average dynamic weights follow."""
 
+from collections import deque as _deque
+
+# deque.append, looked up once: calling it on UpstreamPool's _recent deques skips a method lookup
+# by name per call
+cdef object _deque_append = _deque.append
 cdef double _ERROR_ALPHA = ERROR_ALPHA
 cdef double _AVG_ALPHA = AVG_ALPHA
 
@@ -188,8 +193,8 @@ cdef class PoolCore:
         else:
             server.finished(latency, ok, now)
             if ok:
-                self._recent.append(latency)
-                self._recent_at.append(now)
+                _deque_append(self._recent, latency)
+                _deque_append(self._recent_at, now)
         st = self.states.get(server.id)
         if st is None:
             return

@@ -236,6 +236,11 @@ cdef class Answer:
                 f"tier={self.tier!r}, length={self.length!r})")
 
 
+def _nothing() -> None:
+    """What a connection's timers call once it is gone (its own bound methods are dropped then, to
+    break the cycle they make with it)."""
+
+
 cdef class RouteFacts:
     """What the data plane reads of a route on each request, as C fields: a ``Route`` is a frozen
     dataclass, each attribute a descriptor call (~8 a proxied request). Made once per route by
@@ -327,7 +332,7 @@ cdef class ConnectionPool:
             conn.close()
             return
         idle.append(conn)
-        conn.deadline.set(_monotonic() + self.idle_timeout, conn.close)
+        conn.deadline.set(_monotonic() + self.idle_timeout, conn.on_idle_timeout)
 
     def close_server(self, address: str) -> None:
         """Close the idle connections to the server at ``address`` (it left the pool)."""
@@ -840,7 +845,7 @@ cdef class Exchange:
             return
         self.chosen = None
         now = _monotonic()
-        latency = self.upstream_latency or (_monotonic() - self.sent_at if self.sent_at else 0.0)
+        latency = self.upstream_latency or (now - self.sent_at if self.sent_at else 0.0)
         status = self.upstream_status
         # No response at all (closed, timed out, malformed, cut short) is the server's failure;
         # an attempt that ended with no response and no such failure (the client left first, or
@@ -925,7 +930,7 @@ cdef class Exchange:
             self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self.response_timeout = self.facts.response_timeout or upstream.pool.response_timeout
         self.sent_at = _monotonic()
-        upstream.deadline.set(_monotonic() + self.response_timeout, upstream.response_timed_out)
+        upstream.deadline.set(self.sent_at + self.response_timeout, upstream.on_response_timeout)
         if self.facts.hedge_after is not None and not self.hedged and self.hedge_handle is None:
             self._arm_hedge()
 
@@ -992,7 +997,7 @@ cdef class Exchange:
             conn.pause_reading()
         conn.send_raw(head)
         self.hedge_sent_at = _monotonic()
-        conn.deadline.set(_monotonic() + self.response_timeout, conn.response_timed_out)
+        conn.deadline.set(self.hedge_sent_at + self.response_timeout, conn.on_response_timeout)
 
     cpdef drop_hedge(self, object ok, bint connect_failure):
         """End the hedge attempt: its connection closed, its server told ``ok`` (None: no verdict)."""
@@ -1201,6 +1206,9 @@ cdef class UpstreamConnection:
     # Bound methods of the transport and the parser, looked up once: a method call by name costs
     # a type lookup each time (~30 such calls a proxied request were ~12% of its instructions).
     cdef object _write, _is_closing, _feed, _keep_alive, _status_code, _version
+    # its timers' callbacks, bound once (a bound method is made per access): close when idle in
+    # the pool too long, response_timed_out when busy
+    cdef object on_idle_timeout, on_response_timeout
     cdef public str address  # server.address, computed once (the pool's key)
     cdef public Deadline deadline  # idle in the pool → close; busy → response timeout (504)
     cdef public Exchange exchange
@@ -1224,6 +1232,8 @@ cdef class UpstreamConnection:
         self.address = server.address
         self.transport = None
         self._write = self._is_closing = None
+        self.on_idle_timeout = self.close
+        self.on_response_timeout = self.response_timed_out
         self._new_parser()
         self.exchange = None
         self.deadline = Deadline(asyncio.get_running_loop())
@@ -1339,6 +1349,7 @@ cdef class UpstreamConnection:
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.deadline.cancel()
+        self.on_idle_timeout = self.on_response_timeout = _nothing
         self.pool.forget(self)
         ex = self.exchange
         if self.tunnel and ex is not None:
@@ -1506,6 +1517,7 @@ cdef class ClientConnection:
     # Bound methods looked up once (a method call by name costs a type lookup each time).
     cdef object _write, _is_closing, _feed, _get_method, _keep_alive, _upgrade, _version
     cdef RouteFacts route_facts  # of the last request's route
+    cdef object on_head_timeout, on_idle  # _head_timeout and close, bound once (see UpstreamConnection)
     cdef object router, catch_all  # the router routing this connection's requests, its catch_all
     cdef dict decisions  # and its memo of decisions
     cdef public StateCore state
@@ -1566,6 +1578,8 @@ cdef class ClientConnection:
         self.corked = 0
         self.out = []
         self.route_facts = None
+        self.on_head_timeout = self._head_timeout
+        self.on_idle = self.close
         self.router = self.catch_all = self.decisions = None
 
     # -- asyncio.Protocol
@@ -1586,7 +1600,7 @@ cdef class ClientConnection:
         self.state.clients.add(self)
         self.metrics.connections_total += 1
         self.metrics.connections_open += 1
-        self._arm(self.head_timeout, self._head_timeout)
+        self._arm(self.head_timeout, self.on_head_timeout)
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
@@ -1596,7 +1610,7 @@ cdef class ClientConnection:
             return
         if self.parsing is None or not self.parsing.method:
             if self.deadline.when != 0.0 and self.parsing is None and not self.queue:
-                self._arm(self.head_timeout, self._head_timeout)  # idle → reading a head
+                self._arm(self.head_timeout, self.on_head_timeout)  # idle → reading a head
             self.head_raw += len(data)
         self.feeding = True
         try:
@@ -1635,6 +1649,7 @@ cdef class ClientConnection:
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.deadline.cancel()
+        self.on_head_timeout = self.on_idle = _nothing
         self._stop_body_timer()
         if self.send_timer is not None:
             self.send_timer.cancel()
@@ -1828,7 +1843,7 @@ cdef class ClientConnection:
         elif self.transport is not None and not self.closing:
             # (closing: set by close, abort and connection_lost, our side of is_closing() without
             # its Python call; a transport uvloop closes on its own reaches connection_lost)
-            self._arm(self.keepalive_timeout, self.close)
+            self._arm(self.keepalive_timeout, self.on_idle)
 
     def idle(self) -> bool:
         """No request in progress (waiting for one, or between two)."""
