@@ -79,13 +79,14 @@ end
 # HIT: decide (and, unless peeking, charge) the checks of one request.
 #
 # KEYS: the n checks' state keys, then for each of the m penalty keys its block and violation keys.
-# ARGV[1]: the nonce (unique per request). ARGV[2]: little-endian doubles (integers, all below 2^53):
+# ARGV[1]: little-endian doubles (integers, all below 2^53):
 #   n, m, 1 charge / 0 peek, the reply's form (1 little-endian 8-byte integers, 0 space-separated
 #   decimals: for clients that decode replies as text); then per check kind (1 counter, 2 log),
 #   limit, window (counter: in units; log: µs), unit (µs), cost, penalty index (1..m, 0 for none);
 #   then per penalty key max_violations, violation_window (µs), block_for (µs), block_max (µs).
 #   One struct.unpack reads them all: parsing a space-separated string with gmatch cost ~3.5 µs of
-#   a ~22 µs script (measured).
+#   a ~22 µs script (measured). ARGV[2]: the nonce (unique per request), which names the members a
+#   sliding_log check adds; absent when the request has none.
 # Reply, integers: allowed (1/0), now (µs); per check: ok (its limit admits; 1/0), remaining, wait
 #   (µs, -1 never), reset (µs until its usage has aged out entirely), window index charged (counter);
 #   per penalty key: blocked before this request (1/0), blocked until (µs, 0 if never), strikes,
@@ -94,8 +95,8 @@ HIT = Script(
     "hit",
     _PRELUDE
     + r"""
-local nonce = ARGV[1]
-local ARG = {struct.unpack('<' .. string.rep('d', #ARGV[2] / 8), ARGV[2])}
+local ARG = {struct.unpack('<' .. string.rep('d', #ARGV[1] / 8), ARGV[1])}
+local nonce = ARGV[2]
 local n = ARG[1]
 local m = ARG[2]
 local charge = ARG[3] == 1

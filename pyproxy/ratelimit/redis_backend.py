@@ -165,7 +165,12 @@ class _Group:
     keys: list[str] = field(default_factory=list)
     # HIT's command up to its arguments (EVALSHA, sha, number of keys, keys), encoded once
     command: tuple[str | bytes | int, ...] = ()
-    packed: bytes = b""  # HIT's numbers (ARGV[2])
+    packed: bytes = b""  # HIT's numbers (ARGV[1])
+    logs: bool = False  # a sliding_log check among them: HIT then needs the request's nonce
+
+    def hit_command(self, nonce: bytes) -> tuple[str | bytes | int, ...]:
+        """HIT's EVALSHA command for one request."""
+        return (*self.command, self.packed, nonce) if self.logs else (*self.command, self.packed)
     reply: struct.Struct = struct.Struct("<0q")  # HIT's reply in binary form
 
 
@@ -180,6 +185,7 @@ class _Plan:
     groups: list[_Group]
     # one script call: the reply offset of each check's (ok, remaining, wait, reset, window)
     offsets: list[int] | None
+    logs: bool  # a sliding_log check among them (the request needs a nonce)
 
 
 def _escape(key: str) -> str:
@@ -474,23 +480,25 @@ class RedisLimiter:
                 )
             group.keys = keys
             group.command = self._evalsha(lua.HIT, keys)
+            group.logs = any(items[i].kind == "l" for i in group.items)
             group.packed = struct.pack(f"<{len(numbers)}d", *numbers)
             group.reply = struct.Struct(f"<{2 + 5 * len(group.items) + 4 * len(group.pens)}q")
         groups = list(by_slot.values())
         # one group holds every item, in order: item i's five numbers start at 2 + 5·i
         offsets = [2 + 5 * i for i in mapping] if len(groups) == 1 else None
-        return _Plan(items, mapping, penalties, groups, offsets)
+        return _Plan(items, mapping, penalties, groups, offsets, any(g.logs for g in groups))
 
     async def _decide(self, checks: Sequence[Check], charge: bool) -> Decision:
         if not checks:
             return Decision(True, ())
-        nonce = b"%s%x" % (self._nonce_prefix, next(self._nonces))
         plan = self._plan_of(checks, charge)
         groups = plan.groups
+        # a nonce only names the members sliding_log checks add (HIT and the cluster's REFUND)
+        nonce = b"%s%x" % (self._nonce_prefix, next(self._nonces)) if plan.logs else b""
         started = time.perf_counter()
         if plan.offsets is not None:
             group = groups[0]
-            command = (*group.command, nonce, group.packed)
+            command = group.hit_command(nonce)
             if self._healthy and self._ready and self.timeout == self._decision_timeout.seconds:
                 # _guarded inlined for the common case (one script, Redis healthy): in a round
                 # trip of ~150 µs, each coroutine and call here costs its share of the wake-up
@@ -519,7 +527,7 @@ class RedisLimiter:
         return self._decision(checks, plan, replies)
 
     async def _hit_one(self, group: _Group, nonce: bytes) -> _Reply:
-        return self._reply(group, await self._run_script(lua.HIT, group.keys, (*group.command, nonce, group.packed)))
+        return self._reply(group, await self._run_script(lua.HIT, group.keys, group.hit_command(nonce)))
 
     def _reply(self, group: _Group, raw: Any) -> _Reply:
         """HIT's reply as integers (packed, or as text for a client decoding replies)."""
