@@ -259,6 +259,9 @@ cdef class RouteFacts:
         self.name = route.name
         self.pool = route.pool
         self.host_header = route.host_header.encode() if route.host_header else None
+        if self.host_header is not None:
+            # checked here, once: the request rewrite takes the data plane's own values unchecked
+            _check_param(self.host_header, b"Host", "host")
         self.response_timeout = route.response_timeout or 0.0
         self.max_body_size = route.max_body_size
         self.idempotent = route.idempotent
@@ -907,6 +910,7 @@ cdef class Exchange:
                 _framing(self.framing if (self.framing > 0 or self.had_length) else None, self.framing == CHUNKED),
                 (),
                 self.headers is self.checked_headers,
+                False,  # our own values: the peer's address, constants, the route's checked Host
             )
         except HeaderError as e:
             upstream.pool.release(upstream)
@@ -1186,6 +1190,7 @@ cdef class Exchange:
             _framing(length, chunked),
             self._extra_fields(close),
             checked,
+            False,  # our own values: constants, the request id we sent upstream
         )
         if close:
             self.keep_alive = False

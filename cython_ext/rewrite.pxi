@@ -39,6 +39,26 @@ cdef int _check_rid_header(object request_id_header) except -1:
     return 0
 
 
+cdef int _check_request_params(object client, object proto, object host, object via,
+                               object request_id, object request_id_header) except -1:
+    """The values a request rewrite adds, as a caller gives them."""
+    _check_param(client, b"X-Forwarded-For", "client")
+    _check_param(proto, b"X-Forwarded-Proto", "proto")
+    if host is not None:
+        _check_param(host, b"Host", "host")
+    return _check_response_params(via, request_id, request_id_header)
+
+
+cdef int _check_response_params(object via, object request_id, object request_id_header) except -1:
+    """The values a response rewrite adds, as a caller gives them."""
+    if via is not None:
+        _check_param(via, b"Via", "via")
+    _check_rid_header(request_id_header)
+    if request_id is not None:
+        _check_param(request_id, request_id_header, "request_id")
+    return 0
+
+
 cdef list _as_pairs(object headers):
     """The headers as a list of exact 2-tuples (the input itself in the usual case)."""
     cdef list hl = headers if type(headers) is list else list(headers)
@@ -246,10 +266,13 @@ cdef inline int _write_request_line(_Buf* out, object method, object target) exc
 
 cdef tuple _rewrite_request(object method, object target, object headers, object client, object proto,
                             object host, object via, object request_id, object request_id_header,
-                            object upgrade, long long framing, object extra, bint checked):
+                            object upgrade, long long framing, object extra, bint checked,
+                            bint check_params=True):
     """:func:`rewrite_request_head` with its arguments decided (``framing`` from ``_framing``);
     ``checked``: every field of ``headers`` already passed ``_check_field`` (a head the data plane
-    validated on arrival is not checked twice)."""
+    validated on arrival is not checked twice). ``check_params=False``: the values added (client,
+    proto, host, via, request id) are known good (the data plane's: constants, or checked where they
+    arise)."""
     cdef char stack[STACK_BYTES]
     cdef unsigned char act_stack[128]
     cdef _Span token_stack[16]
@@ -263,15 +286,8 @@ cdef tuple _rewrite_request(object method, object target, object headers, object
     cdef const unsigned char* vp
     _check_method(method)
     _check_target(target)
-    _check_param(client, b"X-Forwarded-For", "client")
-    _check_param(proto, b"X-Forwarded-Proto", "proto")
-    if host is not None:
-        _check_param(host, b"Host", "host")
-    if via is not None:
-        _check_param(via, b"Via", "via")
-    _check_rid_header(request_id_header)
-    if request_id is not None:
-        _check_param(request_id, request_id_header, "request_id")
+    if check_params:
+        _check_request_params(client, proto, host, via, request_id, request_id_header)
     hl = _as_pairs(headers)
     n = PyList_GET_SIZE(hl)
     _buf_init(&out, stack, STACK_BYTES)
@@ -337,9 +353,10 @@ cdef tuple _rewrite_request(object method, object target, object headers, object
 
 cdef bytes _rewrite_response(object status, object reason, object headers, object via,
                              object request_id, object request_id_header, object drop_server,
-                             object upgrade, long long framing, object extra, bint checked):
-    """:func:`rewrite_response_head` with its arguments decided; ``checked`` as for
-    ``_rewrite_request``."""
+                             object upgrade, long long framing, object extra, bint checked,
+                            bint check_params=True):
+    """:func:`rewrite_response_head` with its arguments decided; ``checked`` and
+    ``check_params`` as for ``_rewrite_request``."""
     cdef char stack[STACK_BYTES]
     cdef unsigned char act_stack[128]
     cdef _Span token_stack[16]
@@ -353,11 +370,8 @@ cdef bytes _rewrite_response(object status, object reason, object headers, objec
     _spans_init(&tokens, token_stack, 16)
     try:
         _write_status_line(&out, status, reason)
-        if via is not None:
-            _check_param(via, b"Via", "via")
-        _check_rid_header(request_id_header)
-        if request_id is not None:
-            _check_param(request_id, request_id_header, "request_id")
+        if check_params:
+            _check_response_params(via, request_id, request_id_header)
         hl = _as_pairs(headers)
         if PyList_GET_SIZE(hl) > act.cap:
             _buf_grow(&act, PyList_GET_SIZE(hl))
