@@ -100,6 +100,9 @@ include "fields.pxi"
 include "request_id.pxi"
 include "rewrite.pxi"
 
+# Corked writes up to this size are joined into one bytes (cheaper than a vectored write of small
+# pieces); larger ones go out as they are, without copying them once more.
+cdef Py_ssize_t _JOIN_BELOW = 4096
 cdef bytes _VIA = b"1.1 pyproxy"  # the Via element and request-id field of pyproxy.headers' defaults
 cdef bytes _RID_FIELD = b"X-Request-ID"
 cdef bytes _HTTP = b"http"
@@ -1518,9 +1521,10 @@ cdef class ClientConnection:
     # typed: their appends, pops and adds are C calls, not method lookups
     cdef public list queue  # exchanges to answer, in order (a pipeline is short: pop(0) is cheap)
     cdef public list out  # writes collected while corked
+    cdef Py_ssize_t out_size  # their bytes
     cdef public set read_pauses
     # Bound methods looked up once (a method call by name costs a type lookup each time).
-    cdef object _write, _is_closing, _feed, _get_method, _keep_alive, _upgrade, _version
+    cdef object _write, _writelines, _is_closing, _feed, _get_method, _keep_alive, _upgrade, _version
     cdef RouteFacts route_facts  # of the last request's route
     cdef object on_head_timeout, on_idle  # _head_timeout and close, bound once (see UpstreamConnection)
     cdef object router, catch_all  # the router routing this connection's requests, its catch_all
@@ -1560,7 +1564,7 @@ cdef class ClientConnection:
         self._upgrade = parser.should_upgrade
         self._version = parser.get_http_version
         self.transport = None
-        self._write = self._is_closing = None
+        self._write = self._writelines = self._is_closing = None
         self.peer = b"unknown"
         self.peer_text = "unknown"
         self.parsing = None
@@ -1582,6 +1586,7 @@ cdef class ClientConnection:
         self.send_timer = None
         self.corked = 0
         self.out = []
+        self.out_size = 0
         self.route_facts = None
         self.on_head_timeout = self._head_timeout
         self.on_idle = self.close
@@ -1592,6 +1597,7 @@ cdef class ClientConnection:
         # uvloop's transports implement asyncio.Transport without subclassing it
         self.transport = cast(asyncio.Transport, transport)
         self._write = transport.write
+        self._writelines = transport.writelines
         self._is_closing = transport.is_closing
         peer = transport.get_extra_info("peername")
         if peer:
@@ -1970,6 +1976,7 @@ cdef class ClientConnection:
     cpdef write(self, data: bytes):
         if self.corked:
             self.out.append(data)
+            self.out_size += len(data)
         elif self.transport is not None and not self._is_closing():
             self._write(data)
 
@@ -1981,9 +1988,21 @@ cdef class ClientConnection:
     cpdef uncork(self):
         self.corked -= 1
         if not self.corked and self.out:
-            data = self.out[0] if len(self.out) == 1 else b"".join(self.out)
-            del self.out[:]
-            self.write(data)
+            self._flush_out()
+
+    cdef _flush_out(self):
+        """Send what was corked, in one system call: joined when small, else as a vectored write
+        (writelines: uvloop passes the pieces to one writev) that spares copying a large body
+        once more (~5% of the CPU of a proxied 16 KiB response)."""
+        cdef list out = self.out
+        self.out = []
+        size, self.out_size = self.out_size, 0
+        if len(out) == 1:
+            self.write(out[0])
+        elif size <= _JOIN_BELOW:
+            self.write(b"".join(out))
+        elif self.transport is not None and not self._is_closing():
+            self._writelines(out)
 
     cpdef pause_reading(self, reason: str):
         if not self.read_pauses and self.transport is not None:
@@ -2000,9 +2019,8 @@ cdef class ClientConnection:
         self.closing = True
         self._disarm()
         if self.out:  # what was corked still goes out before the close
-            data, self.corked = b"".join(self.out), 0
-            del self.out[:]
-            self.write(data)
+            self.corked = 0
+            self._flush_out()
         if self.transport is not None:
             self.transport.close()
 
