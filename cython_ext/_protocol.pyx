@@ -240,8 +240,8 @@ cdef class Answer:
 
 
 def _nothing() -> None:
-    """What a connection's timers call once it is gone (its own bound methods are dropped then, to
-    break the cycle they make with it)."""
+    """What a client connection's timers call once it is gone (its own bound methods are dropped
+    then, to break the cycle they make with it; nothing arms them after connection_lost)."""
 
 
 cdef class RouteFacts:
@@ -893,6 +893,11 @@ cdef class Exchange:
         self.client.metrics.upstream_connection(pool.pool.name, False)
         if self.done:
             pool.release(conn)  # the client went away meanwhile
+        elif not conn.usable():
+            # accepted, then closed or reset before we could send: a failed attempt now, not a
+            # request sent nowhere that waits for its response timeout
+            self.connect_failed = True
+            self.attempt_failed(502, f"upstream {server.address} closed the connection at once")
         else:
             self._attach(conn)
 
@@ -985,6 +990,9 @@ cdef class Exchange:
         self.client.metrics.upstream_connection(pool.pool.name, False)
         if self.done or self.response_started or self.hedge_chosen is not server:
             pool.release(conn)  # the race is over
+            return
+        if not conn.usable():  # closed at once (see _connect)
+            self.drop_hedge(False, True)
             return
         self._attach_hedge(conn)
 
@@ -1215,7 +1223,8 @@ cdef class UpstreamConnection:
     # a type lookup each time (~30 such calls a proxied request were ~12% of its instructions).
     cdef object _write, _is_closing, _feed, _keep_alive, _status_code, _version
     # its timers' callbacks, bound once (a bound method is made per access): close when idle in
-    # the pool too long, response_timed_out when busy
+    # the pool too long, response_timed_out when busy. Kept after connection_lost (a cycle the GC
+    # collects): a response timer armed on a connection that died unseen must still answer 504.
     cdef object on_idle_timeout, on_response_timeout
     cdef public str address  # server.address, computed once (the pool's key)
     cdef public Deadline deadline  # idle in the pool → close; busy → response timeout (504)
@@ -1357,7 +1366,6 @@ cdef class UpstreamConnection:
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.deadline.cancel()
-        self.on_idle_timeout = self.on_response_timeout = _nothing
         self.pool.forget(self)
         ex = self.exchange
         if self.tunnel and ex is not None:

@@ -370,6 +370,57 @@ def test_upstream_closing_before_answering_is_502() -> None:
         assert conn.getresponse().status == 502
 
 
+@contextmanager
+def resetting_upstream() -> Iterator[str]:
+    """An upstream that accepts each connection and resets it at once (SO_LINGER 0); its address."""
+    import struct
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    listener.settimeout(0.1)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+
+
+def test_upstream_resetting_new_connections_is_502_at_once() -> None:
+    """A connection the upstream resets right after accepting it may be lost before the request is
+    handed to it: that is a failed attempt (502 now), never a request left waiting for its response
+    timeout (5 s here) or for ever."""
+    with resetting_upstream() as address:
+        config = parse_config({"listeners": [{"port": 0}], "admin": {"enabled": False},
+                               "pools": {"p": {"servers": [address], "response_timeout": "5s",
+                                               "retry": {"attempts": 0}}},
+                               "routes": [{"pool": "p"}]})
+        with ProxyServer(config).running() as server:
+            for i in range(150):
+                started = time.monotonic()
+                conn = http.client.HTTPConnection(*server.addresses[0], timeout=10)
+                conn.request("GET", f"/{i}")
+                resp = conn.getresponse()
+                resp.read()
+                conn.close()
+                assert resp.status == 502 and time.monotonic() - started < 2, (i, resp.status)
+
+
 WS_REQUEST = (b"GET /upgrade HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
               b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
 

@@ -124,3 +124,47 @@ def test_one_timer_serves_a_stream_of_quick_awaits() -> None:
 def test_rejects_a_non_positive_timeout() -> None:
     with pytest.raises(ValueError, match="seconds must be > 0"):
         SharedTimeout(0)
+
+
+def test_a_swallowed_expiry_is_still_taken_back() -> None:
+    """Awaited code that catches our cancel and returns normally: no TimeoutError then (as with
+    asyncio.timeout), but the task's cancel count is restored."""
+
+    async def main() -> None:
+        shared = SharedTimeout(0.02)
+
+        async def stubborn() -> str:
+            try:
+                await asyncio.sleep(1)
+            except asyncio.CancelledError:
+                return "swallowed"
+            return "slept"
+
+        with shared.bound():
+            result = await stubborn()
+        assert result == "swallowed"
+        task = asyncio.current_task()
+        assert task is not None and task.cancelling() == 0
+
+    run(main)
+
+
+def test_an_expiry_fires_the_timer_a_few_times_not_hundreds() -> None:
+    """uvloop's clock moves in whole milliseconds; an expiry must not re-arm the timer until the
+    clock reaches the exact deadline (hundreds of zero-delay timers, a busy loop)."""
+
+    class Counting(SharedTimeout):
+        __slots__ = ("fired",)
+
+        def _expire(self) -> None:
+            self.fired += 1
+            super()._expire()
+
+    async def main() -> None:
+        shared = Counting(0.05)
+        shared.fired = 0
+        with pytest.raises(TimeoutError):
+            await shared.run(asyncio.sleep(1))
+        assert 1 <= shared.fired <= 3, shared.fired
+
+    run(main)

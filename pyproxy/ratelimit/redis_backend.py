@@ -507,6 +507,8 @@ class RedisLimiter:
                         raw = await self._run_script(lua.HIT, group.keys, command)
                 except (*_OUTAGE, RedisError) as exc:
                     raise self._unavailable(exc, False, self.timeout) from exc
+                if not self._healthy:  # an incident began while this call was on its way
+                    self._recovered()
             else:
                 raw = await self._guarded(lambda: self._run_script(lua.HIT, group.keys, command), self.timeout)
             reply = self._reply(group, raw)
@@ -797,14 +799,18 @@ class RedisLimiter:
             if probe:
                 self._probing = False
         if not self._healthy:
-            log.info(
-                "Redis rate limiter: Redis answers again after %.3f s (%d failed calls in the incident)",
-                time.monotonic() - self._incident_start,
-                self._incident_errors,
-            )
-            self._healthy = True
-            self._failures = 0
+            self._recovered()
         return result
+
+    def _recovered(self) -> None:
+        """Redis answered during an incident: it ends (logged once)."""
+        log.info(
+            "Redis rate limiter: Redis answers again after %.3f s (%d failed calls in the incident)",
+            time.monotonic() - self._incident_start,
+            self._incident_errors,
+        )
+        self._healthy = True
+        self._failures = 0
 
     def _unavailable(self, exc: BaseException, probe: bool, timeout: float) -> RedisUnavailable:
         """What a failed operation raises: counted; an outage (``_OUTAGE``) starts or continues an

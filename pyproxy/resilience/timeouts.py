@@ -23,6 +23,8 @@ __all__ = ["SharedTimeout"]
 
 T = TypeVar("T")
 
+_CLOCK_STEP = 0.001  # the resolution of uvloop's loop.time() (libuv's millisecond clock)
+
 
 class _Bound:
     """One bounded await (a context manager): its deadline (loop time), task, and the task's cancel
@@ -42,8 +44,11 @@ class _Bound:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         self.owner._pending.pop(self, None)
-        if exc_type is asyncio.CancelledError and self.expired and self.task.uncancel() <= self.cancelling:
-            raise TimeoutError from exc
+        if self.expired:
+            # our cancel is taken back whatever became of it (the awaited code may have swallowed
+            # it or turned it into another error), as asyncio.timeout does
+            if self.task.uncancel() <= self.cancelling and exc_type is asyncio.CancelledError:
+                raise TimeoutError from exc
 
 
 class SharedTimeout:
@@ -93,7 +98,9 @@ class SharedTimeout:
         self._timer = None
         loop = self._loop
         assert loop is not None
-        now = loop.time()
+        # uvloop's clock moves in whole milliseconds: a timer fires when it reads up to 1 ms short
+        # of the deadline, and waiting for the exact instant would re-arm it hundreds of times
+        now = loop.time() + _CLOCK_STEP
         pending = self._pending
         while pending:
             call = next(iter(pending))
