@@ -21,7 +21,7 @@ def validate_value(value, name=b""):
     cdef Py_ssize_t bad
     if not PyBytes_Check(value) or not PyBytes_Check(name):
         raise TypeError("header name and value must be bytes")
-    bad = _first_bad(_ptr(value), PyBytes_GET_SIZE(value), _VALUE_OK)
+    bad = _first_bad_value(_ptr(value), PyBytes_GET_SIZE(value))
     if bad >= 0:
         raise _ref()._bad_value(name, value, bad)
 

@@ -34,7 +34,7 @@ cdef int _check_field(object name, object value) except -1:
     bad = _first_bad(_ptr(name), PyBytes_GET_SIZE(name), _TCHAR)
     if bad >= 0:
         raise _ref()._bad_name(name, bad)
-    bad = _first_bad(_ptr(value), PyBytes_GET_SIZE(value), _VALUE_OK)
+    bad = _first_bad_value(_ptr(value), PyBytes_GET_SIZE(value))
     if bad >= 0:
         raise _ref()._bad_value(name, value, bad)
     return 0
@@ -67,7 +67,7 @@ cdef int _check_param(object value, object header, str what) except -1:
         raise TypeError(f"{what} must be bytes, not {type(value).__name__}")
     if PyBytes_GET_SIZE(value) == 0:
         raise ValueError(f"{what} must not be empty")
-    bad = _first_bad(_ptr(value), PyBytes_GET_SIZE(value), _VALUE_OK)
+    bad = _first_bad_value(_ptr(value), PyBytes_GET_SIZE(value))
     if bad >= 0:
         raise _ref()._bad_value(header, value, bad)
     return 0

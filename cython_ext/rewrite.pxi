@@ -242,7 +242,7 @@ cdef int _write_status_line(_Buf* out, object status, object reason) except -1:
     elif not PyBytes_Check(reason):
         raise TypeError(f"reason must be bytes or None, not {type(reason).__name__}")
     else:
-        bad = _first_bad(_ptr(reason), PyBytes_GET_SIZE(reason), _VALUE_OK)
+        bad = _first_bad_value(_ptr(reason), PyBytes_GET_SIZE(reason))
         if bad >= 0:
             raise _ref()._bad_reason(reason, bad)
     digits[0] = <char>(c'0' + code // 100)

@@ -33,6 +33,27 @@ cdef inline Py_ssize_t _first_bad(const unsigned char* p, Py_ssize_t n,
     return -1
 
 
+cdef inline Py_ssize_t _first_bad_value(const unsigned char* p, Py_ssize_t n) noexcept nogil:
+    """``_first_bad(p, n, _VALUE_OK)``, eight bytes at a time where it can: a word without a byte
+    below 0x20 or equal to 0x7F (exact tests, Bit Twiddling Hacks' hasless / haszero) is all good;
+    a word with one (a CTL, or an HTAB that is good) is checked byte by byte from there. Header
+    values are validated on every request and response: ~3x fewer instructions than the table
+    loop alone."""
+    cdef Py_ssize_t i = 0
+    cdef unsigned long long w, x
+    while i + 8 <= n:
+        memcpy(&w, p + i, 8)
+        x = w ^ 0x7F7F7F7F7F7F7F7FULL
+        if (((w - 0x2020202020202020ULL) & ~w) | ((x - 0x0101010101010101ULL) & ~x)) & 0x8080808080808080ULL:
+            break
+        i += 8
+    while i < n:
+        if not _VALUE_OK[p[i]]:
+            return i
+        i += 1
+    return -1
+
+
 cdef inline bint _ieq(const unsigned char* a, const unsigned char* b, Py_ssize_t n) noexcept nogil:
     """ASCII case-insensitive equality of a[:n] and b[:n]."""
     cdef Py_ssize_t i

@@ -151,6 +151,25 @@ def test_value_bytes(h: Any, b: int) -> None:
     )
 
 
+@pytest.mark.parametrize("b", [b for b in range(256) if not (b == 0x09 or 0x20 <= b < 0x7F or b >= 0x80)] + [0x09, 0x20, 0x7E, 0x80, 0xFF])
+def test_value_bytes_at_every_offset_of_long_values(h: Any, b: int) -> None:
+    """The compiled check reads eight bytes at a time: a byte at any offset of a value longer than
+    a word (before, inside, across and after the words), the first bad one reported; an HTAB or
+    obs-text inside a word is fine."""
+    allowed = b == 0x09 or 0x20 <= b < 0x7F or b >= 0x80
+    for length in (8, 9, 16, 23, 24, 31):
+        for at in range(length):
+            value = bytearray(b"v\xe9" * length)[:length]
+            value[at] = b
+            if allowed:
+                h.validate_value(bytes(value))
+                continue
+            if at + 3 < length:
+                value[at + 3] = 0x00  # a second bad byte later: the first one is reported
+            with pytest.raises(HeaderError, match=f"at offset {at}$"):
+                h.validate_value(bytes(value), b"X")
+
+
 def test_empty_and_whitespace_values_are_valid(h: Any) -> None:
     h.validate_headers([(b"A", b""), (b"B", b" \t "), (b"C", b"\x80\xff")])
 
