@@ -361,7 +361,11 @@ def test_admin_lists_and_unblocks_penalty_box_keys_across_two_workers(tmp_path: 
             assert (status, body) == (200, {"mode": "local", "blocked": [], "complete": True})
             # The admin API runs in the supervisor; blocks are made by the workers.
             check_block_and_unblock(admin_port, port, "mallory/1")
-        assert up.accepts >= 2  # both workers served
+            # Both workers served (an upstream connection each): the allowed requests above may all
+            # have gone to one of them, so other users' requests until both have.
+            users = (f"other/{n}" for n in range(1000))
+            eventually(lambda: user_request(port, next(users))[0] == 200 and up.accepts >= 2,
+                       "both workers to serve", 10)
 
 
 @pytest.mark.parametrize("mode", ["redis", "hybrid"])
