@@ -247,7 +247,7 @@ def _nothing() -> None:
 cdef class RouteFacts:
     """What the data plane reads of a route on each request, as C fields: a ``Route`` is a frozen
     dataclass, each attribute a descriptor call (~8 a proxied request). Made once per route by
-    each connection (:meth:`ClientConnection.facts_of`); a reload brings new routes."""
+    each connection (``ClientConnection.route_facts``, the last one); a reload brings new routes."""
 
     cdef readonly object route
     cdef readonly str name, pool
@@ -378,7 +378,6 @@ cdef class Exchange:
     cdef public list pending  # body bytes read before the upstream is connected
     cdef public list headers  # (name, value) as received (typed: appends are C calls)
     cdef public RouteFacts facts  # of ``route`` (None until routed)
-    cdef public str route_name, pool_name  # facts.name and facts.pool
     cdef object checked_headers  # the header list validated on arrival (not checked again)
     cdef public double response_timeout
     # balancing: the pool's run-time side, the server chosen (UpstreamServer), servers tried so far
@@ -438,7 +437,6 @@ cdef class Exchange:
         # An Upgrade request (WebSocket): after a 101 both connections become a raw tunnel.
         self.upgrade = False
         self.route = None
-        self.route_name = self.pool_name = ""
         self.refusal = None
         self.body_received = 0
         self.request_done = False
@@ -540,16 +538,15 @@ cdef class Exchange:
         if self.refusal is not None:
             self.fail(self.refusal.status, str(self.refusal), close=self.refusal.close)
             return
-        route = self.route
-        assert route is not None
+        assert self.facts is not None  # routed (a request without a route was refused)
         state = self.client.state
         self.client.metrics.in_flight += 1
         self.in_flight = True
         limits = state.ratelimit
-        if limits is not None and self.route_name in limits.routes:
+        if limits is not None and self.facts.name in limits.routes:
             # Phase 3, rate limits: decided here (shared memory) or after a round trip (Redis).
             if limits.synchronous:
-                if not self._limit_now(limits, self.route_name):
+                if not self._limit_now(limits, self.facts.name):
                     return
             else:
                 self.client._loop.create_task(self._limit_then_forward(limits))
@@ -585,7 +582,7 @@ cdef class Exchange:
 
     async def _limit_then_forward(self, limits: object) -> None:
         try:
-            outcome = await limits.decide(self.route_name, self.headers, self.target, self.client_ip)
+            outcome = await limits.decide(self.facts.name, self.headers, self.target, self.client_ip)
         except Exception:  # noqa: BLE001 - a bug of ours must not leave the request hanging
             log.exception("rate-limit phase failed")
             self.fail(500, "internal proxy error", close=False)
@@ -612,14 +609,14 @@ cdef class Exchange:
         cache = self.client.state.cache
         if (
             cache is not None
-            and self.route_name in cache.routes
+            and self.facts.name in cache.routes
             and self.method in _CACHE_METHODS
             and not self.upgrade
         ):
             self.cache_phase = cache
             if self.method != b"POST":
                 # A fresh response in this worker's memory is answered here, without a task.
-                answer = cache.lookup_now(self.route_name, self.method, "http", self.host or b"", self.target, self.headers, self.client_ip)
+                answer = cache.lookup_now(self.facts.name, self.method, "http", self.host or b"", self.target, self.headers, self.client_ip)
                 if answer is not None:
                     self.answer_from_cache(answer)
                     return
@@ -630,7 +627,7 @@ cdef class Exchange:
     async def _cache_then_forward(self, cache: object) -> None:
         body = None
         if self.method == b"POST":
-            policy = cache.policies.get(self.route_name)
+            policy = cache.policies.get(self.facts.name)
             if policy is None or not policy.cache_post:
                 self._admit()  # only looked at again for invalidation, once answered
                 return
@@ -641,7 +638,7 @@ cdef class Exchange:
                 self._admit()  # too large to key the cache by: forwarded as any POST
                 return
         try:
-            outcome = await cache.lookup(self.route_name, self.method, "http", self.host or b"", self.target, self.headers, body, self.client_ip)
+            outcome = await cache.lookup(self.facts.name, self.method, "http", self.host or b"", self.target, self.headers, body, self.client_ip)
         except Exception:  # noqa: BLE001 - the cache failing must not fail the request
             log.exception("cache lookup failed; forwarding")
             outcome = None
@@ -730,16 +727,15 @@ cdef class Exchange:
             self.client._loop.create_task(_logged(phase.finish(plan, body, self.cache_complete), "cache store"))
         elif self.method in _UNSAFE and self.route is not None and 200 <= self.upstream_status < 400:
             keys = phase.invalidate_now(
-                self.method, self.upstream_status, "http", self.host or b"", self.target, self.response_fields or [], self.route_name
+                self.method, self.upstream_status, "http", self.host or b"", self.target, self.response_fields or [], self.facts.name
             )
             if keys:
                 self.client._loop.create_task(_logged(phase.cache.delete(*keys), "cache invalidation"))
 
     cpdef _admit(self):
         """Phase 5 starts: a slot of the pool's bulkhead, then a server."""
-        route = self.route
         cdef PoolCore upool
-        self.upool = upool = self.client.state.upstreams[self.pool_name]
+        self.upool = upool = self.client.state.upstreams[self.facts.pool]
         upool.retry_budget.record_request(_monotonic())
         if upool.unlimited:
             self._forward()  # no concurrency limit on the pool: nothing to take or give back
@@ -749,7 +745,7 @@ cdef class Exchange:
             self.admitted = True
             self._forward()
         elif verdict is False:
-            self.fail(503, f"pool {self.pool_name!r} is at its concurrency limit", close=False)
+            self.fail(503, f"pool {self.facts.pool!r} is at its concurrency limit", close=False)
         else:
             self.waiter = verdict  # queued; _admitted follows
 
@@ -763,7 +759,7 @@ cdef class Exchange:
             self.admitted = True
             self._forward()
         else:
-            self.fail(503, f"pool {self.pool_name!r} is at its concurrency limit (queue full or timed out)", close=False)
+            self.fail(503, f"pool {self.facts.pool!r} is at its concurrency limit (queue full or timed out)", close=False)
 
     cpdef _forward(self):
         """Choose a server (another one on a retry) and send the request there."""
@@ -778,7 +774,7 @@ cdef class Exchange:
                 self.fail(self.last_failure[0], self.last_failure[1], close=False)
                 return
             self.retry_after = upool.retry_after()
-            self.fail(503, f"no server of pool {self.pool_name!r} can take the request", close=False)
+            self.fail(503, f"no server of pool {self.facts.pool!r} can take the request", close=False)
             return
         self.tried.append(server)
         server.started()
@@ -788,10 +784,10 @@ cdef class Exchange:
         self.upstream_status = 0
         self.upstream_latency = 0.0
         self.sent_at = 0.0
-        cdef ConnectionPool pool = self.client.state.pools[self.pool_name]
+        cdef ConnectionPool pool = self.client.state.pools[self.facts.pool]
         cdef UpstreamConnection conn = pool.take_idle(server.id)
         if conn is not None:
-            self.client.metrics.upstream_connection(self.pool_name, True)
+            self.client.metrics.upstream_connection(self.facts.pool, True)
             self._attach(conn)
         else:
             self.client._loop.create_task(self._connect(pool, self.server))
@@ -866,7 +862,7 @@ cdef class Exchange:
         if server.id not in self.upool.states:
             # Its last request ended after an admin DELETE: close the connections kept alive to it
             # now rather than hold them open for idle_timeout to a server that left.
-            pool = self.client.state.pools.get(self.pool_name)
+            pool = self.client.state.pools.get(self.facts.pool)
             if pool is not None:
                 pool.close_server(server.id)
 
@@ -972,10 +968,10 @@ cdef class Exchange:
         self.tried.append(server)
         server.started()
         self.hedge_chosen = server
-        cdef ConnectionPool pool = self.client.state.pools[self.pool_name]
+        cdef ConnectionPool pool = self.client.state.pools[self.facts.pool]
         conn = pool.take_idle(server.id)
         if conn is not None:
-            self.client.metrics.upstream_connection(self.pool_name, True)
+            self.client.metrics.upstream_connection(self.facts.pool, True)
             self._attach_hedge(conn)
         else:
             self.client._loop.create_task(self._connect_hedge(pool, server))
@@ -1107,7 +1103,7 @@ cdef class Exchange:
         self.stop_response_timer()
         self.upstream = None
         assert self.route is not None and self.server is not None
-        pool = self.client.state.pools[self.pool_name]
+        pool = self.client.state.pools[self.facts.pool]
         self.client._loop.create_task(self._connect(pool, self.server))
 
     cpdef stop_response_timer(self):
@@ -1175,7 +1171,7 @@ cdef class Exchange:
         client = self.client
         if self.sent_at and self.route is not None:
             self.upstream_latency = _monotonic() - self.sent_at
-            client.metrics.upstream_answered(self.pool_name, self.upstream_latency)
+            client.metrics.upstream_answered(self.facts.pool, self.upstream_latency)
         self.upstream_status = status
         switching = status == 101
         close = not switching and (
@@ -1725,6 +1721,7 @@ cdef class ClientConnection:
             raise _Refuse(431, "request head too large")
 
     def on_headers_complete(self) -> None:
+        cdef RouteFacts facts
         ex = self.parsing
         assert ex is not None
         ex.method = self._get_method()
@@ -1785,8 +1782,6 @@ cdef class ClientConnection:
             if facts is None or facts.route is not ex.route:
                 facts = self.route_facts = RouteFacts(ex.route)
             ex.facts = facts
-            ex.route_name = facts.name
-            ex.pool_name = facts.pool
             if ex.framing != 0 and ex.framing > ex.body_limit():
                 raise _Refuse(413, f"request body larger than {ex.body_limit()} bytes")
             expect = fields.expect
@@ -1870,13 +1865,17 @@ cdef class ClientConnection:
 
     cpdef _count(self, Exchange ex):
         cdef WorkerMetrics metrics = self.metrics
+        cdef RouteFacts facts = ex.facts
         if ex.in_flight:
             metrics.in_flight -= 1
             ex.in_flight = False
         if ex.refusal is not None:
             metrics.refused_request(ex.status)
         took = _monotonic() - ex.head_done_at if ex.head_done_at else 0.0
-        metrics.request_done(ex.route_name, ex.pool_name, ex.status, took)
+        if facts is None:  # refused before routing
+            metrics.request_done("", "", ex.status, took)
+        else:
+            metrics.request_done(facts.name, facts.pool, ex.status, took)
 
     def _log(self, ex: Exchange, access_log: AccessLog) -> None:
         access_log.record(
@@ -1887,7 +1886,7 @@ cdef class ClientConnection:
             status=ex.status,
             body_bytes=ex.bytes_out,
             duration=_monotonic() - ex.head_done_at if ex.head_done_at else 0.0,
-            route=ex.route_name or None,
+            route=ex.facts.name if ex.facts is not None else None,
             upstream=ex.server.address if ex.server else None,
             request_id=ex.request_id,
         )

@@ -36,11 +36,11 @@ from pyproxy.cache.compression import Compressor
 from pyproxy.cache.entry import CacheEntry, decode, encode
 from pyproxy.cache.memory import MemoryTier
 from pyproxy.cache.redis_tier import RedisTier
-from pyproxy.resilience.timeouts import SharedTimeout
 from pyproxy.cache.sql import SqlTier
 from pyproxy.cache.tags import TagGraph
 from pyproxy.cache.tier import Tier
 from pyproxy.errors import CorruptEntry, TierUnavailable
+from pyproxy.resilience.timeouts import SharedTimeout
 
 __all__ = ["CacheHit", "PurgeResult", "TierStats", "TieredCache"]
 

@@ -167,11 +167,11 @@ class _Group:
     command: tuple[str | bytes | int, ...] = ()
     packed: bytes = b""  # HIT's numbers (ARGV[1])
     logs: bool = False  # a sliding_log check among them: HIT then needs the request's nonce
+    reply: struct.Struct = struct.Struct("<0q")  # HIT's reply in binary form
 
     def hit_command(self, nonce: bytes) -> tuple[str | bytes | int, ...]:
         """HIT's EVALSHA command for one request."""
         return (*self.command, self.packed, nonce) if self.logs else (*self.command, self.packed)
-    reply: struct.Struct = struct.Struct("<0q")  # HIT's reply in binary form
 
 
 @dataclass(slots=True)
@@ -256,7 +256,6 @@ class RedisLimiter:
             raise ValueError(f"need 0 < backoff_base <= backoff_max, got {backoff_base!r}, {backoff_max!r}")
         self.client = client
         self.prefix = prefix
-        self.timeout = timeout
         # The decisions' bound: one loop timer for all in flight (asyncio.timeout: one per call).
         self._decision_timeout = SharedTimeout(timeout)
         self.admin_timeout = admin_timeout
@@ -328,6 +327,11 @@ class RedisLimiter:
         await self.aclose()
 
     # -- state ----------------------------------------------------------------------------------
+
+    @property
+    def timeout(self) -> float:
+        """The bound of each decision, in seconds."""
+        return self._decision_timeout.seconds
 
     @property
     def healthy(self) -> bool:
@@ -499,7 +503,7 @@ class RedisLimiter:
         if plan.offsets is not None:
             group = groups[0]
             command = group.hit_command(nonce)
-            if self._healthy and self._ready and self.timeout == self._decision_timeout.seconds:
+            if self._healthy and self._ready:
                 # _guarded inlined for the common case (one script, Redis healthy): in a round
                 # trip of ~150 µs, each coroutine and call here costs its share of the wake-up
                 try:
