@@ -9,8 +9,8 @@
 
 Phases, in order (see DESIGN.md; each a small step below):
 
-1. **accept/parse** — :class:`ClientConnection` feeds bytes to llhttp (httptools) and enforces the
-   limits: head size and header count (431), head time (408), body size (413); the head is checked
+1. **accept/parse** — :class:`ClientConnection` feeds bytes to its :class:`RequestReader` (a strict
+   RFC 9112 parser, reader.pxi) and enforces the limits: head size and header count (431), head time (408), body size (413); the head is checked
    strictly (:func:`~pyproxy.headers.request_framing`, header validation, Host) → 400, and nothing of
    a refused request reaches an upstream.
 2. **route** — :class:`~pyproxy.routing.Router` → 404 when no route matches.
@@ -18,7 +18,7 @@ Phases, in order (see DESIGN.md; each a small step below):
 4. **forward** — a kept-alive connection from :class:`ConnectionPool` (or a new one: connect
    timeout → 502); the head rewritten for the upstream (hop-by-hop removed, ``X-Forwarded-*``,
    ``Via``, ``X-Request-ID``); the body streamed as it arrives, with backpressure both ways.
-5. **respond** — the upstream's response parsed just as strictly (malformed → 502, no head within
+5. **respond** — the upstream's response parsed just as strictly (:class:`ResponseReader`; malformed → 502, no head within
    the response timeout → 504), its head rewritten and its body streamed to the client; a response
    cut short closes the client connection, never a silently short body.
 6. **release** — the upstream connection goes back to its pool only when both messages were
@@ -41,8 +41,6 @@ from collections.abc import Callable
 
 from typing import Any, cast
 
-import httptools
-
 from pyproxy.config import Limits, Pool, Route, Server
 from pyproxy.errors import HeaderError
 from pyproxy.headers import (
@@ -57,7 +55,8 @@ from pyproxy.headers import (
 from pyproxy.observe.access_log import AccessLog
 from pyproxy.cache.http import UNSAFE_METHODS as _UNSAFE  # they invalidate what they change (RFC 9111 §4.4)
 
-__all__ = ["BUCKETS", "ClientConnection", "ConnectionPool", "Exchange", "Histogram", "UpstreamConnection", "WorkerMetrics"]
+__all__ = ["BUCKETS", "ClientConnection", "ConnectionPool", "Exchange", "Histogram", "MessageReader", "RequestReader",
+           "ResponseReader", "UpstreamConnection", "WorkerMetrics"]
 
 log = logging.getLogger("pyproxy.proxy")
 
@@ -99,6 +98,7 @@ include "buffer.pxi"
 include "fields.pxi"
 include "request_id.pxi"
 include "rewrite.pxi"
+include "reader.pxi"
 
 # Corked writes up to this size are joined into one bytes (cheaper than a vectored write of small
 # pieces); larger ones go out as they are, without copying them once more.
@@ -292,10 +292,12 @@ cdef class ConnectionPool:
     cdef double idle_timeout
     cdef readonly double response_timeout
     cdef readonly object retry_statuses  # upstream statuses that may be retried elsewhere
+    cdef public object limits  # the head limits its connections' responses are read with
 
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, limits: Limits | None = None) -> None:
         self.pool = pool
+        self.limits = limits if limits is not None else Limits()
         # Keyed by the server's address (a str: its hash is cached), not by the frozen Server
         # dataclass, whose generated __hash__ is a Python call per lookup. Lists, typed: pushing
         # and popping them are C calls (a deque's are method calls by name).
@@ -409,7 +411,6 @@ cdef class Exchange:
     cdef public long long framing
     cdef public bint had_length
     cdef public double head_done_at
-    cdef public long long head_size
     cdef public bint http11
     cdef public bint in_flight
     cdef public bint keep_alive
@@ -428,7 +429,6 @@ cdef class Exchange:
         self.method = b""
         self.target = b""
         self.headers = []
-        self.head_size = 0
         self.http11 = True
         self.keep_alive = True
         self.framing = 0  # request body: length, or CHUNKED
@@ -1213,11 +1213,12 @@ cdef class Exchange:
 cdef class UpstreamConnection:
     """One connection to an upstream server; carries one exchange at a time."""
 
-    cdef public object parser, reason, server, transport
+    cdef public object reason, server, transport
     cdef public list headers
-    # Bound methods of the transport and the parser, looked up once: a method call by name costs
-    # a type lookup each time (~30 such calls a proxied request were ~12% of its instructions).
-    cdef object _write, _is_closing, _feed, _keep_alive, _status_code, _version
+    cdef public ResponseReader reader
+    # Bound methods of the transport, looked up once: a method call by name costs a type lookup
+    # each time (~30 such calls a proxied request were ~12% of its instructions).
+    cdef object _write, _is_closing
     # its timers' callbacks, bound once (a bound method is made per access): close when idle in
     # the pool too long, response_timed_out when busy. Kept after connection_lost (a cycle the GC
     # collects): a response timer armed on a connection that died unseen must still answer 504.
@@ -1247,7 +1248,7 @@ cdef class UpstreamConnection:
         self._write = self._is_closing = None
         self.on_idle_timeout = self.close
         self.on_response_timeout = self.response_timed_out
-        self._new_parser()
+        self.reader = ResponseReader(pool.limits.max_head_size, pool.limits.max_header_count)
         self.exchange = None
         self.deadline = Deadline(asyncio.get_running_loop())
         self.closed = False
@@ -1265,16 +1266,9 @@ cdef class UpstreamConnection:
         self.framing = 0
         self.chunk_to_client = False
         self.message_done = False
-        # A response to HEAD: llhttp cannot be told the request was HEAD, so it would wait for the
-        # body its Content-Length announces. We end the message ourselves after its head.
+        # The cache answered instead of this response: it ends at its head (and the connection
+        # with it, its body unread).
         self.head_only = False
-
-    cdef _new_parser(self):
-        parser = self.parser = httptools.HttpResponseParser(self)
-        self._feed = parser.feed_data
-        self._keep_alive = parser.should_keep_alive
-        self._status_code = parser.get_status_code
-        self._version = parser.get_http_version
 
     cpdef usable(self):
         return not self.closed and self.transport is not None and not self._is_closing()
@@ -1286,6 +1280,7 @@ cdef class UpstreamConnection:
     cpdef begin(self, Exchange exchange):
         self.exchange = exchange
         self._reset()
+        self.reader.reset()
 
     # -- writing the request
     cpdef send_raw(self, data: bytes):
@@ -1333,31 +1328,47 @@ cdef class UpstreamConnection:
         client = self.exchange.client
         client.cork()
         try:
-            self._feed(data)
-            if self.head_only and self.head_received and not self.message_done:
-                keep_alive = self._keep_alive()
-                self._new_parser()
-                self._complete(keep_alive)
-        except httptools.HttpParserUpgrade as e:
-            if self.tunnel and self.exchange is not None:
-                rest = data[e.args[0] :] if e.args else b""
-                if rest:
-                    self.exchange.client.write(rest)
-            else:
-                self._fail(502, f"upstream {self.server.address} switched protocols unasked")
-        except (httptools.HttpParserError, HeaderError) as e:
-            cause = e.__context__ if isinstance(e, httptools.HttpParserCallbackError) else e
-            if isinstance(cause, _RetryResponse):
-                ex = self.exchange
-                self.message_done = True
-                self._done()
-                self.close()  # its body is not wanted: the connection cannot be reused
-                if ex is not None:
-                    ex.retry_claimed(self.status)
-            else:
-                self._fail(502, f"malformed response from upstream {self.server.address}: {cause or e}")
+            self._read(data)
+        except _RetryResponse:
+            ex = self.exchange
+            self.message_done = True
+            self._done()
+            self.close()  # its body is not wanted: the connection cannot be reused
+            if ex is not None:
+                ex.retry_claimed(self.status)
+        except HeaderError as e:
+            self._fail(502, f"malformed response from upstream {self.server.address}: {e}")
         finally:
             client.uncork()
+
+    cdef _read(self, bytes data):
+        """Relay what one read holds: heads, body pieces, the end of the response."""
+        cdef ResponseReader reader = self.reader
+        cdef int event
+        reader.feed(data)
+        while True:
+            event = reader.next_event()
+            if event == EV_BODY:
+                self._body(reader.body)
+            elif event == EV_HEAD:
+                self._head()
+                if self.tunnel:
+                    rest = reader.rest()
+                    reader.reset()  # read no more
+                    if rest and self.exchange is not None:
+                        self.exchange.client.write(rest)
+                    return
+                if self.head_only:
+                    self._complete(False)
+                    return
+            elif event == EV_END:
+                # Bytes after the response (none was asked for): the connection is not reused.
+                keep_alive = reader.keep_alive and reader.unread == 0
+                reader.reset()  # (lets the read go)
+                self._complete(keep_alive)
+                return
+            else:
+                return
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -1371,8 +1382,8 @@ cdef class UpstreamConnection:
             return
         if ex is None or self.message_done:
             return
-        if self.head_received and self.framing == UNTIL_CLOSE:
-            self.on_message_complete()  # the close is the end of this body
+        if self.head_received and self.reader.finish():
+            self._complete(False)  # the close is the end of this body
             return
         if not self.head_received:
             if self.exchanges_served > 0 and self.received == 0 and ex.hedge is not self and ex.can_retry_on_new_connection():
@@ -1398,23 +1409,20 @@ cdef class UpstreamConnection:
         if self.exchange is not None:
             self.exchange.client.resume_reading("upstream-buffer")
 
-    # -- httptools callbacks
-    def on_status(self, status: bytes) -> None:
-        self.reason += status
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        ex = self.exchange
-        assert ex is not None
-        status = self._status_code()
+    # -- the reader's events
+    cdef _head(self):
+        """A response head was read: decide its framing and hand it to the exchange."""
+        cdef ResponseReader reader = self.reader
+        cdef Exchange ex = self.exchange
+        cdef int status = reader.status
+        cdef long long framing
         if 100 <= status < 200 and status != 101:
             # Interim responses are not relayed (we answer 100-continue ourselves); wait for the
             # final one.
-            self.reason, self.headers = b"", []
+            reader.next_head()
             return
-        _validate_fields(self.headers)
+        self.reason = reader.reason
+        self.headers = reader.headers  # checked by the reader
         if ex.hedge_chosen is not None or ex.hedge_handle is not None:
             ex.claim_response(self)  # hedged: the first head wins, the other attempt is cancelled
         if status == 101:
@@ -1429,12 +1437,10 @@ cdef class UpstreamConnection:
         fields = _RESPONSE_FIELDS
         fields.scan(self.headers)
         framing = fields.plain_framing()
-        if framing > 0 and 200 <= status and status not in (204, 304) and ex.method != b"HEAD" and ex.method != b"CONNECT":
+        if framing > 0 and status not in (204, 304) and ex.method != b"HEAD" and ex.method != b"CONNECT":
             self.framing = framing  # the plain case; everything else by the full rules
         else:
-            # (get_http_version formats a string: only asked for when the full rules need it)
-            http11 = self._version() == "1.1"
-            self.framing = response_framing(status, self.headers, ex.method, http11)
+            self.framing = response_framing(status, self.headers, ex.method, reader.version == 11)
             if self.framing == 0 and fields.content_length is not None:
                 cl = fields.content_length
                 declared = int(cl) if cl.strip().isdigit() else None
@@ -1443,35 +1449,22 @@ cdef class UpstreamConnection:
             ex.upstream_status = status
             raise _RetryResponse(status)
         if ex.cache_phase is not None and ex.cache_response(self, status):
-            # The cache answered instead: this response's body (a 5xx's) is read and dropped, and
-            # the connection not reused after it.
+            # The cache answered instead: this response's body (a 5xx's) is not read, and the
+            # connection not reused after it.
             self.head_only = True
             self.chunk_to_client = False
             self.head_received = True
             return
-        self.head_only = ex.method == b"HEAD"
+        reader.expect_body(self.framing)
         self.chunk_to_client = ex.response_head(status, self.reason, self.headers, self.framing, declared, True)
         self.head_received = True
 
-    def on_body(self, body: bytes) -> None:
-        ex = self.exchange
-        if ex is None or not self.head_received:
-            return
-        if self.head_only:
-            self.framing = UNTIL_CLOSE  # a body after a HEAD response: never reuse this connection
-            return
+    cdef _body(self, body):
+        cdef Exchange ex = self.exchange
         ex.bytes_out += len(body)
         ex.client.write(_chunk(body) if self.chunk_to_client else body)
         if ex.capture is not None:
             ex.keep_copy(body)
-
-    def on_message_complete(self) -> None:
-        ex = self.exchange
-        if ex is None or not self.head_received:
-            return  # an interim (1xx) response ended
-        if self.tunnel:
-            return  # llhttp ends the 101 "message" at its head; the tunnel goes on
-        self._complete(self._keep_alive())
 
     cpdef _complete(self, keep_alive: bool):
         ex = self.exchange
@@ -1521,14 +1514,15 @@ cdef class UpstreamConnection:
 cdef class ClientConnection:
     """One client connection: parse its requests, queue them, answer them in order."""
 
-    cdef public object _loop, body_timer, limits, parser, peer, send_timer, transport
+    cdef public object _loop, body_timer, limits, peer, send_timer, transport
+    cdef public RequestReader reader
     # typed: their appends, pops and adds are C calls, not method lookups
     cdef public list queue  # exchanges to answer, in order (a pipeline is short: pop(0) is cheap)
     cdef public list out  # writes collected while corked
     cdef Py_ssize_t out_size  # their bytes
     cdef public set read_pauses
     # Bound methods looked up once (a method call by name costs a type lookup each time).
-    cdef object _write, _writelines, _is_closing, _feed, _get_method, _keep_alive, _upgrade, _version
+    cdef object _write, _writelines, _is_closing
     cdef RouteFacts route_facts  # of the last request's route
     cdef object on_head_timeout, on_idle  # _head_timeout and close, bound once (see UpstreamConnection)
     cdef object router, catch_all  # the router routing this connection's requests, its catch_all
@@ -1546,7 +1540,7 @@ cdef class ClientConnection:
     cdef public bint closing
     cdef public int corked
     cdef public bint feeding
-    cdef public long long head_raw
+    cdef public long long head_raw  # bytes of a head begun but not complete (0: between requests)
     cdef public bint write_paused
 
 
@@ -1561,24 +1555,19 @@ cdef class ClientConnection:
         self.body_timeout = limits.body_timeout
         self.keepalive_timeout = limits.keepalive_timeout
         self._loop = asyncio.get_running_loop()
-        parser = self.parser = httptools.HttpRequestParser(self)
-        self._feed = parser.feed_data
-        self._get_method = parser.get_method
-        self._keep_alive = parser.should_keep_alive
-        self._upgrade = parser.should_upgrade
-        self._version = parser.get_http_version
+        self.reader = RequestReader(self.max_head_size, self.max_header_count)
         self.transport = None
         self._write = self._writelines = self._is_closing = None
         self.peer = b"unknown"
         self.peer_text = "unknown"
         self.parsing = None
         self.queue = []
-        self.head_raw = 0  # bytes read while the current head is incomplete
+        self.head_raw = 0
         self.deadline = Deadline(self._loop)
         self.read_pauses = set()
         self.write_paused = False
         self.closing = False
-        # While llhttp parses one read, exchanges are queued but not started: a malformed request
+        # While one read is parsed, exchanges are queued but not started: a malformed request
         # in the same read (a bad chunk after a good head) is then refused before any byte of it
         # goes upstream.
         self.feeding = False
@@ -1623,43 +1612,62 @@ cdef class ClientConnection:
             return
         if self.closing:
             return
-        if self.parsing is None or not self.parsing.method:
-            if self.deadline.when != 0.0 and self.parsing is None and not self.queue:
-                self._arm(self.head_timeout, self.on_head_timeout)  # idle → reading a head
-            self.head_raw += len(data)
+        if self.head_raw == 0 and self.parsing is None and not self.queue and self.deadline.when != 0.0:
+            self._arm(self.head_timeout, self.on_head_timeout)  # idle → reading a head
         self.feeding = True
         try:
-            self._feed(data)
-        except httptools.HttpParserCallbackError as e:
-            cause = e.__context__
-            if isinstance(cause, _Refuse):
-                self._refuse_current(cause)
-            elif isinstance(cause, HeaderError):
-                self._refuse_current(_Refuse(cause.status, str(cause)))
-            else:  # a bug of ours: answer 500 for this request rather than drop the connection
-                log.error("internal error while parsing a request", exc_info=cause)
-                self._refuse_current(_Refuse(500, "internal proxy error"))
-        except httptools.HttpParserUpgrade as e:
-            # llhttp stops after an Upgrade request's head; what follows is the tunnel's.
-            ex = self.queue[-1] if self.queue else None
-            if ex is not None and ex.upgrade and ex.refusal is None:
-                self.tunnel = ex
-                rest = data[e.args[0] :] if e.args else b""
-                if rest:
-                    ex.tunnel_out(rest)
-            else:
-                self.closing = True  # a refused Upgrade: nothing more is read, then close
-                if ex is not None:
-                    ex.keep_alive = False
-        except httptools.HttpParserError as e:
-            self._refuse_current(_Refuse(400, f"malformed request: {e}"))
-        else:
-            if self.parsing is not None and not self.parsing.method:
-                if self.head_raw > self.max_head_size:
-                    self._refuse_current(_Refuse(431, "request head too large"))
+            self._read(data)
+        except HeaderError as e:  # a malformed head or body, or one over the limits
+            self._refuse_current(_Refuse(e.status, str(e)))
+        except _Refuse as r:
+            self._refuse_current(r)
+        except Exception:  # a bug of ours: answer 500 for this request rather than drop the connection
+            log.exception("internal error while parsing a request")
+            self._refuse_current(_Refuse(500, "internal proxy error"))
         finally:
             self.feeding = False
+            self.head_raw = self.reader.head_pending
         self._start_next()
+
+    cdef _read(self, bytes data):
+        """Parse one read: queue its requests, pass their bodies on."""
+        cdef RequestReader reader = self.reader
+        cdef Exchange ex
+        cdef int event
+        reader.feed(data)
+        while True:
+            event = reader.next_event()
+            if event == EV_BODY:
+                self._body(reader.body)
+            elif event == EV_HEAD:
+                ex = self._head()
+                if self.closing:
+                    return  # refused: nothing after the head is read (its body, pipelined bytes)
+                reader.expect_body(ex.framing)
+            elif event == EV_END:
+                ex = self.parsing
+                self._message_complete()
+                if self.closing:
+                    return
+                if not ex.keep_alive and not ex.upgrade:
+                    # RFC 9112 §9.6: nothing after a request that closes the connection is processed.
+                    self.closing = True
+                    return
+                if ex.upgrade:
+                    if ex.refusal is None:
+                        # What follows the head of an accepted Upgrade is the tunnel's.
+                        self.tunnel = ex
+                        rest = reader.rest()
+                        reader.reset()  # read no more
+                        if rest:
+                            ex.tunnel_out(rest)
+                    else:
+                        self.closing = True  # a refused Upgrade: nothing more is read, then close
+                        ex.keep_alive = False
+                    return
+                reader.next_message()
+            else:
+                return
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
@@ -1694,59 +1702,25 @@ cdef class ClientConnection:
             if ex.upstream is not None:
                 ex.upstream.resume_reading()
 
-    # -- httptools callbacks
-    def on_message_begin(self) -> None:
-        self.parsing = Exchange(self)
-
-    def on_url(self, url: bytes) -> None:
-        ex = self.parsing
-        assert ex is not None
-        ex.target += url
-        ex.head_size += len(url)
-        if ex.head_size > self.max_head_size:
-            raise _Refuse(414 if len(ex.target) > self.max_head_size else 431, "request head too large")
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        ex = self.parsing
-        assert ex is not None
-        if ex.method:
-            # A trailer field of a chunked body: dropped, as we strip TE and promise none upstream
-            # (and it must never join the header section that was already forwarded).
-            return
-        ex.headers.append((name, value))
-        ex.head_size += len(name) + len(value) + 4
-        if len(ex.headers) > self.max_header_count:
-            raise _Refuse(431, f"more than {self.limits.max_header_count} header lines")
-        if ex.head_size > self.max_head_size:
-            raise _Refuse(431, "request head too large")
-
-    def on_headers_complete(self) -> None:
+    # -- the reader's events
+    cdef Exchange _head(self):
+        """A request head was read: check it, route it and queue its exchange."""
         cdef RouteFacts facts
-        ex = self.parsing
-        assert ex is not None
-        ex.method = self._get_method()
+        cdef RequestReader reader = self.reader
+        cdef Exchange ex = Exchange(self)
+        self.parsing = ex
+        ex.method = reader.method
+        ex.target = reader.target
+        ex.headers = reader.headers
         fields = _REQUEST_FIELDS
         fields.scan(ex.headers)
-        ex.keep_alive = self._keep_alive()
-        if ex.keep_alive and not fields.connection:
-            # llhttp parses HTTP 0.9, 1.0, 1.1 and 2.0 only (any other version is a parse error),
-            # and without a Connection (or Proxy-Connection) field keeps the connection open for
-            # 1.1 alone: no need for get_http_version, which formats a str (~2,300 of the ~30,000
-            # instructions of a cache hit).
-            version = "1.1"
-        else:
-            version = self._version()
-        ex.http11 = version == "1.1"
-        ex.upgrade = self._upgrade()
+        ex.keep_alive = reader.keep_alive
+        ex.http11 = reader.version == 11
+        ex.upgrade = reader.upgrade
         ex.head_done_at = _monotonic()
-        self.head_raw = 0
         self._disarm()
         try:
-            if version not in ("1.1", "1.0"):
-                # HTTP/0.9 has no headers to check and no way to answer it safely; others: 505.
-                raise _Refuse(400 if version.startswith("0.") else 505, f"HTTP/{version} is not supported")
-            _validate_fields(ex.headers)
-            ex.checked_headers = ex.headers
+            ex.checked_headers = ex.headers  # the reader checked every line
             ex.framing = fields.plain_framing()
             if ex.framing < 0:
                 ex.framing = request_framing(ex.headers, ex.http11)
@@ -1800,11 +1774,11 @@ cdef class ClientConnection:
         if ex.refusal is not None and ex.refusal.close:
             # Nothing after a refused head is read: its body and any pipelined bytes are dropped.
             self.closing = True
-            raise ex.refusal
+            ex.keep_alive = False
+        return ex
 
-    def on_body(self, body: bytes) -> None:
-        ex = self.parsing
-        assert ex is not None
+    cdef _body(self, body):
+        cdef Exchange ex = self.parsing
         self.body_deadline = _monotonic() + self.body_timeout
         if ex.refusal is None and not ex.done:
             try:
@@ -1818,9 +1792,8 @@ cdef class ClientConnection:
                     ex.refusal = r  # answered in its turn
                 raise
 
-    def on_message_complete(self) -> None:
-        ex = self.parsing
-        assert ex is not None
+    cdef _message_complete(self):
+        cdef Exchange ex = self.parsing
         self.parsing = None
         self._stop_body_timer()
         if ex.refusal is None:
@@ -1861,7 +1834,7 @@ cdef class ClientConnection:
 
     def idle(self) -> bool:
         """No request in progress (waiting for one, or between two)."""
-        return not self.queue and (self.parsing is None or not self.parsing.method)
+        return not self.queue and self.parsing is None
 
     cpdef _count(self, Exchange ex):
         cdef WorkerMetrics metrics = self.metrics

@@ -5,7 +5,7 @@ are typed as ``asyncio.Protocol`` because they implement its methods (uvloop nee
 import asyncio
 from typing import Any
 
-from pyproxy.config import Pool, Route, Server
+from pyproxy.config import Limits, Pool, Route, Server
 
 class Answer:
     """A response for the data plane to send as it is (what the HTTP cache answers)."""
@@ -44,7 +44,8 @@ class ConnectionPool:
     pool: Pool
     connects: int
     retired: bool
-    def __init__(self, pool: Pool) -> None: ...
+    limits: Limits
+    def __init__(self, pool: Pool, limits: Limits | None = None) -> None: ...
     def take_idle(self, address: str) -> UpstreamConnection | None: ...
     async def connect(self, server: Server) -> UpstreamConnection: ...
     def release(self, conn: UpstreamConnection) -> None: ...
@@ -59,6 +60,48 @@ class Exchange:
     route: Route | None
     status: int
     request_id: bytes
+
+EV_MORE: int
+EV_HEAD: int
+EV_BODY: int
+EV_END: int
+
+class MessageReader:
+    """What reading requests and responses share: framing, header lines, bodies (RFC 9112)."""
+
+    max_head: int
+    max_headers: int
+    version: int
+    headers: list[tuple[bytes, bytes]]
+    keep_alive: bool
+    body: bytes | None
+    def __init__(self, max_head: int = 16384, max_headers: int = 100) -> None: ...
+    @property
+    def unread(self) -> int: ...
+    @property
+    def head_pending(self) -> int: ...
+    def reset(self) -> None: ...
+    def next_message(self) -> None: ...
+    def feed(self, data: bytes) -> None: ...
+    def rest(self) -> bytes: ...
+    def expect_body(self, framing: int) -> None: ...
+    def finish(self) -> bool: ...
+    def next_event(self) -> int: ...
+
+class ResponseReader(MessageReader):
+    """Reads the responses of one upstream connection (errors: HeaderError, status 502)."""
+
+    status: int
+    reason: bytes
+    def next_head(self) -> None: ...
+
+class RequestReader(MessageReader):
+    """Reads the requests of one client connection (errors: HeaderError, 400 / 414 / 431 / 505)."""
+
+    method: bytes
+    target: bytes
+    @property
+    def upgrade(self) -> bool: ...
 
 class UpstreamConnection(asyncio.Protocol):
     server: Server

@@ -76,7 +76,7 @@ class ProxyState(StateCore):
             config=config,
             router=Router(config.routes),
             upstreams={name: UpstreamPool(p) for name, p in config.pools.items()},
-            pools={name: ConnectionPool(p) for name, p in config.pools.items()},
+            pools={name: ConnectionPool(p, config.limits) for name, p in config.pools.items()},
             ratelimit_local=ratelimit_local,
         )
         state._configure_ratelimit(config)
@@ -186,8 +186,9 @@ class ProxyState(StateCore):
             old = self.pools.get(name)
             if old is not None and old.pool == pool:
                 pools[name], upstreams[name] = old, self.upstreams[name]
+                old.limits = config.limits  # for its new connections
             else:
-                pools[name], upstreams[name] = ConnectionPool(pool), UpstreamPool(pool)
+                pools[name], upstreams[name] = ConnectionPool(pool, config.limits), UpstreamPool(pool)
                 upstreams[name].start()
         for name, old in self.pools.items():
             if pools.get(name) is not old:

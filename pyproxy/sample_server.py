@@ -11,6 +11,9 @@ how it behaves while it runs:
   ``"malformed"`` (answer with bytes that are not HTTP);
 * ``headers`` — extra fields on every plain answer (``Cache-Control``, ``Vary``, ``Cache-Tag``...);
   ``etag`` — plain answers carry it, and a request whose ``If-None-Match`` names it gets 304;
+* ``raw`` — answer every request with exactly these bytes, written piece by piece 10 ms apart
+  (each arrives as a read of its own), then keep the connection open, or close it if
+  ``raw_close``: for testing how a client frames and checks what it receives;
 * recording — ``accepts`` counts accepted connections, ``requests`` keeps every parsed request
   (method, target, headers, body size and, up to ``record_body_limit`` bytes, the body), ``received``
   counts every byte read.
@@ -165,6 +168,12 @@ class _Connection(asyncio.Protocol):
         if mode == "close" or (server.close_after is not None and self.answered >= server.close_after):
             return False
         self.answered += 1
+        if server.raw is not None:
+            for i, piece in enumerate(server.raw):
+                if i:
+                    await asyncio.sleep(0.01)
+                self._write(piece)
+            return not server.raw_close
         if mode == "malformed":
             self._write(b"HTTP/1.1 OK-ish\r\nthis is not a header line\r\n\r\n")
             return False
@@ -289,6 +298,8 @@ class SampleServer:
         self.close_after = close_after
         self.headers: list[tuple[bytes, bytes]] = []
         self.etag: bytes | None = None
+        self.raw: list[bytes] | None = None
+        self.raw_close = False
         self.accepts = 0
         self.received = 0
         self.requests: list[RecordedRequest] = []

@@ -353,6 +353,91 @@ def test_malformed_upstream_response_is_502_never_relayed() -> None:
         assert resp.status == 502 and b"not a header" not in body
 
 
+def test_chunked_upstream_response_in_pieces_is_relayed_without_its_trailers() -> None:
+    up = SampleServer()
+    up.raw = [b"HTTP/1.1 200 OK\r\nTransfer-", b"Encoding: chunked\r\nX-A: 1\r\n\r\n5;ext=1\r\nhel",
+              b"lo\r\n6\r", b"\n world\r\n0\r\nX-Trailer: t\r\n", b"\r\n"]
+    with proxy(up) as addr:
+        conn = http.client.HTTPConnection(*addr, timeout=10)
+        for _ in range(2):
+            conn.request("GET", "/")
+            resp = conn.getresponse()
+            assert resp.status == 200 and resp.read() == b"hello world" and resp.getheader("X-A") == "1"
+        out = raw(addr, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    # re-chunked as the pieces arrived; the trailer section is dropped, the last chunk kept
+    assert out.endswith(b"\r\n world\r\n0\r\n\r\n") and b"X-Trailer" not in out, out
+    assert up.accepts == 1  # reused after each complete chunked response
+
+
+MALFORMED_RESPONSE_HEADS = {
+    "obs-fold": b"HTTP/1.1 200 OK\r\nX-A: a\r\n b\r\nContent-Length: 2\r\n\r\nok",
+    "bare LF": b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok",
+    "space before colon": b"HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\nok",
+    "NUL in a value": b"HTTP/1.1 200 OK\r\nX-A: \x00\r\nContent-Length: 2\r\n\r\nok",
+    "HTTP/2.0": b"HTTP/2.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    "two lengths": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
+}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED_RESPONSE_HEADS))
+def test_malformed_upstream_heads_are_502_and_never_relayed(name: str) -> None:
+    up = SampleServer()
+    up.raw = [MALFORMED_RESPONSE_HEADS[name]]
+    with proxy(up) as addr:
+        conn = http.client.HTTPConnection(*addr, timeout=10)
+        conn.request("GET", "/")
+        resp = conn.getresponse()
+        body = resp.read()
+    assert resp.status == 502 and b"malformed response" in body and resp.getheader("X-A") is None, body
+
+
+def test_malformed_chunk_after_the_head_breaks_the_client_connection() -> None:
+    up = SampleServer()
+    up.raw = [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n", b"zz\r\nmore\r\n0\r\n\r\n"]
+    with proxy(up) as addr:
+        conn = http.client.HTTPConnection(*addr, timeout=10)
+        conn.request("GET", "/")
+        resp = conn.getresponse()
+        assert resp.status == 200
+        with pytest.raises(http.client.IncompleteRead):
+            resp.read()
+
+
+def test_bytes_after_an_upstream_response_are_not_reused() -> None:
+    up = SampleServer()
+    up.raw = [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nforge"]
+    with proxy(up) as addr:
+        conn = http.client.HTTPConnection(*addr, timeout=10)
+        for _ in range(2):
+            conn.request("GET", "/")
+            resp = conn.getresponse()
+            assert resp.status == 200 and resp.read() == b"ok"
+    assert up.accepts == 2  # the connection that sent more than its response was closed
+
+
+def test_http10_upstream_body_runs_until_it_closes() -> None:
+    up = SampleServer()
+    up.raw = [b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nfirst ", b"second"]
+    up.raw_close = True
+    with proxy(up) as addr:
+        conn = http.client.HTTPConnection(*addr, timeout=10)
+        conn.request("GET", "/")
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.read() == b"first second"
+
+
+def test_empty_line_before_a_request_and_nothing_after_connection_close() -> None:
+    """A CRLF after a POST body is skipped (RFC 9112 §2.2); a request that closes the connection
+    is the last one read (§9.6): the one after it never reaches the upstream."""
+    up = SampleServer()
+    with proxy(up) as addr:
+        out = raw(addr, b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok\r\n"
+                        b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                        b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert out.count(b"HTTP/1.1 200 ") == 2, out
+    assert [r.target for r in up.requests] == [b"/echo", b"/a"]
+
+
 def test_truncated_upstream_response_closes_the_client_connection() -> None:
     with proxy(SampleServer(mode="truncate", body=b"z" * 100_000)) as addr:
         conn = http.client.HTTPConnection(*addr, timeout=10)
