@@ -87,7 +87,6 @@ from http import HTTPStatus as _HTTPStatus
 from os import register_at_fork as _register_at_fork, urandom as _urandom
 
 include "deadline.pxi"
-include "scan.pxi"
 include "counters.pxi"
 # The head helpers of pyproxy._speedups, compiled in here as well: validation and the forwarding
 # rewrites are C calls from the protocol objects (a call into _speedups parsed its keyword
@@ -98,6 +97,7 @@ include "buffer.pxi"
 include "fields.pxi"
 include "request_id.pxi"
 include "rewrite.pxi"
+include "scan.pxi"
 include "reader.pxi"
 
 # Corked writes up to this size are joined into one bytes (cheaper than a vectored write of small
@@ -164,8 +164,6 @@ cdef inline double _monotonic() noexcept:
 
 
 # Scratch results of the header scans: one each, reused (the event loop runs one callback at a time).
-cdef HeadFields _REQUEST_FIELDS = HeadFields()
-cdef HeadFields _RESPONSE_FIELDS = HeadFields()
 
 
 cdef bytes _cached_response(bytes head, unsigned long long length, bytes request_id, object body):
@@ -695,9 +693,9 @@ cdef class Exchange:
         plan = self.cache_plan
         if plan is None:
             if self.cache_phase is not None and self.method in _UNSAFE:
-                self.response_fields = conn.headers  # Location / Content-Location to invalidate
+                self.response_fields = conn.reader.header_list()  # Location / Content-Location to invalidate
             return False
-        outcome = self.cache_phase.response(plan, status, conn.headers)
+        outcome = self.cache_phase.response(plan, status, conn.reader.header_list())
         if isinstance(outcome, Answer):
             self.upstream_status = status
             self.client.respond_cached(self, outcome)
@@ -1164,9 +1162,10 @@ cdef class Exchange:
             return [(b"Connection", b"close")] if close else ()
         return self.extra_headers + [(b"Connection", b"close")] if close else self.extra_headers
 
-    cpdef response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], framing: int, declared_length: int | None, bint checked=False):
-        """Write the response head to the client; whether its body must be chunk-encoded
-        (``checked``: ``headers`` were validated on arrival)."""
+    cdef bint response_head(self, int status, bytes reason, MessageReader reader, long long framing,
+                            object declared_length) except -1:
+        """Write the response head the reader read (its fields, checked on arrival) to the
+        client; whether its body must be chunk-encoded."""
         self.stop_response_timer()
         client = self.client
         if self.sent_at and self.route is not None:
@@ -1185,10 +1184,11 @@ cdef class Exchange:
             length = declared_length  # HEAD and 304 keep the length they describe
         if status == 204 or 100 <= status < 200:
             length = None
-        head = _rewrite_response(
+        head = _rewrite_response_fields(
             status,
             reason or None,
-            headers,
+            reader.lines.items,
+            reader.lines.size // 2,
             _VIA,
             self.request_id,
             _RID_FIELD,
@@ -1196,7 +1196,7 @@ cdef class Exchange:
             switching,
             _framing(length, chunked),
             self._extra_fields(close),
-            checked,
+            True,
             False,  # our own values: constants, the request id we sent upstream
         )
         if close:
@@ -1214,8 +1214,7 @@ cdef class UpstreamConnection:
     """One connection to an upstream server; carries one exchange at a time."""
 
     cdef public object reason, server, transport
-    cdef public list headers
-    cdef public ResponseReader reader
+    cdef public ResponseReader reader  # its head's fields: reader.headers
     # Bound methods of the transport, looked up once: a method call by name costs a type lookup
     # each time (~30 such calls a proxied request were ~12% of its instructions).
     cdef object _write, _is_closing
@@ -1262,7 +1261,6 @@ cdef class UpstreamConnection:
         self.head_received = False
         self.status = 0
         self.reason = b""
-        self.headers = []
         self.framing = 0
         self.chunk_to_client = False
         self.message_done = False
@@ -1416,13 +1414,13 @@ cdef class UpstreamConnection:
         cdef Exchange ex = self.exchange
         cdef int status = reader.status
         cdef long long framing
+        cdef HeadFields fields
         if 100 <= status < 200 and status != 101:
             # Interim responses are not relayed (we answer 100-continue ourselves); wait for the
             # final one.
             reader.next_head()
             return
         self.reason = reader.reason
-        self.headers = reader.headers  # checked by the reader
         if ex.hedge_chosen is not None or ex.hedge_handle is not None:
             ex.claim_response(self)  # hedged: the first head wins, the other attempt is cancelled
         if status == 101:
@@ -1430,17 +1428,16 @@ cdef class UpstreamConnection:
                 raise HeaderError("101 Switching Protocols to a request that did not ask", None, 502)
             self.status = status
             self.tunnel = True
-            ex.response_head(status, self.reason, self.headers, 0, None, True)
+            ex.response_head(status, self.reason, reader, 0, None)
             self.head_received = True
             return
         declared = None
-        fields = _RESPONSE_FIELDS
-        fields.scan(self.headers)
+        fields = reader.fields
         framing = fields.plain_framing()
         if framing > 0 and status not in (204, 304) and ex.method != b"HEAD" and ex.method != b"CONNECT":
             self.framing = framing  # the plain case; everything else by the full rules
         else:
-            self.framing = response_framing(status, self.headers, ex.method, reader.version == 11)
+            self.framing = response_framing(status, reader.header_list(), ex.method, reader.version == 11)
             if self.framing == 0 and fields.content_length is not None:
                 cl = fields.content_length
                 declared = int(cl) if cl.strip().isdigit() else None
@@ -1456,8 +1453,9 @@ cdef class UpstreamConnection:
             self.head_received = True
             return
         reader.expect_body(self.framing)
-        self.chunk_to_client = ex.response_head(status, self.reason, self.headers, self.framing, declared, True)
+        self.chunk_to_client = ex.response_head(status, self.reason, reader, self.framing, declared)
         self.head_received = True
+        reader.release_head()  # relayed: its bytes can go
 
     cdef _body(self, body):
         cdef Exchange ex = self.exchange
@@ -1711,9 +1709,9 @@ cdef class ClientConnection:
         self.parsing = ex
         ex.method = reader.method
         ex.target = reader.target
-        ex.headers = reader.headers
-        fields = _REQUEST_FIELDS
-        fields.scan(ex.headers)
+        ex.headers = reader.header_list()
+        reader.release_head()
+        cdef HeadFields fields = reader.fields
         ex.keep_alive = reader.keep_alive
         ex.http11 = reader.version == 11
         ex.upgrade = reader.upgrade

@@ -56,25 +56,29 @@ cdef inline int _put_bytes(_Buf* b, object s) except -1:
     return _put(b, PyBytes_AS_STRING(s), PyBytes_GET_SIZE(s))
 
 
-cdef inline int _put_header(_Buf* b, object name, object value) except -1:
+cdef inline int _put_field(_Buf* b, const void* name, Py_ssize_t nn, const void* value,
+                           Py_ssize_t nv) except -1:
     """``name: value CRLF``"""
-    cdef Py_ssize_t nn = PyBytes_GET_SIZE(name)
-    cdef Py_ssize_t nv = PyBytes_GET_SIZE(value)
     cdef Py_ssize_t need = nn + nv + 4
     cdef char* w
     if b.size + need > b.cap:
         _buf_grow(b, need)
     w = b.data + b.size
-    memcpy(w, PyBytes_AS_STRING(name), nn)
+    memcpy(w, name, nn)
     w += nn
     w[0] = c':'
     w[1] = c' '
-    memcpy(w + 2, PyBytes_AS_STRING(value), nv)
+    memcpy(w + 2, value, nv)
     w += 2 + nv
     w[0] = c'\r'
     w[1] = c'\n'
     b.size += need
     return 0
+
+
+cdef inline int _put_header(_Buf* b, object name, object value) except -1:
+    return _put_field(b, PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name),
+                      PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value))
 
 
 cdef int _put_uint(_Buf* b, unsigned long long v) except -1:
@@ -89,7 +93,8 @@ cdef int _put_uint(_Buf* b, unsigned long long v) except -1:
     return _put(b, digits + i, 24 - i)
 
 
-# Growable list of byte spans (Connection options), same stack-then-heap scheme.
+# Growable list of byte spans (Connection options; a head's fields as name, value pairs), same
+# stack-then-heap scheme.
 
 cdef struct _Span:
     const unsigned char* p
@@ -116,7 +121,16 @@ cdef inline void _spans_free(_Spans* s) noexcept:
     s.items = s.stack
 
 
-cdef int _spans_push(_Spans* s, const unsigned char* p, Py_ssize_t n) except -1:
+cdef inline int _spans_push(_Spans* s, const unsigned char* p, Py_ssize_t n) except -1:
+    if s.size == s.cap:
+        _spans_grow(s)
+    s.items[s.size].p = p
+    s.items[s.size].n = n
+    s.size += 1
+    return 0
+
+
+cdef int _spans_grow(_Spans* s) except -1:
     cdef _Span* items
     if s.size == s.cap:
         if s.items == s.stack:
@@ -130,7 +144,4 @@ cdef int _spans_push(_Spans* s, const unsigned char* p, Py_ssize_t n) except -1:
                 raise MemoryError()
         s.items = items
         s.cap *= 2
-    s.items[s.size].p = p
-    s.items[s.size].n = n
-    s.size += 1
     return 0

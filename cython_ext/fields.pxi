@@ -26,17 +26,21 @@ cdef inline const unsigned char* _ptr(object b) noexcept:
 
 cdef int _check_field(object name, object value) except -1:
     """RFC 9110 field-name (token) and field-value (no CTL but HTAB) check."""
-    cdef Py_ssize_t bad
     if not PyBytes_Check(name) or not PyBytes_Check(value):
         raise _ref()._not_bytes(name, value)
-    if PyBytes_GET_SIZE(name) == 0:
-        raise _ref()._bad_name(name, 0)
-    bad = _first_bad(_ptr(name), PyBytes_GET_SIZE(name), _TCHAR)
+    return _check_span_field(_ptr(name), PyBytes_GET_SIZE(name), _ptr(value), PyBytes_GET_SIZE(value))
+
+
+cdef int _check_span_field(const unsigned char* name, Py_ssize_t nn, const unsigned char* value,
+                           Py_ssize_t nv) except -1:
+    """:func:`_check_field` of a field given as spans (its errors' messages made as needed)."""
+    cdef Py_ssize_t bad = _first_bad(name, nn, _TCHAR) if nn else 0
     if bad >= 0:
-        raise _ref()._bad_name(name, bad)
-    bad = _first_bad_value(_ptr(value), PyBytes_GET_SIZE(value))
+        raise _ref()._bad_name(PyBytes_FromStringAndSize(<const char*>name, nn), bad)
+    bad = _first_bad_value(value, nv)
     if bad >= 0:
-        raise _ref()._bad_value(name, value, bad)
+        raise _ref()._bad_value(PyBytes_FromStringAndSize(<const char*>name, nn),
+                                PyBytes_FromStringAndSize(<const char*>value, nv), bad)
     return 0
 
 

@@ -42,6 +42,7 @@ cdef enum:  # where a reader is
     S_END = 8          # the message is complete: EV_END next
     S_DONE = 9         # EV_END was given: next_message() or reset() goes on
 
+cdef object _RELEASED = []  # MessageReader._headers once the head was released unasked
 cdef Py_ssize_t _MAX_CHUNK_LINE = 4096  # a chunk-size line with its extensions
 cdef int _MAX_CHUNK_DIGITS = 15  # 2^60 bytes: a size that cannot overflow a long long
 
@@ -83,22 +84,23 @@ cdef int _field_line(const unsigned char* p, Py_ssize_t n, Py_ssize_t* colon,
     """Check a header (or trailer) line p[:n], without its CRLF; set the colon's index and the
     value's OWS-stripped bounds. A problem is a HeaderError with ``status``."""
     cdef const unsigned char* c
-    cdef Py_ssize_t bad, s, e
-    if p[0] == 32 or p[0] == 9:
-        raise HeaderError("obs-fold (a header line continued on the next line)", None, status)
-    c = <const unsigned char*>memchr(p, 58, n)
-    if c == NULL:
-        raise HeaderError(f"not a header line: {_shown(p, n)!r}", None, status)
-    colon[0] = c - p
-    if colon[0] == 0:
-        raise HeaderError("a header line with an empty name", None, status)
-    bad = _first_bad(p, colon[0], _TCHAR)
-    if bad >= 0:
-        name = PyBytes_FromStringAndSize(<const char*>p, colon[0])
-        if p[bad] == 32 or p[bad] == 9:
+    cdef Py_ssize_t bad, s = 0, e
+    while s < n and _TCHAR[p[s]]:  # the name, up to its colon (one pass: the usual case)
+        s += 1
+    if s == 0 or s == n or p[s] != 58:
+        if p[0] == 32 or p[0] == 9:
+            raise HeaderError("obs-fold (a header line continued on the next line)", None, status)
+        c = <const unsigned char*>memchr(p, 58, n)
+        if c == NULL:
+            raise HeaderError(f"not a header line: {_shown(p, n)!r}", None, status)
+        if c == p:
+            raise HeaderError("a header line with an empty name", None, status)
+        name = PyBytes_FromStringAndSize(<const char*>p, c - p)
+        if p[s] == 32 or p[s] == 9:
             raise HeaderError(f"whitespace before the colon of header {name!r}", name, status)
-        raise HeaderError(f"invalid character {p[bad]:#04x} in header name {name!r}", name, status)
-    s = colon[0] + 1
+        raise HeaderError(f"invalid character {p[s]:#04x} in header name {name!r}", name, status)
+    colon[0] = s
+    s += 1
     e = n
     while s < e and (p[s] == 32 or p[s] == 9):
         s += 1
@@ -150,15 +152,26 @@ cdef class MessageReader:
     cdef bint upgrade_field, connection_upgrade  # an Upgrade field; the "upgrade" option
     cdef readonly Py_ssize_t max_head, max_headers
     cdef readonly int version  # 10 or 11
-    cdef readonly list headers  # (name, value) pairs, checked
+    # The head's fields as name, value spans into ``head`` (the read it came in, or a copy of
+    # what several reads brought): valid until the next head, release_head() or reset().
+    cdef _Spans lines
+    cdef _Span line_stack[64]
+    cdef object head
+    cdef list _headers  # the fields as a list of (name, value) bytes pairs, made when asked for
     cdef readonly bint keep_alive  # the connection may carry another exchange after this one
     cdef readonly object body  # the piece EV_BODY found
+    cdef readonly HeadFields fields  # what the proxy decides on, noted while the head is split
 
     def __init__(self, Py_ssize_t max_head=16384, Py_ssize_t max_headers=100) -> None:
         self.max_head = max_head
         self.max_headers = max_headers
         self.carry = bytearray()
+        self.fields = HeadFields()
+        _spans_init(&self.lines, self.line_stack, 64)
         self.reset()
+
+    def __dealloc__(self):
+        _spans_free(&self.lines)
 
     cpdef reset(self):
         """Forget everything: the next bytes fed start a new message."""
@@ -172,9 +185,35 @@ cdef class MessageReader:
         self.state = S_HEAD
         self.remaining = 0
         self.version = 0
-        self.headers = []
+        self.release_head()
+        self._headers = None
         self.keep_alive = False
         self.body = None
+
+    cpdef release_head(self):
+        """Let the head's bytes go (its fields are then only what ``headers`` made of them)."""
+        self.lines.size = 0
+        self.head = None
+        if self._headers is None:
+            self._headers = _RELEASED
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """The head's fields as (name, value) pairs, checked (made on first use)."""
+        return self.header_list()
+
+    cpdef list header_list(self):
+        cdef Py_ssize_t i
+        cdef list out
+        if self._headers is None:
+            out = []
+            for i in range(0, self.lines.size, 2):
+                out.append((PyBytes_FromStringAndSize(<const char*>self.lines.items[i].p, self.lines.items[i].n),
+                            PyBytes_FromStringAndSize(<const char*>self.lines.items[i + 1].p, self.lines.items[i + 1].n)))
+            self._headers = out
+        elif self._headers is _RELEASED:
+            raise RuntimeError("the head was released before its fields were asked for")
+        return self._headers
 
     cpdef feed(self, bytes data):
         """The connection's next read (what was left of the previous one is dropped)."""
@@ -262,6 +301,7 @@ cdef class MessageReader:
                 if len(self.carry) == 0:
                     end = _head_end(p + self.pos, avail, 0, self.error_status)
                     if end >= 0:
+                        self.head = data
                         self._head(p + self.pos, end)
                         self.pos += end
                         return EV_HEAD
@@ -276,7 +316,9 @@ cdef class MessageReader:
                     self.pos = n
                     self._check_pending()
                     return EV_MORE
-                self._head(<const unsigned char*><char*>self.carry, end)
+                head = PyBytes_FromStringAndSize(<char*>self.carry, end)  # (the spans point into it)
+                self.head = head
+                self._head(<const unsigned char*>PyBytes_AS_STRING(head), end)
                 self.pos += end - old
                 del self.carry[:]
                 return EV_HEAD
@@ -335,13 +377,17 @@ cdef class MessageReader:
         cdef const unsigned char* q = <const unsigned char*>memchr(p, 10, n)
         cdef Py_ssize_t line_end = (q - p) - 1  # the CR ending the start line
         cdef Py_ssize_t pos, end, colon, vs, ve, count = 0
-        cdef list headers = []
         cdef _Options options
+        cdef HeadFields fields
         if n > self.max_head:
             raise HeaderError(f"{self._kind()} head too large", None, self.too_large_status)
         self._start_line(p, line_end)
         options.close = options.keep_alive = options.upgrade = False
         self.upgrade_field = False
+        fields = self.fields
+        fields.clear()
+        self.lines.size = 0
+        self._headers = None
         pos = line_end + 2
         while pos < n - 2:
             q = <const unsigned char*>memchr(p + pos, 10, n - pos)
@@ -350,15 +396,14 @@ cdef class MessageReader:
             count += 1
             if count > self.max_headers:
                 raise HeaderError(f"more than {self.max_headers} header lines", None, self.too_large_status)
-            name = PyBytes_FromStringAndSize(<const char*>p + pos, colon)
-            value = PyBytes_FromStringAndSize(<const char*>p + pos + vs, ve - vs)
-            headers.append((name, value))
+            _spans_push(&self.lines, p + pos, colon)
+            _spans_push(&self.lines, p + pos + vs, ve - vs)
+            fields.note(p + pos, colon, p + pos + vs, ve - vs)
             if self._options_field(p + pos, colon):
                 _connection_options(p + pos + vs, ve - vs, &options)
             elif colon == 7 and _ieq(p + pos, <const unsigned char*>b"upgrade", 7):
                 self.upgrade_field = True
             pos = end + 2
-        self.headers = headers
         # RFC 9112 §9.3: 1.1 persists unless "close"; 1.0 only with "keep-alive"
         self.keep_alive = not options.close and (self.version == 11 or options.keep_alive)
         self.connection_upgrade = options.upgrade
@@ -470,7 +515,6 @@ cdef class ResponseReader(MessageReader):
         if self.state != S_FRAMING:
             raise RuntimeError("next_head() without a head")
         self.state = S_HEAD
-        self.headers = []
 
     cdef str _kind(self):
         return "response"

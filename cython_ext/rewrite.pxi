@@ -70,16 +70,32 @@ cdef list _as_pairs(object headers):
     return hl
 
 
+cdef int _list_fields(list hl, _Spans* f) except -1:
+    """The fields of ``hl`` (exact 2-tuples) as name, value spans into its bytes (valid while
+    ``hl`` is): the rewrite works on spans, so a head read into spans needs no list."""
+    cdef Py_ssize_t i
+    for i in range(PyList_GET_SIZE(hl)):
+        item = <object>PyList_GET_ITEM(hl, i)
+        name = <object>PyTuple_GET_ITEM(item, 0)
+        value = <object>PyTuple_GET_ITEM(item, 1)
+        if not PyBytes_Check(name) or not PyBytes_Check(value):
+            raise _ref()._not_bytes(name, value)
+        _spans_push(f, _ptr(name), PyBytes_GET_SIZE(name))
+        _spans_push(f, _ptr(value), PyBytes_GET_SIZE(value))
+    return 0
+
+
 cdef struct _Scan:
     Py_ssize_t host      # index of the Host line, -1 if none
     Py_ssize_t rid       # index of the client's request-id line (request, not replaced), -1
     bint tunnel          # an Upgrade line is kept
 
 
-cdef int _scan(list hl, unsigned char* act, _Spans* tokens, _Scan* st, bint is_request,
-               bint manage_via, bint rid_given, object rid_header, bint upgrade,
+cdef int _scan(const _Span* f, Py_ssize_t count, unsigned char* act, _Spans* tokens, _Scan* st,
+               bint is_request, bint manage_via, bint rid_given, object rid_header, bint upgrade,
                bint drop_server, bint checked) except -1:
-    """Pass 1: validate every line in order, decide its fate, collect Connection options."""
+    """Pass 1: validate every field (``f``: name, value spans) in order, decide its fate,
+    collect Connection options."""
     cdef Py_ssize_t i, nn, nv, s, e, pos
     cdef Py_ssize_t rn = PyBytes_GET_SIZE(rid_header)
     cdef const unsigned char* np
@@ -89,16 +105,13 @@ cdef int _scan(list hl, unsigned char* act, _Spans* tokens, _Scan* st, bint is_r
     st.host = -1
     st.rid = -1
     st.tunnel = False
-    for i in range(PyList_GET_SIZE(hl)):
-        item = <object>PyList_GET_ITEM(hl, i)
-        name = <object>PyTuple_GET_ITEM(item, 0)
-        value = <object>PyTuple_GET_ITEM(item, 1)
+    for i in range(count):
+        np = f[2 * i].p
+        nn = f[2 * i].n
+        vp = f[2 * i + 1].p
+        nv = f[2 * i + 1].n
         if not checked:
-            _check_field(name, value)
-        np = _ptr(name)
-        nn = PyBytes_GET_SIZE(name)
-        vp = _ptr(value)
-        nv = PyBytes_GET_SIZE(value)
+            _check_span_field(np, nn, vp, nv)
         if nn == rn and _ieq(np, _ptr(rid_header), nn):
             cls = H_RID
         else:
@@ -173,38 +186,36 @@ cdef list _check_extra(object extra):
     return pairs
 
 
-cdef int _write_kept(_Buf* out, list hl, unsigned char* act, _Spans* tokens,
-                     object host) except -1:
+cdef int _write_kept(_Buf* out, const _Span* f, Py_ssize_t count, unsigned char* act,
+                     _Spans* tokens, object host) except -1:
     """Pass 2, the received lines that stay, in order."""
     cdef Py_ssize_t i
     cdef unsigned char a
-    for i in range(PyList_GET_SIZE(hl)):
+    for i in range(count):
         a = act[i]
         if a == A_DROP or a == A_XFF or a == A_VIA:
             continue
-        item = <object>PyList_GET_ITEM(hl, i)
-        name = <object>PyTuple_GET_ITEM(item, 0)
-        if a == A_KEEP_NAMED and tokens.size and _named(_ptr(name), PyBytes_GET_SIZE(name), tokens):
+        if a == A_KEEP_NAMED and tokens.size and _named(f[2 * i].p, f[2 * i].n, tokens):
             continue
         if a == A_HOST and host is not None:
-            _put_header(out, name, host)
+            _put_field(out, f[2 * i].p, f[2 * i].n, _ptr(host), PyBytes_GET_SIZE(host))
         else:
-            _put_header(out, name, <object>PyTuple_GET_ITEM(item, 1))
+            _put_field(out, f[2 * i].p, f[2 * i].n, f[2 * i + 1].p, f[2 * i + 1].n)
     return 0
 
 
-cdef int _write_via(_Buf* out, list hl, unsigned char* act, object via) except -1:
+cdef int _write_via(_Buf* out, const _Span* f, Py_ssize_t count, unsigned char* act,
+                    object via) except -1:
     """``Via:`` the received values (OWS-stripped, empty ones skipped), then ours."""
     cdef Py_ssize_t i, s, e
     cdef const unsigned char* vp
     _put(out, b"Via: ", 5)
-    for i in range(PyList_GET_SIZE(hl)):
+    for i in range(count):
         if act[i] != A_VIA:
             continue
-        value = <object>PyTuple_GET_ITEM(<object>PyList_GET_ITEM(hl, i), 1)
-        vp = _ptr(value)
+        vp = f[2 * i + 1].p
         s = 0
-        e = PyBytes_GET_SIZE(value)
+        e = f[2 * i + 1].n
         while s < e and (vp[s] == 0x20 or vp[s] == 0x09):
             s += 1
         while e > s and (vp[e - 1] == 0x20 or vp[e - 1] == 0x09):
@@ -276,13 +287,15 @@ cdef tuple _rewrite_request(object method, object target, object headers, object
     cdef char stack[STACK_BYTES]
     cdef unsigned char act_stack[128]
     cdef _Span token_stack[16]
+    cdef _Span field_stack[64]
     cdef _Buf out
     cdef _Buf act
     cdef _Spans tokens
+    cdef _Spans fields
     cdef _Scan st
     cdef list hl, extra_pairs
     cdef Py_ssize_t i, n, pos, s, e
-    cdef bint first
+    cdef const _Span* f
     cdef const unsigned char* vp
     _check_method(method)
     _check_target(target)
@@ -293,10 +306,13 @@ cdef tuple _rewrite_request(object method, object target, object headers, object
     _buf_init(&out, stack, STACK_BYTES)
     _buf_init(&act, <char*>act_stack, 128)
     _spans_init(&tokens, token_stack, 16)
+    _spans_init(&fields, field_stack, 64)
     try:
+        _list_fields(hl, &fields)
+        f = fields.items
         if n > act.cap:
             _buf_grow(&act, n)
-        _scan(hl, <unsigned char*>act.data, &tokens, &st, True, via is not None,
+        _scan(f, n, <unsigned char*>act.data, &tokens, &st, True, via is not None,
               request_id is not None, request_id_header, upgrade, False, checked)
         extra_pairs = _check_extra(extra)
         if st.host < 0 and host is None:
@@ -305,17 +321,16 @@ cdef tuple _rewrite_request(object method, object target, object headers, object
         _write_request_line(&out, method, target)
         if st.host < 0:
             _put_header(&out, b"Host", host)
-        _write_kept(&out, hl, <unsigned char*>act.data, &tokens, host)
+        _write_kept(&out, f, n, <unsigned char*>act.data, &tokens, host)
         # X-Forwarded-For: every received element, in order, then the client.
         _put(&out, b"X-Forwarded-For: ", 17)
         for i in range(n):
             if <unsigned char>act.data[i] != A_XFF:
                 continue
-            value = <object>PyTuple_GET_ITEM(<object>PyList_GET_ITEM(hl, i), 1)
-            vp = _ptr(value)
+            vp = f[2 * i + 1].p
             pos = 0
-            while pos <= PyBytes_GET_SIZE(value):
-                pos = _next_element(vp, PyBytes_GET_SIZE(value), pos, &s, &e)
+            while pos <= f[2 * i + 1].n:
+                pos = _next_element(vp, f[2 * i + 1].n, pos, &s, &e)
                 if e > s:
                     _put(&out, <const char*>vp + s, e - s)
                     _put(&out, b", ", 2)
@@ -323,10 +338,9 @@ cdef tuple _rewrite_request(object method, object target, object headers, object
         _put(&out, b"\r\n", 2)
         _put_header(&out, b"X-Forwarded-Proto", proto)
         if st.host >= 0:
-            _put_header(&out, b"X-Forwarded-Host",
-                        <object>PyTuple_GET_ITEM(<object>PyList_GET_ITEM(hl, st.host), 1))
+            _put_field(&out, b"X-Forwarded-Host", 16, f[2 * st.host + 1].p, f[2 * st.host + 1].n)
         if via is not None:
-            _write_via(&out, hl, <unsigned char*>act.data, via)
+            _write_via(&out, f, n, <unsigned char*>act.data, via)
         if request_id is not None:
             rid = request_id
         elif st.rid >= 0:
@@ -349,14 +363,34 @@ cdef tuple _rewrite_request(object method, object target, object headers, object
         _buf_free(&out)
         _buf_free(&act)
         _spans_free(&tokens)
+        _spans_free(&fields)
 
 
 cdef bytes _rewrite_response(object status, object reason, object headers, object via,
                              object request_id, object request_id_header, object drop_server,
                              object upgrade, long long framing, object extra, bint checked,
-                            bint check_params=True):
+                             bint check_params=True):
     """:func:`rewrite_response_head` with its arguments decided; ``checked`` and
     ``check_params`` as for ``_rewrite_request``."""
+    cdef _Span field_stack[64]
+    cdef _Spans fields
+    cdef list hl = _as_pairs(headers)
+    _spans_init(&fields, field_stack, 64)
+    try:
+        _list_fields(hl, &fields)
+        return _rewrite_response_fields(status, reason, fields.items, PyList_GET_SIZE(hl), via,
+                                        request_id, request_id_header, drop_server, upgrade,
+                                        framing, extra, checked, check_params)
+    finally:
+        _spans_free(&fields)
+
+
+cdef bytes _rewrite_response_fields(object status, object reason, const _Span* f, Py_ssize_t count,
+                                    object via, object request_id, object request_id_header,
+                                    object drop_server, object upgrade, long long framing,
+                                    object extra, bint checked, bint check_params=True):
+    """``_rewrite_response`` of fields given as name, value spans (``f``: ``count`` pairs), as a
+    message reader keeps them: no list of bytes objects is made for a response relayed."""
     cdef char stack[STACK_BYTES]
     cdef unsigned char act_stack[128]
     cdef _Span token_stack[16]
@@ -364,7 +398,7 @@ cdef bytes _rewrite_response(object status, object reason, object headers, objec
     cdef _Buf act
     cdef _Spans tokens
     cdef _Scan st
-    cdef list hl, extra_pairs
+    cdef list extra_pairs
     _buf_init(&out, stack, STACK_BYTES)
     _buf_init(&act, <char*>act_stack, 128)
     _spans_init(&tokens, token_stack, 16)
@@ -372,16 +406,15 @@ cdef bytes _rewrite_response(object status, object reason, object headers, objec
         _write_status_line(&out, status, reason)
         if check_params:
             _check_response_params(via, request_id, request_id_header)
-        hl = _as_pairs(headers)
-        if PyList_GET_SIZE(hl) > act.cap:
-            _buf_grow(&act, PyList_GET_SIZE(hl))
-        _scan(hl, <unsigned char*>act.data, &tokens, &st, False, via is not None,
+        if count > act.cap:
+            _buf_grow(&act, count)
+        _scan(f, count, <unsigned char*>act.data, &tokens, &st, False, via is not None,
               request_id is not None, request_id_header, upgrade, drop_server, checked)
         extra_pairs = _check_extra(extra)
 
-        _write_kept(&out, hl, <unsigned char*>act.data, &tokens, None)
+        _write_kept(&out, f, count, <unsigned char*>act.data, &tokens, None)
         if via is not None:
-            _write_via(&out, hl, <unsigned char*>act.data, via)
+            _write_via(&out, f, count, <unsigned char*>act.data, via)
         if request_id is not None:
             _put_header(&out, request_id_header, request_id)
         _write_tail(&out, extra_pairs, st.tunnel, framing)

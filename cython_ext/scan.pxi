@@ -1,30 +1,14 @@
-# One pass over a parsed head's header list for the fields the proxy decides on (included by
-# _protocol.pyx).
+# The fields of a head the proxy decides on, noted by the message readers as they split its
+# lines (included by _protocol.pyx).
 #
 # Finding Host, Content-Length, Transfer-Encoding and Expect used to take five scans of the list
 # (get_first/get_all each lower-casing every name) plus the interpreted framing functions of
-# pyproxy.headers: ~2 µs a request. Here one C loop compares names by length first. Only the
+# pyproxy.headers: ~2 µs a request. Here each name is compared by its length first. Only the
 # plain cases are decided here — no Transfer-Encoding and at most one Content-Length of plain
 # digits; anything else goes to pyproxy.headers' request_framing/response_framing, which hold the
 # full rules and their error messages, so the rules live in one place.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
-
-
-cdef bint _lower_name_is(bytes name, const char* lower, Py_ssize_t size):
-    """Whether ``name`` equals the lower-case ASCII ``lower`` case-insensitively."""
-    if PyBytes_GET_SIZE(name) != size:
-        return False
-    cdef const char* p = PyBytes_AS_STRING(name)
-    cdef Py_ssize_t i
-    cdef char c
-    for i in range(size):
-        c = p[i]
-        if 65 <= c <= 90:  # A-Z
-            c += 32
-        if c != lower[i]:
-            return False
-    return True
 
 
 cdef long long _plain_length(bytes value):
@@ -49,37 +33,39 @@ cdef class HeadFields:
     cdef public bint transfer_encoding
     cdef public bint connection  # a Connection or Proxy-Connection field
 
-    cdef scan(self, list headers):
-        cdef bytes name
-        cdef Py_ssize_t size
+    cdef void clear(self) noexcept:
         self.host = self.content_length = self.expect = None
         self.hosts = self.lengths = 0
         self.transfer_encoding = self.connection = False
-        for name, value in headers:
-            size = PyBytes_GET_SIZE(name)
-            if size == 4:
-                if _lower_name_is(name, b"host", 4):
-                    self.hosts += 1
-                    if self.host is None:
-                        self.host = value
-            elif size == 14:
-                if _lower_name_is(name, b"content-length", 14):
-                    self.lengths += 1
-                    if self.content_length is None:
-                        self.content_length = value
-            elif size == 17:
-                if _lower_name_is(name, b"transfer-encoding", 17):
-                    self.transfer_encoding = True
-            elif size == 6:
-                if self.expect is None and _lower_name_is(name, b"expect", 6):
-                    self.expect = value
-            elif size == 10:
-                if _lower_name_is(name, b"connection", 10):
-                    self.connection = True
-            elif size == 16:
-                # llhttp reads Proxy-Connection as it reads Connection (keep-alive, close)
-                if _lower_name_is(name, b"proxy-connection", 16):
-                    self.connection = True
+
+    cdef int note(self, const unsigned char* name, Py_ssize_t size, const unsigned char* v,
+                  Py_ssize_t nv) except -1:
+        """One header line of the head being read (its checked name and value); the values kept
+        are made into bytes."""
+        if size == 4:
+            if _ieq(name, <const unsigned char*>b"host", 4):
+                self.hosts += 1
+                if self.host is None:
+                    self.host = PyBytes_FromStringAndSize(<const char*>v, nv)
+        elif size == 14:
+            if _ieq(name, <const unsigned char*>b"content-length", 14):
+                self.lengths += 1
+                if self.content_length is None:
+                    self.content_length = PyBytes_FromStringAndSize(<const char*>v, nv)
+        elif size == 17:
+            if _ieq(name, <const unsigned char*>b"transfer-encoding", 17):
+                self.transfer_encoding = True
+        elif size == 6:
+            if self.expect is None and _ieq(name, <const unsigned char*>b"expect", 6):
+                self.expect = PyBytes_FromStringAndSize(<const char*>v, nv)
+        elif size == 10:
+            if _ieq(name, <const unsigned char*>b"connection", 10):
+                self.connection = True
+        elif size == 16:
+            # llhttp reads Proxy-Connection as it reads Connection (keep-alive, close)
+            if _ieq(name, <const unsigned char*>b"proxy-connection", 16):
+                self.connection = True
+        return 0
 
     cdef long long plain_framing(self):
         """The body length when the plain rules decide it (no Transfer-Encoding, at most one

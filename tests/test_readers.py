@@ -432,3 +432,20 @@ def test_head_pending_counts_an_incomplete_head() -> None:
     assert reader.next_event() == EV_END
     reader.next_message()
     assert reader.next_event() == EV_MORE and reader.head_pending == 9
+
+
+def test_fields_are_made_into_a_list_only_when_asked_for() -> None:
+    reader = ResponseReader()
+    reader.feed(b"HTTP/1.1 200 OK\r\nA: 1\r\nB:2 \r\n\r\n")
+    assert reader.next_event() == EV_HEAD
+    first = reader.headers
+    assert first == [(b"A", b"1"), (b"B", b"2")] and reader.headers is first  # made once
+    reader.release_head()
+    assert reader.headers is first  # made before the release: kept
+    reader.reset()
+    reader.feed(b"HTTP/1.1 204 No Content\r\nC: 3\r\n\r\n")
+    assert reader.next_event() == EV_HEAD
+    reader.release_head()
+    with pytest.raises(RuntimeError, match="released"):
+        reader.headers  # noqa: B018 - asked for after its bytes were let go: an error, not []
+    assert reader.fields.content_length is None and reader.status == 204
