@@ -501,8 +501,11 @@ cdef class Exchange:
                 self.client.pause_reading("pending-body")
 
     cpdef tunnel_out(self, data: bytes):
-        """Bytes from the client after an Upgrade request's head: relayed as they are."""
-        if self.upstream is not None:
+        """Bytes from the client after an Upgrade request's head: relayed as they are once the
+        upstream switched protocols (101), kept until then. Sent earlier, an upstream declining
+        the upgrade would read them as a request of its own: one no route, limit or rewrite of
+        ours saw, whose response could then reach another client on a reused connection."""
+        if self.upstream is not None and self.upstream.tunnel:
             self.upstream.send_raw(data)
         else:
             self.pending.append(data)
@@ -897,6 +900,9 @@ cdef class Exchange:
 
     cpdef _attach(self, UpstreamConnection upstream):
         assert self.route is not None and self.server is not None
+        host = self.facts.host_header
+        if host is None and self.host is None:
+            host = upstream.host  # an HTTP/1.0 request without Host: the server's, as nginx sends
         try:
             head, self.request_id = _rewrite_request(
                 self.method,
@@ -904,7 +910,7 @@ cdef class Exchange:
                 self.headers,
                 self.client.peer,
                 _HTTP,
-                self.facts.host_header,
+                host,
                 _VIA,
                 None,
                 _RID_FIELD,
@@ -922,16 +928,19 @@ cdef class Exchange:
         upstream.begin(self)
         if self.client.write_paused:
             upstream.pause_reading()  # the client is still draining an earlier response
-        # Head, the body read so far and (if complete) its end leave in one send.
-        chunked = self.framing == CHUNKED
-        out = [head]
-        out += [_chunk(piece) for piece in self.pending] if chunked else self.pending
-        if self.request_done and chunked:
-            out.append(b"0\r\n\r\n")
-        upstream.send_raw(out[0] if len(out) == 1 else b"".join(out))
-        del self.pending[:]
-        self.pending_size = 0
-        self.client.resume_reading("pending-body")
+        if self.upgrade:
+            upstream.send_raw(head)  # what follows waits for the 101 (tunnel_out)
+        else:
+            # Head, the body read so far and (if complete) its end leave in one send.
+            chunked = self.framing == CHUNKED
+            out = [head]
+            out += [_chunk(piece) for piece in self.pending] if chunked else self.pending
+            if self.request_done and chunked:
+                out.append(b"0\r\n\r\n")
+            upstream.send_raw(out[0] if len(out) == 1 else b"".join(out))
+            del self.pending[:]
+            self.pending_size = 0
+            self.client.resume_reading("pending-body")
         if self.expect_continue and not self.request_done:
             self.client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self.response_timeout = self.facts.response_timeout or upstream.pool.response_timeout
@@ -1176,8 +1185,9 @@ cdef class Exchange:
         close = not switching and (
             not self.keep_alive or not self.request_done or client.state.draining or self.upgrade
         )
-        chunked = framing == CHUNKED or (framing == UNTIL_CLOSE and self.http11)
-        if framing == UNTIL_CLOSE and not self.http11:
+        # A 1.0 client knows no chunked coding (RFC 9112 §6.1): its body runs until we close.
+        chunked = self.http11 and (framing == CHUNKED or framing == UNTIL_CLOSE)
+        if not self.http11 and (framing == CHUNKED or framing == UNTIL_CLOSE):
             close = True
         length: int | None = framing if framing >= 0 else None
         if framing == 0 and declared_length is not None:
@@ -1223,6 +1233,7 @@ cdef class UpstreamConnection:
     # collects): a response timer armed on a connection that died unseen must still answer 504.
     cdef object on_idle_timeout, on_response_timeout
     cdef public str address  # server.address, computed once (the pool's key)
+    cdef readonly bytes host  # the same as a Host value
     cdef public Deadline deadline  # idle in the pool → close; busy → response timeout (504)
     cdef public Exchange exchange
     cdef public ConnectionPool pool
@@ -1243,6 +1254,7 @@ cdef class UpstreamConnection:
         self.pool = pool
         self.server = server
         self.address = server.address
+        self.host = self.address.encode("ascii")
         self.transport = None
         self._write = self._is_closing = None
         self.on_idle_timeout = self.close
@@ -1430,6 +1442,11 @@ cdef class UpstreamConnection:
             self.tunnel = True
             ex.response_head(status, self.reason, reader, 0, None)
             self.head_received = True
+            if ex.pending:  # the client's first tunnel bytes, kept until now
+                self.send_raw(b"".join(ex.pending))
+                del ex.pending[:]
+                ex.pending_size = 0
+                ex.client.resume_reading("pending-body")
             return
         declared = None
         fields = reader.fields
@@ -1472,7 +1489,8 @@ cdef class UpstreamConnection:
         self.message_done = True
         self.exchanges_served += 1
         ex.cache_complete = True
-        reusable = self.framing != UNTIL_CLOSE and ex.request_done and keep_alive
+        # (an Upgrade declined: not reused either, whatever the server said)
+        reusable = self.framing != UNTIL_CLOSE and ex.request_done and keep_alive and not ex.upgrade
         self._done()
         if reusable:
             self.pool.release(self)
@@ -1926,7 +1944,8 @@ cdef class ClientConnection:
         headers.append((b"X-Request-ID", ex.request_id))
         if extra:
             headers += extra
-        if close or not ex.keep_alive or self.state.draining:
+        if close or not ex.keep_alive or self.state.draining or ex.upgrade:
+            # (an Upgrade not switched: the bytes after its head are not requests to read)
             headers.append((b"Connection", b"close"))
             ex.keep_alive = False
         ex.response_started = True

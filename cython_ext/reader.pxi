@@ -13,9 +13,10 @@
 # bare LF is an error), single SPs in the start line, "HTTP/1.0" or "HTTP/1.1", a method that is
 # a token and a target of VCHAR / obs-text, a 3-digit status >= 100 and a reason phrase of HTAB /
 # SP / VCHAR / obs-text; header names that are tokens with the colon right after them (no
-# whitespace before it), no obs-fold, values without CTLs but HTAB; chunk sizes of 1-15 hex
-# digits, extensions only after ";" and without CTLs, CRLF after each chunk's data, trailer lines
-# checked as header lines (and dropped). Empty lines before a request line are skipped (RFC 9112
+# whitespace before it), no obs-fold, values without CTLs but HTAB; chunk sizes in hex below
+# 2^63, extensions ";name" or ";name=value" (a token or a quoted-string) with no whitespace,
+# CRLF after each chunk's data, trailer lines checked as header lines (and dropped; Content-Length
+# and Transfer-Encoding refused there); connection options split at every comma. Empty lines before a request line are skipped (RFC 9112
 # §2.2). How a body is delimited is the caller's decision (Content-Length and Transfer-Encoding by
 # pyproxy.headers' rules; for a response RFC 9112 §6.3 depends on the request), given to
 # expect_body() after each head. Every problem is a HeaderError: 400 for a request (431 for its
@@ -44,7 +45,6 @@ cdef enum:  # where a reader is
 
 cdef object _RELEASED = []  # MessageReader._headers once the head was released unasked
 cdef Py_ssize_t _MAX_CHUNK_LINE = 4096  # a chunk-size line with its extensions
-cdef int _MAX_CHUNK_DIGITS = 15  # 2^60 bytes: a size that cannot overflow a long long
 
 
 cdef inline int _hex_value(unsigned char c) noexcept nogil:
@@ -115,6 +115,39 @@ cdef int _field_line(const unsigned char* p, Py_ssize_t n, Py_ssize_t* colon,
     return 0
 
 
+cdef Py_ssize_t _chunk_ext(const unsigned char* p, Py_ssize_t n, Py_ssize_t i, int status) except -1:
+    """One chunk extension after its ";" at ``i``: where the next begins (or ``n``)."""
+    cdef Py_ssize_t start = i
+    while i < n and _TCHAR[p[i]]:
+        i += 1
+    if i == start:
+        raise HeaderError("a chunk extension without a name", None, status)
+    if i == n or p[i] == 59:
+        return i
+    if p[i] != 61:  # '='
+        raise HeaderError(f"invalid chunk extension {_shown(p + start, n - start)!r}", None, status)
+    i += 1
+    if i < n and p[i] == 34:  # a quoted-string
+        i += 1
+        while i < n and p[i] != 34:
+            if p[i] == 92:  # quoted-pair
+                i += 1
+                if i == n or not _VALUE_OK[p[i]]:
+                    raise HeaderError("invalid quoted-pair in a chunk extension", None, status)
+            elif not _VALUE_OK[p[i]]:
+                raise HeaderError("invalid character in a chunk extension", None, status)
+            i += 1
+        if i == n:
+            raise HeaderError("an unterminated quoted-string in a chunk extension", None, status)
+        return i + 1
+    start = i
+    while i < n and _TCHAR[p[i]]:
+        i += 1
+    if i == start or (i < n and p[i] != 59):
+        raise HeaderError(f"invalid chunk extension value {_shown(p + start, n - start)!r}", None, status)
+    return i
+
+
 cdef struct _Options:  # the Connection (and, for requests, Proxy-Connection) options of a head
     bint close
     bint keep_alive
@@ -122,9 +155,19 @@ cdef struct _Options:  # the Connection (and, for requests, Proxy-Connection) op
 
 
 cdef void _connection_options(const unsigned char* p, Py_ssize_t n, _Options* o) noexcept:
+    # Connection options are tokens (RFC 9110 §7.6.1): split at every comma, as llhttp does (a
+    # quote is no quoted-string here, so it cannot hide a "close").
     cdef Py_ssize_t pos = 0, s, e
     while pos <= n:
-        pos = _next_element(p, n, pos, &s, &e)
+        s = pos
+        while pos < n and p[pos] != 44:
+            pos += 1
+        e = pos
+        pos += 1
+        while s < e and (p[s] == 32 or p[s] == 9):
+            s += 1
+        while e > s and (p[e - 1] == 32 or p[e - 1] == 9):
+            e -= 1
         if e - s == 5 and _ieq(p + s, <const unsigned char*>b"close", 5):
             o.close = True
         elif e - s == 10 and _ieq(p + s, <const unsigned char*>b"keep-alive", 10):
@@ -148,6 +191,7 @@ cdef class MessageReader:
     cdef long long remaining  # of the Content-Length body or the current chunk
     cdef int crlf  # bytes of the CRLF after a chunk's data seen
     cdef Py_ssize_t trailer_bytes
+    cdef Py_ssize_t skipped  # bytes of empty lines skipped before the next head
     cdef int error_status, too_large_status  # of the HeaderErrors raised
     cdef bint upgrade_field, connection_upgrade  # an Upgrade field; the "upgrade" option
     cdef readonly Py_ssize_t max_head, max_headers
@@ -184,6 +228,7 @@ cdef class MessageReader:
         """Read the next message from where the last one ended (the rest of the read)."""
         self.state = S_HEAD
         self.remaining = 0
+        self.skipped = 0
         self.version = 0
         self.release_head()
         self._headers = None
@@ -227,8 +272,8 @@ cdef class MessageReader:
 
     @property
     def head_pending(self) -> int:
-        """Bytes of a head begun but not complete, kept from earlier reads."""
-        return len(self.carry) if self.state == S_HEAD else 0
+        """Bytes of the next head read so far (empty lines before it included), 0 while none."""
+        return len(self.carry) + self.skipped if self.state == S_HEAD else 0
 
     cpdef bytes rest(self):
         """The unconsumed bytes of the current read (after an upgrade: the tunnel's first bytes)."""
@@ -453,27 +498,25 @@ cdef class MessageReader:
         raise HeaderError("trailer section too large", None, self.too_large_status)
 
     cdef int _chunk_size(self, const unsigned char* p, Py_ssize_t n) except -1:
-        cdef Py_ssize_t i = 0, j
+        """chunk-size [ chunk-ext ] (RFC 9112 §7.1), as strictly as llhttp reads it: hex digits,
+        then any ``;name`` or ``;name=value`` (a token, or a quoted-string) with no whitespace."""
+        cdef Py_ssize_t i = 0
         cdef long long size = 0
         cdef int v
         while i < n:
             v = _hex_value(p[i])
             if v < 0:
                 break
-            if i == _MAX_CHUNK_DIGITS:
+            if size >= (1LL << 59):
                 raise HeaderError("chunk size too large", None, self.error_status)
             size = size * 16 + v
             i += 1
-        j = i
-        while j < n and (p[j] == 32 or p[j] == 9):  # BWS, allowed before an extension only
-            j += 1
-        if i == 0 or (j < n and p[j] != 59):  # 59: ';'
+        if i == 0:
             raise HeaderError(f"invalid chunk size {_shown(p, n)!r}", None, self.error_status)
-        if j < n:
-            if _first_bad_value(p + j, n - j) >= 0:
-                raise HeaderError("invalid character in a chunk extension", None, self.error_status)
-        elif j > i:
-            raise HeaderError("whitespace after a chunk size", None, self.error_status)
+        while i < n:
+            if p[i] != 59:  # ';'
+                raise HeaderError(f"invalid chunk size {_shown(p, n)!r}", None, self.error_status)
+            i = _chunk_ext(p, n, i + 1, self.error_status)
         if size == 0:
             self.state = S_TRAILERS
             self.trailer_bytes = 0
@@ -575,6 +618,10 @@ cdef class RequestReader(MessageReader):
                 self.pos += 2
             if self.pos < n and p[self.pos] == 10:
                 raise HeaderError("a line ends with a bare LF", None, 400)
+        # (counted as head: they neither restart the head timer nor go on without limit)
+        self.skipped += self.pos - start
+        if self.skipped > self.max_head:
+            raise HeaderError("too many empty lines before a request line", None, 400)
         return self.pos != start
 
     cdef int _check_pending(self) except -1:

@@ -1,7 +1,8 @@
 """HTTP/1.1 head helpers for the proxy's data plane: validate, look up, rewrite and serialize headers.
 
-Headers are what httptools (llhttp) hands the data plane: a list of ``(name, value)`` ``bytes``
-pairs in arrival order, duplicates kept, names in their original case. Every helper takes that
+Headers are what the data plane's message readers (``pyproxy._protocol.RequestReader`` /
+``ResponseReader``) make of a head: a list of ``(name, value)`` ``bytes`` pairs in arrival order,
+duplicates kept, names in their original case. Every helper takes that
 list as is; no dict is built on the hot path.
 
 Two implementations with one behaviour (same outputs, same exceptions and messages):
@@ -765,6 +766,14 @@ def _content_length(lines: list[bytes], status: int) -> int:
 
 
 def _transfer_coding(lines: list[bytes], status: int, unsupported_status: int) -> int:
+    for line in lines:
+        # RFC 9110 §5.6.1 lets a list carry empty elements, but parsers disagree on
+        # "chunked," and on an empty field (llhttp refuses both): a framing field must be
+        # read one way only.
+        if any(not part.strip(b" \t") for part in line.split(b",")):
+            raise HeaderError(
+                f"an empty element in Transfer-Encoding {line!r}", b"Transfer-Encoding", status
+            )
     codings = [c.lower() for line in lines for c in split_list(line)]
     if codings == [b"chunked"]:
         return CHUNKED

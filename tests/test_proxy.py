@@ -6,6 +6,7 @@ import http.client
 import json
 import re
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -549,6 +550,97 @@ def test_upgrade_refused_by_the_upstream_is_answered_and_closed() -> None:
     with proxy(SampleServer()) as addr:
         out = raw(addr, WS_REQUEST.replace(b"/upgrade", b"/plain"))
     assert out.startswith(b"HTTP/1.1 200") and b"connection: close" in out.lower()
+
+
+class KeepAliveRecorder:
+    """An upstream that answers every request head it reads with 200 "ok" and keeps the
+    connection: unlike SampleServer (llhttp), it reads on after a declined Upgrade request, as
+    many servers do. ``lines`` records every request line."""
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.address = "127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.threads: list[threading.Thread] = []
+
+    def __enter__(self) -> KeepAliveRecorder:
+        self.threads.append(threading.Thread(target=self._accept, daemon=True))
+        self.threads[0].start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        buf = b""
+        with conn:
+            conn.settimeout(10)
+            try:
+                while chunk := conn.recv(65536):
+                    buf += chunk
+                    while b"\r\n\r\n" in buf:
+                        head, buf = buf.split(b"\r\n\r\n", 1)
+                        self.lines.append(head.split(b"\r\n", 1)[0])
+                        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            except OSError:
+                return
+
+
+def test_bytes_after_an_upgrade_request_wait_for_the_101() -> None:
+    """An upstream declining the upgrade must never see the bytes that follow its head: they
+    would be a request no route, limit or rewrite of ours saw (request smuggling)."""
+    with KeepAliveRecorder() as up:
+        config = parse_config({"listeners": [{"port": 0}], "admin": {"enabled": False},
+                               "pools": {"p": {"servers": [up.address]}},
+                               "routes": [{"pool": "p", "path_prefix": "/ws"}]})
+        with ProxyServer(config).running() as server:
+            addr = server.addresses[0]
+            smuggled = b"GET /admin HTTP/1.1\r\nHost: internal\r\n\r\n"
+            out = raw(addr, WS_REQUEST.replace(b"/upgrade", b"/ws") + smuggled)
+            assert out.startswith(b"HTTP/1.1 200") and b"connection: close" in out.lower(), out
+            assert out.count(b"HTTP/1.1 ") == 1
+            conn = http.client.HTTPConnection(*addr, timeout=10)
+            conn.request("GET", "/ws/next")  # on a new upstream connection: the declined one closed
+            assert conn.getresponse().read() == b"ok"
+    assert up.lines == [b"GET /ws HTTP/1.1", b"GET /ws/next HTTP/1.1"]
+
+
+def test_upgrade_answered_by_the_proxy_closes_the_connection() -> None:
+    dead = SampleServer()
+    with dead.running():
+        address = dead.address
+    config = parse_config({"listeners": [{"port": 0}], "pools": {"p": {"servers": [address]}},
+                           "routes": [{"pool": "p"}], "admin": {"enabled": False}})
+    with ProxyServer(config).running() as server:
+        started = time.monotonic()
+        out = raw(server.addresses[0], WS_REQUEST + b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 502") and b"connection: close" in out.lower(), out
+    assert out.count(b"HTTP/1.1 ") == 1 and time.monotonic() - started < 4  # closed, not left idle
+
+
+def test_http10_client_gets_a_chunked_response_unchunked_then_close() -> None:
+    up = SampleServer()
+    with proxy(up) as addr:
+        out = raw(addr, b"GET /chunked/1000 HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
+    head, body = out.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding" not in head.lower()
+    assert b"connection: close" in head.lower() and body == b"x" * 1000
+
+
+def test_http10_request_without_host_gets_the_servers() -> None:
+    up = SampleServer()
+    with proxy(up) as addr:
+        out = raw(addr, b"GET /v HTTP/1.0\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200"), out
+    assert up.requests[0].header(b"host") == up.address.encode()
 
 
 def test_connect_is_refused() -> None:

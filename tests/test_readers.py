@@ -79,7 +79,7 @@ CHUNKED_RESPONSE = (
     b"X-Obs: caf\xc3\xa9\tbar\r\n"
     b"\r\n"
     b"5\r\nhello\r\n"
-    b"6;name=value ; other=\"q;\"\r\n world\r\n"
+    b"6;name=value;other=\"q;\\\"\";flag\r\n world\r\n"
     b"A\r\n0123456789\r\n"
     b"0\r\n"
     b"Trailer-One: 1\r\n"
@@ -220,7 +220,14 @@ MALFORMED = {
     "signed chunk size": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n+5\r\nhello\r\n0\r\n\r\n",
     "0x chunk size": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n",
     "space after chunk size": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5 \r\nhello\r\n0\r\n\r\n",
-    "overlong chunk size": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1000000000000000\r\nhello\r\n",
+    "space before an extension": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5 ;a=b\r\nhello\r\n0\r\n\r\n",
+    "extension without a name": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;\r\nhello\r\n0\r\n\r\n",
+    "space in an extension": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;a = b\r\nhello\r\n0\r\n\r\n",
+    "extension without a value": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;a=\r\nhello\r\n0\r\n\r\n",
+    "unterminated quote": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;a=\"b\r\nhello\r\n0\r\n\r\n",
+    "non-token extension": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;a:b\r\nhello\r\n0\r\n\r\n",
+    "overlong chunk size": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n8000000000000000\r\nhello\r\n",
+    "empty Transfer-Encoding element": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked,\r\n\r\n0\r\n\r\n",
     "CTL in a chunk extension": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;a\x01\r\nhello\r\n0\r\n\r\n",
     "bare LF after a chunk size": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n",
     "chunk data too long": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello!\r\n0\r\n\r\n",
@@ -449,3 +456,27 @@ def test_fields_are_made_into_a_list_only_when_asked_for() -> None:
     with pytest.raises(RuntimeError, match="released"):
         reader.headers  # noqa: B018 - asked for after its bytes were let go: an error, not []
     assert reader.fields.content_length is None and reader.status == 204
+
+
+def test_leading_zeros_of_a_chunk_size_are_not_its_length() -> None:
+    raw = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0000000000000000003\r\nabc\r\n0\r\n\r\n"
+    assert read_requests([raw])[0].body == b"abc"
+
+
+def test_empty_lines_before_a_request_count_as_its_head() -> None:
+    reader = RequestReader(max_head=64)
+    reader.feed(b"\r\n\r\n")
+    assert reader.next_event() == EV_MORE and reader.head_pending == 4  # (the head timer keeps running)
+    reader.feed(b"\r\n" * 40)
+    with pytest.raises(HeaderError, match="too many empty lines") as info:
+        reader.next_event()
+    assert info.value.status == 400
+
+
+@pytest.mark.parametrize(
+    ("value", "keep_alive"), [(b'", close', False), (b'"a\\", close', False), (b"keep-alive , x", True)]
+)
+def test_connection_options_are_split_at_every_comma(value: bytes, keep_alive: bool) -> None:
+    """Options are tokens: a quote does not make a quoted-string that could hide "close"."""
+    (r,) = read_requests([b"GET / HTTP/1.1\r\nHost: x\r\nConnection: " + value + b"\r\n\r\n"])
+    assert r.keep_alive is keep_alive
