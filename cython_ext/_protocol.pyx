@@ -374,13 +374,15 @@ cdef class Exchange:
     once, which hands the connection to the next exchange.
     """
 
+    # Fields not set by _init start as None, 0, 0.0 or False (a cdef class's new instance).
     cdef public object host, method, refusal, request_id, route, server, target
     cdef public list pending  # body bytes read before the upstream is connected
     cdef public list headers  # (name, value) as received (typed: appends are C calls)
     cdef public RouteFacts facts  # of ``route`` (None until routed)
     cdef object checked_headers  # the header list validated on arrival (not checked again)
-    cdef public double response_timeout
-    # balancing: the pool's run-time side, the server chosen (UpstreamServer), servers tried so far
+    cdef public double response_timeout  # seconds to the response head (504 after), once sent
+    # balancing: the pool's run-time side, the server chosen (UpstreamServer), servers tried so
+    # far, a place in the pool's bulkhead queue, (status, message) of the last failed attempt
     cdef public PoolCore upool  # an UpstreamPool (typed: choose, finished and its fields are C)
     cdef public ServerStats chosen  # an UpstreamServer
     cdef public object tried, waiter, last_failure
@@ -395,92 +397,56 @@ cdef class Exchange:
     cdef public UpstreamConnection hedge
     cdef public ServerStats hedge_chosen
     cdef public object hedge_handle
-    cdef public bint hedged
+    cdef public bint hedged  # a hedge was sent (at most one per request)
     cdef public double hedge_sent_at
-    cdef public bint admitted, connect_failed, upstream_failed
-    cdef public int attempts, upstream_status, retry_after
-    cdef public double upstream_latency
+    cdef public bint admitted  # holds a slot of the pool's bulkhead
+    cdef public bint connect_failed  # this attempt could not connect
+    # this attempt failed on the server's side (closed, malformed, timed out, cut short)
+    cdef public bint upstream_failed
+    cdef public int attempts  # retries on other servers so far
+    cdef public int upstream_status  # status of the current attempt's response (0: none yet)
+    cdef public int retry_after  # seconds, sent as Retry-After with a 503 of our own
+    cdef public double upstream_latency  # request sent → response head, this attempt
     cdef public ClientConnection client
     cdef public UpstreamConnection upstream
     cdef public long long body_received
-    cdef public long long bytes_out
+    cdef public long long bytes_out  # response body bytes sent to the client
     cdef public bint done
     cdef public bint expect_continue
-    cdef public long long framing
+    cdef public long long framing  # request body: length, or CHUNKED
     cdef public bint had_length
-    cdef public double head_done_at
+    cdef public double head_done_at  # _monotonic() when the head was parsed (request duration)
     cdef public bint http11
-    cdef public bint in_flight
+    cdef public bint in_flight  # counted in the in-flight gauge
     cdef public bint keep_alive
     cdef public long long pending_size
     cdef public bint request_done
     cdef public bint response_started
     cdef public bint retried
-    cdef public double sent_at
+    cdef public double sent_at  # _monotonic() when the request went upstream (upstream latency)
     cdef public bint started
     cdef public int status
-    cdef public bint upgrade
-
+    cdef public bint upgrade  # an Upgrade request (WebSocket): after a 101, a raw tunnel both ways
 
     def __init__(self, client: ClientConnection) -> None:
+        self._init(client)
+
+    @staticmethod
+    cdef Exchange new(ClientConnection client):
+        """A new exchange of ``client`` (without a Python call: the data plane makes one per
+        request)."""
+        cdef Exchange ex = Exchange.__new__(Exchange)
+        ex._init(client)
+        return ex
+
+    cdef _init(self, ClientConnection client):
         self.client = client
-        self.method = b""
-        self.target = b""
+        self.method = self.target = self.request_id = b""
         self.headers = []
+        self.pending = []
+        self.tried = []
         self.http11 = True
         self.keep_alive = True
-        self.framing = 0  # request body: length, or CHUNKED
-        self.had_length = False
-        self.expect_continue = False
-        # An Upgrade request (WebSocket): after a 101 both connections become a raw tunnel.
-        self.upgrade = False
-        self.route = None
-        self.refusal = None
-        self.body_received = 0
-        self.request_done = False
-        self.pending = []  # body bytes read before the upstream is connected
-        self.pending_size = 0
-        self.upstream = None
-        self.server = None
-        self.request_id = b""
-        self.host = None
-        self.head_done_at = 0.0  # _monotonic() when the head was parsed (request duration)
-        self.status = 0
-        self.bytes_out = 0  # response body bytes sent to the client
-        self.started = False
-        self.in_flight = False  # counted in the in-flight gauge
-        self.sent_at = 0.0  # _monotonic() when the request went upstream (upstream latency)
-        self.retried = False
-        self.response_started = False
-        self.done = False
-        self.response_timeout = 0.0  # seconds to the response head (504 after), once sent
-        self.upool = None
-        self.chosen = None
-        self.tried = []
-        self.waiter = None  # a place in the pool's bulkhead queue
-        self.last_failure = None  # (status, message) of the last failed attempt, when retrying
-        self.extra_headers = None
-        self.cache_phase = None
-        self.cache_plan = None
-        self.capture = None
-        self.body_waiter = None
-        self.response_fields = None
-        self.capture_size = 0
-        self.capture_limit = 0
-        self.cache_complete = False
-        self.discard_body = False
-        self.hedge = None
-        self.hedge_chosen = None
-        self.hedge_handle = None
-        self.hedged = False  # a hedge was sent (at most one per request)
-        self.hedge_sent_at = 0.0
-        self.admitted = False  # holds a slot of the pool's bulkhead
-        self.connect_failed = False  # this attempt could not connect
-        self.upstream_failed = False  # this attempt failed on the server's side (closed, malformed, timed out, cut short)
-        self.attempts = 0  # retries on other servers so far
-        self.upstream_status = 0  # status of the current attempt's response (0: none yet)
-        self.upstream_latency = 0.0  # request sent → response head, this attempt
-        self.retry_after = 0  # seconds, sent as Retry-After with a 503 of our own
 
     # -- request body, as the client connection reads it
     cpdef feed_body(self, data: bytes):
@@ -1373,7 +1339,7 @@ cdef class UpstreamConnection:
                     return
             elif event == EV_END:
                 # Bytes after the response (none was asked for): the connection is not reused.
-                keep_alive = reader.keep_alive and reader.unread == 0
+                keep_alive = reader.keep_alive and reader.unread_bytes() == 0
                 reader.reset()  # (lets the read go)
                 self._complete(keep_alive)
                 return
@@ -1642,7 +1608,7 @@ cdef class ClientConnection:
             self._refuse_current(_Refuse(500, "internal proxy error"))
         finally:
             self.feeding = False
-            self.head_raw = self.reader.head_pending
+            self.head_raw = self.reader.head_bytes()
         self._start_next()
 
     cdef _read(self, bytes data):
@@ -1723,7 +1689,7 @@ cdef class ClientConnection:
         """A request head was read: check it, route it and queue its exchange."""
         cdef RouteFacts facts
         cdef RequestReader reader = self.reader
-        cdef Exchange ex = Exchange(self)
+        cdef Exchange ex = Exchange.new(self)
         self.parsing = ex
         ex.method = reader.method
         ex.target = reader.target
@@ -1732,7 +1698,7 @@ cdef class ClientConnection:
         cdef HeadFields fields = reader.fields
         ex.keep_alive = reader.keep_alive
         ex.http11 = reader.version == 11
-        ex.upgrade = reader.upgrade
+        ex.upgrade = reader.wants_upgrade()
         ex.head_done_at = _monotonic()
         self._disarm()
         try:
@@ -1963,7 +1929,7 @@ cdef class ClientConnection:
         if ex is not None and ex.done:
             return  # already answered (and the connection closed)
         if ex is None or ex not in self.queue:
-            ex = ex or Exchange(self)
+            ex = ex or Exchange.new(self)
             ex.refusal = refusal
             self._enqueue(ex)
         elif ex.refusal is None or ex.refusal is not refusal:

@@ -22,6 +22,7 @@
 # expect_body() after each head. Every problem is a HeaderError: 400 for a request (431 for its
 # size limits, 414 for a request line longer than them, 505 for HTTP/2.0), 502 for a response.
 
+from cpython.bytearray cimport PyByteArray_GET_SIZE
 from libc.string cimport memchr
 
 
@@ -268,12 +269,18 @@ cdef class MessageReader:
     @property
     def unread(self) -> int:
         """Bytes of the current read not consumed (after EV_END: what followed the message)."""
+        return self.unread_bytes()
+
+    cdef inline Py_ssize_t unread_bytes(self) noexcept:
         return PyBytes_GET_SIZE(self.data) - self.pos
 
     @property
     def head_pending(self) -> int:
         """Bytes of the next head read so far (empty lines before it included), 0 while none."""
-        return len(self.carry) + self.skipped if self.state == S_HEAD else 0
+        return self.head_bytes()
+
+    cdef inline Py_ssize_t head_bytes(self) noexcept:
+        return PyByteArray_GET_SIZE(self.carry) + self.skipped if self.state == S_HEAD else 0
 
     cpdef bytes rest(self):
         """The unconsumed bytes of the current read (after an upgrade: the tunnel's first bytes)."""
@@ -599,6 +606,9 @@ cdef class RequestReader(MessageReader):
 
     @property
     def upgrade(self) -> bool:
+        return self.wants_upgrade()
+
+    cdef inline bint wants_upgrade(self) noexcept:
         return self.upgrade_field and self.connection_upgrade
 
     cdef str _kind(self):

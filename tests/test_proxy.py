@@ -324,14 +324,21 @@ def test_idle_keep_alive_connection_is_closed() -> None:
             assert 0.25 <= time.monotonic() - start < 3
 
 
-def test_upstream_down_is_502() -> None:
+@contextmanager
+def proxy_to_a_dead_upstream() -> Iterator[tuple[str, int]]:
+    """A proxy whose one upstream address has nothing listening (a server started and stopped)."""
     dead = SampleServer()
     with dead.running():
         address = dead.address
     config = parse_config({"listeners": [{"port": 0}], "pools": {"p": {"servers": [address]}},
                            "routes": [{"pool": "p"}], "admin": {"enabled": False}})
     with ProxyServer(config).running() as server:
-        conn = http.client.HTTPConnection(*server.addresses[0], timeout=10)
+        yield server.addresses[0]
+
+
+def test_upstream_down_is_502() -> None:
+    with proxy_to_a_dead_upstream() as addr:
+        conn = http.client.HTTPConnection(*addr, timeout=10)
         conn.request("GET", "/")
         resp = conn.getresponse()
         assert resp.status == 502 and b"cannot connect" in resp.read()
@@ -614,14 +621,9 @@ def test_bytes_after_an_upgrade_request_wait_for_the_101() -> None:
 
 
 def test_upgrade_answered_by_the_proxy_closes_the_connection() -> None:
-    dead = SampleServer()
-    with dead.running():
-        address = dead.address
-    config = parse_config({"listeners": [{"port": 0}], "pools": {"p": {"servers": [address]}},
-                           "routes": [{"pool": "p"}], "admin": {"enabled": False}})
-    with ProxyServer(config).running() as server:
+    with proxy_to_a_dead_upstream() as addr:
         started = time.monotonic()
-        out = raw(server.addresses[0], WS_REQUEST + b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        out = raw(addr, WS_REQUEST + b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 502") and b"connection: close" in out.lower(), out
     assert out.count(b"HTTP/1.1 ") == 1 and time.monotonic() - started < 4  # closed, not left idle
 
