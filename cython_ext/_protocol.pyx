@@ -864,11 +864,23 @@ cdef class Exchange:
         else:
             self._attach(conn)
 
-    cpdef _attach(self, UpstreamConnection upstream):
-        assert self.route is not None and self.server is not None
+    cdef object _upstream_host(self, UpstreamConnection upstream):
+        """The Host sent upstream instead of the client's: the route's, else for an HTTP/1.0
+        request without one the server's address (as nginx sends), else None (the client's)."""
         host = self.facts.host_header
         if host is None and self.host is None:
-            host = upstream.host  # an HTTP/1.0 request without Host: the server's, as nginx sends
+            try:
+                host = upstream.address.encode("ascii")
+            except UnicodeEncodeError:  # an internationalized server name
+                try:
+                    host = upstream.address.encode("idna")
+                except UnicodeError:
+                    host = upstream.address.encode("ascii", "replace")
+        return host
+
+    cpdef _attach(self, UpstreamConnection upstream):
+        assert self.route is not None and self.server is not None
+        host = self._upstream_host(upstream)
         try:
             head, self.request_id = _rewrite_request(
                 self.method,
@@ -971,7 +983,7 @@ cdef class Exchange:
             self.target,
             self.headers,
             client=self.client.peer,
-            host=self.facts.host_header,
+            host=self._upstream_host(conn),
             request_id=self.request_id,  # the same request, the same id
             content_length=0 if self.had_length else None,
         )
@@ -1199,7 +1211,6 @@ cdef class UpstreamConnection:
     # collects): a response timer armed on a connection that died unseen must still answer 504.
     cdef object on_idle_timeout, on_response_timeout
     cdef public str address  # server.address, computed once (the pool's key)
-    cdef readonly bytes host  # the same as a Host value
     cdef public Deadline deadline  # idle in the pool → close; busy → response timeout (504)
     cdef public Exchange exchange
     cdef public ConnectionPool pool
@@ -1220,7 +1231,6 @@ cdef class UpstreamConnection:
         self.pool = pool
         self.server = server
         self.address = server.address
-        self.host = self.address.encode("ascii")
         self.transport = None
         self._write = self._is_closing = None
         self.on_idle_timeout = self.close
@@ -1812,7 +1822,10 @@ cdef class ClientConnection:
         elif self.transport is not None and not self.closing:
             # (closing: set by close, abort and connection_lost, our side of is_closing() without
             # its Python call; a transport uvloop closes on its own reaches connection_lost)
-            self._arm(self.keepalive_timeout, self.on_idle)
+            if self.head_raw:  # the next head has begun (or empty lines before it): its timer
+                self._arm(self.head_timeout, self.on_head_timeout)
+            else:
+                self._arm(self.keepalive_timeout, self.on_idle)
 
     def idle(self) -> bool:
         """No request in progress (waiting for one, or between two)."""
@@ -2038,7 +2051,8 @@ cdef class ClientConnection:
     def _head_timeout(self) -> None:
         if self.queue:
             return  # a response is being produced; the head in progress waits its turn
-        if self.parsing is None and self.head_raw == 0:
-            self.close()  # a connection that never sent anything: just close, as nginx does
+        if self.parsing is None and self.reader.carried_bytes() == 0:
+            # a connection that sent nothing (but empty lines): just close, as nginx does
+            self.close()
             return
         self._refuse_current(_Refuse(408, "request head not received in time"))

@@ -71,6 +71,11 @@ cdef class WorkerMetrics:
     cdef dict _upstream_duration  # pool -> Histogram
     cdef dict _upstream_connections  # pool -> _Connections
     cdef dict _refused            # status -> count
+    # The last route's entries of _requests and _request_duration: requests of one route come
+    # in runs, and its name and pool are the same str objects each time (RouteFacts').
+    cdef object _last_route, _last_pool
+    cdef _StatusCounts _last_counts
+    cdef Histogram _last_duration
     cdef public long long connections_total, connections_open, in_flight
 
     def __init__(self) -> None:
@@ -83,12 +88,17 @@ cdef class WorkerMetrics:
 
     cpdef request_done(self, str route, str pool, int status, double seconds):
         """A request was answered (``route``/``pool`` empty when the proxy answered before routing)."""
-        key = (route, pool)
-        found = self._requests.get(key)
-        if found is None:
-            found = self._requests[key] = _StatusCounts()
-        (<_StatusCounts>found).add(status)
-        _histogram(self._request_duration, route).observe(seconds)
+        if route is not self._last_route or pool is not self._last_pool:
+            key = (route, pool)
+            found = self._requests.get(key)
+            if found is None:
+                found = self._requests[key] = _StatusCounts()
+            self._last_counts = <_StatusCounts>found
+            self._last_duration = _histogram(self._request_duration, route)
+            self._last_route = route
+            self._last_pool = pool
+        self._last_counts.add(status)
+        self._last_duration.observe(seconds)
 
     cpdef upstream_answered(self, str pool, double seconds):
         """A response head came from ``pool`` ``seconds`` after the request went out."""

@@ -279,6 +279,10 @@ cdef class MessageReader:
         """Bytes of the next head read so far (empty lines before it included), 0 while none."""
         return self.head_bytes()
 
+    cdef inline Py_ssize_t carried_bytes(self) noexcept:
+        """Bytes of a head begun (empty lines before it not counted)."""
+        return PyByteArray_GET_SIZE(self.carry) if self.state == S_HEAD else 0
+
     cdef inline Py_ssize_t head_bytes(self) noexcept:
         return PyByteArray_GET_SIZE(self.carry) + self.skipped if self.state == S_HEAD else 0
 
@@ -353,8 +357,7 @@ cdef class MessageReader:
                 if len(self.carry) == 0:
                     end = _head_end(p + self.pos, avail, 0, self.error_status)
                     if end >= 0:
-                        self.head = data
-                        self._head(p + self.pos, end)
+                        self._head(data, p + self.pos, end)
                         self.pos += end
                         return EV_HEAD
                     self.carry += data[self.pos:] if self.pos else data
@@ -369,8 +372,7 @@ cdef class MessageReader:
                     self._check_pending()
                     return EV_MORE
                 head = PyBytes_FromStringAndSize(<char*>self.carry, end)  # (the spans point into it)
-                self.head = head
-                self._head(<const unsigned char*>PyBytes_AS_STRING(head), end)
+                self._head(head, <const unsigned char*>PyBytes_AS_STRING(head), end)
                 self.pos += end - old
                 del self.carry[:]
                 return EV_HEAD
@@ -424,13 +426,17 @@ cdef class MessageReader:
     cdef str _kind(self):
         return "message"
 
-    cdef int _head(self, const unsigned char* p, Py_ssize_t n) except -1:
-        """Check and split the head p[:n] (its final CRLF CRLF included)."""
+    cdef int _head(self, bytes head, const unsigned char* p, Py_ssize_t n) except -1:
+        """Check and split the head p[:n] (its final CRLF CRLF included), which ``head`` holds."""
         cdef const unsigned char* q = <const unsigned char*>memchr(p, 10, n)
         cdef Py_ssize_t line_end = (q - p) - 1  # the CR ending the start line
         cdef Py_ssize_t pos, end, colon, vs, ve, count = 0
         cdef _Options options
         cdef HeadFields fields
+        # The spans of an earlier head (an interim 1xx) go before the bytes they point into.
+        self.lines.size = 0
+        self._headers = None
+        self.head = head
         if n > self.max_head:
             raise HeaderError(f"{self._kind()} head too large", None, self.too_large_status)
         self._start_line(p, line_end)
@@ -438,8 +444,6 @@ cdef class MessageReader:
         self.upgrade_field = False
         fields = self.fields
         fields.clear()
-        self.lines.size = 0
-        self._headers = None
         pos = line_end + 2
         while pos < n - 2:
             q = <const unsigned char*>memchr(p + pos, 10, n - pos)

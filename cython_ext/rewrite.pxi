@@ -70,19 +70,56 @@ cdef list _as_pairs(object headers):
     return hl
 
 
-cdef int _list_fields(list hl, _Spans* f) except -1:
+cdef Py_ssize_t _list_fields(list hl, _Spans* f) except -1:
     """The fields of ``hl`` (exact 2-tuples) as name, value spans into its bytes (valid while
-    ``hl`` is): the rewrite works on spans, so a head read into spans needs no list."""
+    ``hl`` and its tuples are): the rewrite works on spans, so a head read into spans needs no
+    list. Stops at the first field that is not two bytes; returns how many it took."""
     cdef Py_ssize_t i
     for i in range(PyList_GET_SIZE(hl)):
         item = <object>PyList_GET_ITEM(hl, i)
         name = <object>PyTuple_GET_ITEM(item, 0)
         value = <object>PyTuple_GET_ITEM(item, 1)
         if not PyBytes_Check(name) or not PyBytes_Check(value):
-            raise _ref()._not_bytes(name, value)
+            return i
         _spans_push(f, _ptr(name), PyBytes_GET_SIZE(name))
         _spans_push(f, _ptr(value), PyBytes_GET_SIZE(value))
-    return 0
+    return PyList_GET_SIZE(hl)
+
+
+cdef list _own_fields(list hl, object extra):
+    """``hl``, or a copy of it when ``extra`` might run Python code as it is read (iterating
+    or unpacking objects of the caller's), which could empty the caller's list and free the
+    bytes the spans point into."""
+    if type(extra) is tuple or type(extra) is list:
+        for item in extra:
+            if type(item) is not tuple or PyTuple_GET_SIZE(item) != 2:
+                return list(hl)
+        return hl
+    return list(hl)
+
+
+cdef int _not_bytes_after(const _Span* f, Py_ssize_t k, list hl, bint is_request, bint manage_via,
+                          bint rid_given, object rid_header, bint upgrade, bint drop_server,
+                          bint checked) except -1:
+    """Field ``k`` of ``hl`` is not two bytes: raise what checking the fields in order raises
+    (an error of a field before it first)."""
+    cdef unsigned char act_stack[128]
+    cdef _Span token_stack[16]
+    cdef _Buf act
+    cdef _Spans tokens
+    cdef _Scan st
+    _buf_init(&act, <char*>act_stack, 128)
+    _spans_init(&tokens, token_stack, 16)
+    try:
+        if k > act.cap:
+            _buf_grow(&act, k)
+        _scan(f, k, <unsigned char*>act.data, &tokens, &st, is_request, manage_via, rid_given,
+              rid_header, upgrade, drop_server, checked)
+    finally:
+        _buf_free(&act)
+        _spans_free(&tokens)
+    item = <object>PyList_GET_ITEM(hl, k)
+    raise _ref()._not_bytes(<object>PyTuple_GET_ITEM(item, 0), <object>PyTuple_GET_ITEM(item, 1))
 
 
 cdef struct _Scan:
@@ -301,15 +338,18 @@ cdef tuple _rewrite_request(object method, object target, object headers, object
     _check_target(target)
     if check_params:
         _check_request_params(client, proto, host, via, request_id, request_id_header)
-    hl = _as_pairs(headers)
+    hl = _own_fields(_as_pairs(headers), extra)
     n = PyList_GET_SIZE(hl)
     _buf_init(&out, stack, STACK_BYTES)
     _buf_init(&act, <char*>act_stack, 128)
     _spans_init(&tokens, token_stack, 16)
     _spans_init(&fields, field_stack, 64)
     try:
-        _list_fields(hl, &fields)
+        i = _list_fields(hl, &fields)
         f = fields.items
+        if i < n:
+            _not_bytes_after(f, i, hl, True, via is not None, request_id is not None,
+                             request_id_header, upgrade, False, checked)
         if n > act.cap:
             _buf_grow(&act, n)
         _scan(f, n, <unsigned char*>act.data, &tokens, &st, True, via is not None,
@@ -372,15 +412,30 @@ cdef bytes _rewrite_response(object status, object reason, object headers, objec
                              bint check_params=True):
     """:func:`rewrite_response_head` with its arguments decided; ``checked`` and
     ``check_params`` as for ``_rewrite_request``."""
+    cdef char stack[64]
+    cdef _Buf line
     cdef _Span field_stack[64]
     cdef _Spans fields
-    cdef list hl = _as_pairs(headers)
+    cdef list hl
+    cdef Py_ssize_t k
+    # the checks in the order the reference makes them: status line, added values, fields
+    _buf_init(&line, stack, 64)
+    try:
+        _write_status_line(&line, status, reason)
+    finally:
+        _buf_free(&line)
+    if check_params:
+        _check_response_params(via, request_id, request_id_header)
+    hl = _own_fields(_as_pairs(headers), extra)
     _spans_init(&fields, field_stack, 64)
     try:
-        _list_fields(hl, &fields)
-        return _rewrite_response_fields(status, reason, fields.items, PyList_GET_SIZE(hl), via,
-                                        request_id, request_id_header, drop_server, upgrade,
-                                        framing, extra, checked, check_params)
+        k = _list_fields(hl, &fields)
+        if k < PyList_GET_SIZE(hl):
+            _not_bytes_after(fields.items, k, hl, False, via is not None, request_id is not None,
+                             request_id_header, upgrade, drop_server, checked)
+        return _rewrite_response_fields(status, reason, fields.items, k, via, request_id,
+                                        request_id_header, drop_server, upgrade, framing, extra,
+                                        checked, False)
     finally:
         _spans_free(&fields)
 

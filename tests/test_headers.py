@@ -12,7 +12,7 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -774,3 +774,43 @@ def test_request_value(kind: str, name: bytes, expected: bytes | None) -> None:
     fields = [(b"X-User", b" alice "), (b"Cookie", b"a=1; session=abc"), (b"cookie", b'quoted="q v"')]
     target = b"/p?x=1&id=7&empty=#frag=9"
     assert headers.request_value(fields, target, kind, name) == expected
+
+
+def _outcome(call: Any) -> tuple[str, str]:
+    try:
+        return "ok", repr(call())
+    except Exception as e:  # noqa: BLE001 - the exception's type and message are the outcome
+        return type(e).__name__, str(e)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda h: h.rewrite_response_head(99, None, [(b"A", "x")]),
+        lambda h: h.rewrite_response_head(200, b"\x01", [(b"A", 1)]),
+        lambda h: h.rewrite_response_head(200, None, [(b"A", 1)], via=b"\x00"),
+        lambda h: h.rewrite_response_head(200, None, [(b"A", 1)], request_id=b"r", request_id_header=b""),
+        lambda h: h.rewrite_response_head(200, None, [(b"A B", b"v"), (b"C", 1)]),
+        lambda h: h.rewrite_response_head(99, None, [(b"C", b"1", b"2")]),
+        lambda h: h.rewrite_request_head(b"GET", b"/", [(b"Host", b"a"), (b"Host", b"b"), (b"C", 1)], client=b"1"),
+        lambda h: h.rewrite_request_head(b"GET", b"/", [(b"Host", b"a"), (b"C", 1)], client=b"1"),
+    ],
+)
+def test_the_first_problem_in_the_references_order_is_reported(call: Any) -> None:
+    """Status line, then the values added, then each field in order (its type, then its bytes):
+    both implementations report the same first problem."""
+    assert _outcome(lambda: call(CY)) == _outcome(lambda: call(PY))
+
+
+def test_extra_fields_read_after_the_caller_emptied_its_list_change_nothing(h: Any) -> None:
+    """``extra`` may be any iterable: reading it may run the caller's code, even code that
+    empties the header list (the compiled rewrite keeps its own reference to every field)."""
+    hl = [(b"A", b"b"), (b"Long-Name-" + b"x" * 40, b"value-" + b"y" * 60)]
+    expected = h.rewrite_response_head(200, b"OK", list(hl), via=None, extra=[(b"X", b"1")])
+
+    def extra() -> Iterator[tuple[bytes, bytes]]:
+        hl.clear()
+        _ = [bytes(100) for _ in range(100)]  # reuse freed memory, if any was freed
+        yield (b"X", b"1")
+
+    assert h.rewrite_response_head(200, b"OK", hl, via=None, extra=extra()) == expected

@@ -645,6 +645,32 @@ def test_http10_request_without_host_gets_the_servers() -> None:
     assert up.requests[0].header(b"host") == up.address.encode()
 
 
+def test_http10_request_without_host_is_hedged_with_the_servers_host() -> None:
+    slow, fast = SampleServer(name="slow", latency=0.5), SampleServer(name="fast")
+    routes = [{"pool": "p", "hedge_after": "50ms"}]
+    with proxy(slow, fast, pool={"balance": "round_robin"}, routes=routes) as addr:
+        started = time.monotonic()
+        out = raw(addr, b"GET /c HTTP/1.0\r\n\r\n")  # first to slow, then hedged to fast
+        took = time.monotonic() - started
+    assert out.startswith(b"HTTP/1.1 200") and b'"server": "fast"' in out, out
+    assert took < 0.4
+    assert [r.header(b"host") for r in fast.requests] == [fast.address.encode()]
+
+
+def test_head_timeout_applies_after_an_empty_line_that_followed_a_body() -> None:
+    up = SampleServer()
+    with proxy(up, limits={"head_timeout": "500ms", "keepalive_timeout": "10s"}) as addr:
+        with socket.create_connection(addr, timeout=5) as sock:
+            sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi\r\n")
+            out = b""
+            while not out.endswith(b"hi"):
+                out += sock.recv(65536)
+            sock.sendall(b"GET / HTTP/1.1\r\n")  # and nothing more
+            started = time.monotonic()
+            late = sock.recv(65536)
+            assert late.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 3, late
+
+
 def test_connect_is_refused() -> None:
     up = SampleServer()
     with proxy(up) as addr:

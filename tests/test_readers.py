@@ -480,3 +480,15 @@ def test_connection_options_are_split_at_every_comma(value: bytes, keep_alive: b
     """Options are tokens: a quote does not make a quoted-string that could hide "close"."""
     (r,) = read_requests([b"GET / HTTP/1.1\r\nHost: x\r\nConnection: " + value + b"\r\n\r\n"])
     assert r.keep_alive is keep_alive
+
+
+def test_a_bad_final_head_after_an_interim_one_leaves_no_fields_of_either() -> None:
+    reader = ResponseReader()
+    reader.feed(b"HTTP/1.1 100 Continue\r\n" + b"".join(b"X-Name-%02d: %s\r\n" % (i, b"v" * 40) for i in range(8)) + b"\r\n")
+    assert reader.next_event() == EV_HEAD
+    reader.next_head()
+    reader.feed(b"HTTP/1.1 2x0 OK\r\n\r\n")
+    with pytest.raises(HeaderError):
+        reader.next_event()
+    _ = [bytes(200) for _ in range(200)]  # reuse the interim head's memory, if it was freed
+    assert reader.headers == []
