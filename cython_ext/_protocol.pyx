@@ -1700,6 +1700,7 @@ cdef class ClientConnection:
         cdef RouteFacts facts
         cdef RequestReader reader = self.reader
         cdef Exchange ex = Exchange.new(self)
+        cdef bint origin_form
         self.parsing = ex
         ex.method = reader.method
         ex.target = reader.target
@@ -1724,7 +1725,8 @@ cdef class ClientConnection:
             hosts = [fields.host] if fields.hosts else []
             if ex.method == b"CONNECT":
                 raise _Refuse(405, "CONNECT is not supported by a reverse proxy")
-            if ex.target[:1] != b"/" and ex.target != b"*":
+            origin_form = PyBytes_AS_STRING(ex.target)[0] == c'/'  # (the reader's target is never empty)
+            if not origin_form and ex.target != b"*":
                 hosts = [_absolute_form(ex)]  # RFC 9112 §3.2.2: its authority is the Host
             host = ex.host = hosts[0] if hosts else None
             if ex.upgrade and ex.framing != 0:
@@ -1734,7 +1736,7 @@ cdef class ClientConnection:
                 self.router = router
                 self.catch_all = router.catch_all
                 self.decisions = router._decisions
-            if self.catch_all is not None and ex.target[:1] == b"/":
+            if self.catch_all is not None and origin_form:
                 ex.route = self.catch_all  # the first route takes every origin-form request
             else:
                 # The router's memo of decisions read here first: a hit costs no Python call.
@@ -2007,7 +2009,7 @@ cdef class ClientConnection:
         if self.transport is not None:
             self.transport.abort()
 
-    cpdef _arm(self, seconds: float, callback: Callable[[], None]):
+    cpdef _arm(self, double seconds, callback: Callable[[], None]):
         self.deadline.set(_monotonic() + seconds, callback)
 
     cpdef _disarm(self):

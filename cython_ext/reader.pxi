@@ -22,7 +22,7 @@
 # expect_body() after each head. Every problem is a HeaderError: 400 for a request (431 for its
 # size limits, 414 for a request line longer than them, 505 for HTTP/2.0), 502 for a response.
 
-from cpython.bytearray cimport PyByteArray_GET_SIZE
+from cpython.bytearray cimport PyByteArray_GET_SIZE, PyByteArray_Resize
 from libc.string cimport memchr
 
 
@@ -218,11 +218,16 @@ cdef class MessageReader:
     def __dealloc__(self):
         _spans_free(&self.lines)
 
+    cdef inline void _clear_carry(self) noexcept:
+        # (a C call, where ``del carry[:]`` builds a slice object: it runs for every message)
+        if PyByteArray_GET_SIZE(self.carry):
+            PyByteArray_Resize(self.carry, 0)
+
     cpdef reset(self):
         """Forget everything: the next bytes fed start a new message."""
         self.data = b""
         self.pos = 0
-        del self.carry[:]
+        self._clear_carry()
         self.next_message()
 
     cpdef next_message(self):
@@ -374,7 +379,7 @@ cdef class MessageReader:
                 head = PyBytes_FromStringAndSize(<char*>self.carry, end)  # (the spans point into it)
                 self._head(head, <const unsigned char*>PyBytes_AS_STRING(head), end)
                 self.pos += end - old
-                del self.carry[:]
+                self._clear_carry()
                 return EV_HEAD
             elif self.state == S_CHUNK_SIZE or self.state == S_TRAILERS:
                 size = self._take_line(&line)
@@ -389,7 +394,7 @@ cdef class MessageReader:
                     if self.trailer_bytes > self.max_head:
                         raise HeaderError("trailer section too large", None, self.too_large_status)
                     self._trailer(line, size)
-                del self.carry[:]
+                self._clear_carry()
             elif self.state == S_CHUNK_CRLF:
                 while self.crlf < 2 and self.pos < n:
                     if p[self.pos] != (13 if self.crlf == 0 else 10):
@@ -625,7 +630,7 @@ cdef class RequestReader(MessageReader):
         if len(self.carry) == 1 and self.carry[0] == 13:
             if p[self.pos] != 10:
                 raise HeaderError("a request line begins with a CR", None, 400)
-            del self.carry[:]
+            self._clear_carry()
             self.pos += 1
         if len(self.carry) == 0:
             while n - self.pos >= 2 and p[self.pos] == 13 and p[self.pos + 1] == 10:
