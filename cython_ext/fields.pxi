@@ -13,7 +13,7 @@ cdef object _ref():
 
 
 cdef inline tuple _pair(object item):
-    # httptools-fed lists hold exact 2-tuples; anything else is unpacked like ``n, v = item``.
+    # the readers' lists hold exact 2-tuples; anything else is unpacked like ``n, v = item``.
     if type(item) is tuple and PyTuple_GET_SIZE(item) == 2:
         return <tuple>item
     n, v = item

@@ -239,7 +239,7 @@ cdef class MessageReader:
         self.release_head()
         self._headers = None
         self.keep_alive = False
-        self.body = None
+        self.body = b""
 
     cpdef release_head(self):
         """Let the head's bytes go (its fields are then only what ``headers`` made of them)."""

@@ -1,5 +1,5 @@
 """Type stubs for ``pyproxy._protocol`` (compiled from ``cython_ext/_protocol.pyx``): the parts the
-Python side uses. The protocol objects are driven by uvloop and httptools through their callbacks; they
+Python side uses. The protocol objects are driven by uvloop through their callbacks; they
 are typed as ``asyncio.Protocol`` because they implement its methods (uvloop needs no base class)."""
 
 import asyncio
@@ -74,7 +74,7 @@ class MessageReader:
     version: int
     headers: list[tuple[bytes, bytes]]
     keep_alive: bool
-    body: bytes | None
+    body: bytes
     def __init__(self, max_head: int = 16384, max_headers: int = 100) -> None: ...
     @property
     def unread(self) -> int: ...

@@ -35,13 +35,14 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, cast
 from urllib.parse import unquote
 
-import httptools
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from pyproxy.balance.changes import ChangeError
 from pyproxy.cache.purges import keys_for_urls, plain_strings
 from pyproxy.config import AdminConfig, Config, Problem
-from pyproxy.headers import serialize_response_head
+from pyproxy._protocol import EV_BODY, EV_HEAD, EV_MORE, RequestReader
+from pyproxy.errors import HeaderError
+from pyproxy.headers import request_framing, serialize_response_head
 from pyproxy.ratelimit.penalty_box import PenaltyBox
 
 __all__ = ["AdminServer", "Controller"]
@@ -84,39 +85,51 @@ class Controller(Protocol):
 
 
 class _AdminConnection(asyncio.Protocol):
+    """One admin request per connection (answered with ``Connection: close``), read by the data
+    plane's strict request reader."""
+
     def __init__(self, server: AdminServer) -> None:
         self.server = server
-        self.parser = httptools.HttpRequestParser(self)
+        self.reader = RequestReader(_MAX_REQUEST)
         self.transport: asyncio.Transport | None = None
+        self.method = b""
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.body = b""
         self.received = 0
+        self.done = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        if self.done:
+            return  # one request per connection: what follows it is not read
         self.received += len(data)
         if self.received > _MAX_REQUEST:
+            self.done = True
             self._respond(413, {"error": "request too large"})
             return
+        reader = self.reader
+        reader.feed(data)
         try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            self._respond(400, {"error": "malformed request"})
+            while (event := reader.next_event()) != EV_MORE:
+                if event == EV_HEAD:
+                    self.method, self.url = reader.method, reader.target
+                    self.headers = [(n.lower(), v) for n, v in reader.headers]
+                    reader.expect_body(request_framing(reader.headers, reader.version == 11))
+                elif event == EV_BODY:
+                    self.body += reader.body
+                else:
+                    self.done = True
+                    self._request()
+                    return
+        except HeaderError as e:
+            self.done = True
+            self._respond(400, {"error": f"malformed request: {e}"})
 
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value))
-
-    def on_body(self, body: bytes) -> None:
-        self.body += body
-
-    def on_message_complete(self) -> None:
-        method = self.parser.get_method()
+    def _request(self) -> None:
+        method = self.method
         path = self.url.split(b"?", 1)[0]
         headers = dict(self.headers)
         if path == b"/metrics" and method == b"GET" and self.server.authorized(headers):

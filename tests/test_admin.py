@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import signal
+import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -111,3 +112,42 @@ def test_reload_across_workers_by_admin_and_sighup(tmp_path: Path) -> None:
             assert a.accepts >= 2 and b.accepts >= 2, "both workers served both configurations"
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=15) == 0
+
+
+def _raw_admin(port: int, data: bytes) -> bytes:
+    """Send raw bytes to the admin listener; read until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+    return out
+
+
+def test_admin_requests_are_read_strictly_and_bodies_in_either_framing(tmp_path: Path) -> None:
+    """The admin listener reads its requests with the data plane's strict reader: a malformed
+    one gets 400 naming the problem; a chunked body is read like a Content-Length one."""
+    a = SampleServer(name="a")
+    with a.running():
+        cfg_path = tmp_path / "p.toml"
+        port, admin_port = free_port(), free_port()
+        write_config(cfg_path, port, admin_port, [a.address])
+        with ProxyServer(load_config(cfg_path), cfg_path).running():
+            out = _raw_admin(admin_port, b"GET /healthz HTTP/1.1\nHost: x\n\n")
+            assert out.startswith(b"HTTP/1.1 400 ") and b"bare LF" in out, out
+            out = _raw_admin(admin_port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
+                                         b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+            assert out.startswith(b"HTTP/1.1 400 "), out
+            one, two = b'{"address": "127.0.0.1:7"}', b'{"address": "127.0.0.1:9"}'
+            framed = {
+                "length": b"Content-Length: %d\r\n\r\n%s" % (len(one), one),
+                "chunked": b"Transfer-Encoding: chunked\r\n\r\n5\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n"
+                           % (two[:5], len(two) - 5, two[5:]),
+            }
+            for how, rest in framed.items():
+                out = _raw_admin(admin_port, b"POST /upstreams/p/servers HTTP/1.1\r\nHost: x\r\n" + rest)
+                assert out.startswith((b"HTTP/1.1 200 ", b"HTTP/1.1 201 ")), (how, out)
+            listed = json.dumps(admin(admin_port, "GET", "/upstreams")[1])
+            assert '127.0.0.1:7"' in listed and '127.0.0.1:9"' in listed, listed  # both bodies read whole
+            out = _raw_admin(admin_port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert out.startswith(b"HTTP/1.1 200 ") and b'"ok"' in out

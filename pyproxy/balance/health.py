@@ -6,7 +6,7 @@ accept queue or a dead listener that a reused keep-alive connection would hide. 
 the whole check — connect, send, and the complete response — so a server that accepts and then
 trickles bytes fails as surely as one that never answers.
 
-Parsing. The response is read by httptools (llhttp, the parser the data plane uses) and framed by
+Parsing. The response is read by the data plane's strict reader (``ResponseReader``) and framed by
 :func:`pyproxy.headers.response_framing`, with the proxy's strictness: ``Content-Length``, chunked, or
 read-until-close; no body for ``HEAD``, 1xx, 204 and 304; interim 1xx responses skipped; the status
 line must say ``HTTP/1.0`` or ``HTTP/1.1``. At most ``max_response_bytes`` are read: when a response
@@ -44,7 +44,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple, TypedDict
 
-import httptools
 
 from pyproxy.errors import HeaderError
 from pyproxy.headers import UNTIL_CLOSE, response_framing
@@ -175,42 +174,47 @@ def _request(config: HealthCheckConfig, host: str, port: int) -> bytes:
 
 
 class _Response:
-    """httptools callbacks for one response: head, and the body prefix up to ``limit`` bytes."""
+    """One response as a check reads it: its final head, and the body prefix up to ``limit``."""
 
-    def __init__(self, limit: int) -> None:
-        self.parser = httptools.HttpResponseParser(self)
+    def __init__(self, limit: int, method: bytes) -> None:
+        # (imported here: pyproxy._protocol imports pyproxy.config, which imports this module)
+        from pyproxy._protocol import ResponseReader
+
+        # (the check's own byte limit comes first: "too large", not a malformed head)
+        self.reader = ResponseReader(limit + 1)
+        self.method = method
         self.limit = limit
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.body = bytearray()
-        self.head_done = False  # the final (non-1xx) head has been parsed
+        self.head_done = False  # the final (non-1xx) head has been read
         self.framing: int | None = None  # set once the head is checked
         self.complete = False
-        self._interim = False
 
-    def on_message_begin(self) -> None:
-        self.headers.clear()
-        self._interim = False
+    def feed(self, data: bytes) -> None:
+        """One read; a malformed response raises :class:`HeaderError`."""
+        from pyproxy._protocol import EV_BODY, EV_HEAD, EV_MORE
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
-        if 100 <= status < 200 and status != 101:
-            self._interim = True  # 100 Continue, 103 Early Hints ...: a final response follows
-            return
-        self.status = status
-        self.head_done = True
-
-    def on_body(self, body: bytes) -> None:
-        room = self.limit - len(self.body)
-        if room > 0:
-            self.body += body[:room]
-
-    def on_message_complete(self) -> None:
-        if not self._interim:
-            self.complete = True
+        reader = self.reader
+        reader.feed(data)
+        while (event := reader.next_event()) != EV_MORE:
+            if event == EV_HEAD:
+                if 100 <= reader.status < 200 and reader.status != 101:
+                    reader.next_head()  # 100 Continue, 103 Early Hints ...: a final response follows
+                    continue
+                self.status, self.headers, self.head_done = reader.status, reader.headers, True
+                if reader.status == 101:
+                    self.framing, self.complete = 0, True  # its head is all a check reads
+                    return
+                self.framing = response_framing(reader.status, reader.headers, self.method, reader.version == 11)
+                reader.expect_body(self.framing)
+            elif event == EV_BODY:
+                room = self.limit - len(self.body)
+                if room > 0:
+                    self.body += reader.body[:room]
+            else:
+                self.complete = True
+                return
 
 
 async def _exchange(config: HealthCheckConfig, host: str, port: int, request: bytes) -> CheckResult:
@@ -221,8 +225,7 @@ async def _exchange(config: HealthCheckConfig, host: str, port: int, request: by
     try:
         writer.write(request)
         await writer.drain()
-        resp = _Response(config.max_response_bytes)
-        method = config.method.encode("ascii")
+        resp = _Response(config.max_response_bytes, config.method.encode("ascii"))
         total = 0
         while not resp.complete:
             data = await reader.read(min(_READ_SIZE, config.max_response_bytes - total))
@@ -233,22 +236,9 @@ async def _exchange(config: HealthCheckConfig, host: str, port: int, request: by
                 raise _Failed(f"closed: connection closed {where} ({total} bytes read)")
             total += len(data)
             try:
-                resp.parser.feed_data(data)
-            except httptools.HttpParserUpgrade:
-                pass  # a 101: the head is complete, its status decides below
-            except httptools.HttpParserError as e:
-                if not (resp.head_done and resp.status == 101):  # llhttp pauses after a 101's head
-                    raise _Failed(f"malformed: {e}") from None
-            if resp.head_done and resp.framing is None:
-                version = resp.parser.get_http_version()
-                if version not in ("1.0", "1.1"):
-                    raise _Failed(f"malformed: HTTP version {version} in the status line")
-                try:
-                    resp.framing = response_framing(resp.status, resp.headers, method, version == "1.1")
-                except HeaderError as e:
-                    raise _Failed(f"malformed: {e}") from None
-                if resp.framing == 0:
-                    break  # no body (HEAD, 1xx, 204, 304): llhttp cannot know it for a HEAD
+                resp.feed(data)
+            except HeaderError as e:
+                raise _Failed(f"malformed: {e}") from None
             if total >= config.max_response_bytes and not resp.complete:
                 if not resp.head_done:
                     raise _Failed(f"too large: no complete head in {config.max_response_bytes} bytes")

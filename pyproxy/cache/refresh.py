@@ -2,8 +2,8 @@
 
 A client got the stale copy at once; this asks a server of the route's pool for a fresh one with
 the stored validators, on a connection of its own (``Connection: close``: refreshes are rare and
-must not disturb the pooled connections' bookkeeping), parses the response strictly with llhttp,
-and hands it to the cache phase exactly as a client exchange would (``response`` then ``finish``):
+must not disturb the pooled connections' bookkeeping), reads the response with the data plane's
+strict :class:`~pyproxy._protocol.ResponseReader` (framed as the data plane frames it), and hands it to the cache phase exactly as a client exchange would (``response`` then ``finish``):
 a 304 renews the stored head, a cacheable 200 replaces the entry, anything else leaves it. The
 server's outcome is reported to its pool like any request's (latency, success, breaker).
 """
@@ -14,11 +14,11 @@ import asyncio
 import time
 from collections.abc import Callable
 
-import httptools
-
+from pyproxy._protocol import EV_BODY, EV_END, EV_HEAD, EV_MORE, ResponseReader
 from pyproxy.balance.pool import UpstreamPool
 from pyproxy.cache.phase import HttpCachePhase, Plan, Relay
-from pyproxy.headers import serialize_request_head
+from pyproxy.errors import HeaderError
+from pyproxy.headers import response_framing, serialize_request_head
 
 __all__ = ["UpstreamRefresher"]
 
@@ -27,9 +27,12 @@ MAX_HEAD = 64 * 1024
 
 
 class _Response:
-    """httptools callbacks collecting one response."""
+    """One response read from a connection: its status, fields and (up to ``limit``) body."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, method: bytes, limit: int) -> None:
+        self.method = method
+        self.reader = ResponseReader(MAX_HEAD)
+        self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.body: list[bytes] = []
         self.size = 0
@@ -37,18 +40,32 @@ class _Response:
         self.complete = False
         self.too_big = False
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+    def feed(self, data: bytes) -> None:
+        """One read (``b""``: the connection closed)."""
+        reader = self.reader
+        if not data:
+            self.complete = self.status != 0 and reader.finish()
+            return
+        reader.feed(data)
+        while (event := reader.next_event()) != EV_MORE:
+            if event == EV_HEAD:
+                if 100 <= reader.status < 200:
+                    reader.next_head()  # an interim response: the final one follows
+                    continue
+                self.status, self.headers = reader.status, reader.headers
+                reader.expect_body(response_framing(reader.status, reader.headers, self.method, reader.version == 11))
+            elif event == EV_BODY:
+                self._body(reader.body)
+            elif event == EV_END:
+                self.complete = True
+                return
 
-    def on_body(self, body: bytes) -> None:
+    def _body(self, body: bytes) -> None:
         self.size += len(body)
         if self.size > self.limit:
             self.too_big = True
         else:
             self.body.append(body)
-
-    def on_message_complete(self) -> None:
-        self.complete = True
 
 
 class UpstreamRefresher:
@@ -85,20 +102,21 @@ class UpstreamRefresher:
             async with asyncio.timeout(self.timeout):
                 reader, writer = await asyncio.open_connection(server.server.host, server.server.port)
                 writer.write(head)
-                response = _Response(plan.policy.max_object_size)
-                parser = httptools.HttpResponseParser(response)
+                response = _Response(plan.method, plan.policy.max_object_size)
                 while not response.complete:
                     data = await reader.read(65536)
+                    response.feed(data)
                     if not data:
                         break
-                    parser.feed_data(data)
-                status = parser.get_status_code()
+                status = response.status
+                if status == 0:
+                    raise HeaderError(f"no response from {server.server}", None, 502)
                 ok = status < 500
                 outcome = phase.response(plan, status, response.headers)
                 relay = outcome if isinstance(outcome, Relay) else None
                 body = b"".join(response.body) if relay is not None and relay.capture and not response.too_big else None
                 await phase.finish(plan, body, response.complete)
-        except (OSError, TimeoutError, httptools.HttpParserError):
+        except (OSError, TimeoutError, HeaderError):
             await phase.finish(plan, None, False)
             raise
         finally:
