@@ -90,7 +90,7 @@ class _AdminConnection(asyncio.Protocol):
 
     def __init__(self, server: AdminServer) -> None:
         self.server = server
-        self.reader = RequestReader(_MAX_REQUEST)
+        self.reader = RequestReader(_MAX_REQUEST, _MAX_REQUEST)  # (bytes bound the header lines)
         self.transport: asyncio.Transport | None = None
         self.method = b""
         self.url = b""
@@ -122,11 +122,17 @@ class _AdminConnection(asyncio.Protocol):
                     self.body += reader.body
                 else:
                     self.done = True
-                    self._request()
-                    return
+                    break
         except HeaderError as e:
             self.done = True
             self._respond(400, {"error": f"malformed request: {e}"})
+            return
+        if self.done:
+            try:
+                self._request()
+            except Exception:  # noqa: BLE001 - a handler's failure is answered, never a dropped connection
+                log.exception("admin request %s %s failed", self.method.decode("latin-1"), self.url.decode("latin-1"))
+                self._respond(500, {"error": "internal error"})
 
     def _request(self) -> None:
         method = self.method

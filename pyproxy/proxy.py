@@ -92,7 +92,8 @@ class ProxyState(StateCore):
             self.cache.reconfigure(config.routes)
             return
         self._close_cache()
-        refresher = UpstreamRefresher(lambda: self.upstreams, lambda: {r.name: r.pool for r in self.config.routes})
+        refresher = UpstreamRefresher(lambda: self.upstreams, lambda: {r.name: r.pool for r in self.config.routes},
+                                      limits=lambda: self.config.limits)
         self.cache = HttpCachePhase.from_config(config.cache, config.routes, refresh=refresher)
         refresher.phase = self.cache
         if self._started:

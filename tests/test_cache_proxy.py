@@ -12,9 +12,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 from services import RedisServer
 
-from pyproxy.config import parse_config
+from pyproxy.cache.refresh import _Response as RefreshResponse
+from pyproxy.config import Limits, parse_config
+from pyproxy.errors import HeaderError
 from pyproxy.sample_server import SampleServer
 from pyproxy.server import ProxyServer
 
@@ -389,3 +392,16 @@ def test_reload_turns_a_routes_caching_off_and_on(tmp_path: Path) -> None:
             config.reload()
             assert get(conn)[1]["cache-status"].startswith("pyproxy; hit")
             conn.close()
+
+
+def test_a_refresh_reads_responses_with_the_data_planes_limits_and_refuses_a_101() -> None:
+    """The background refresh frames a response as the data plane would: with its head limits
+    (raised limits admit a head the defaults refuse), interim 1xx skipped, a 101 refused at once."""
+    many = b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(150)) + b"Content-Length: 2\r\n\r\nok"
+    raised = RefreshResponse(b"GET", 1 << 20, lambda: Limits(max_header_count=200))
+    raised.feed(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + many)
+    assert (raised.status, raised.complete, b"".join(raised.body), len(raised.headers)) == (200, True, b"ok", 151)
+    with pytest.raises(HeaderError, match="more than 100 header lines"):
+        RefreshResponse(b"GET", 1 << 20, Limits).feed(many)
+    with pytest.raises(HeaderError, match="101"):
+        RefreshResponse(b"GET", 1 << 20, Limits).feed(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n")

@@ -190,6 +190,9 @@ def test_a_check_is_one_http11_request_with_host_and_connection_close() -> None:
          HealthCheckConfig(), False, "malformed:"),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", HealthCheckConfig(),
          False, "malformed:"),
+        # many header lines: only the check's byte limit bounds them (no count of its own)
+        (b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(150)) + b"Content-Length: 0\r\n\r\n",
+         HealthCheckConfig(), True, "status 200"),
     ],
 )
 def test_responses_are_framed_and_judged_strictly(

@@ -180,8 +180,9 @@ class _Response:
         # (imported here: pyproxy._protocol imports pyproxy.config, which imports this module)
         from pyproxy._protocol import ResponseReader
 
-        # (the check's own byte limit comes first: "too large", not a malformed head)
-        self.reader = ResponseReader(limit + 1)
+        # (the check's own byte limit comes first: "too large", not a malformed head; and it
+        # bounds the header lines too)
+        self.reader = ResponseReader(limit + 1, limit)
         self.method = method
         self.limit = limit
         self.status = 0

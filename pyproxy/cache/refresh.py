@@ -17,21 +17,22 @@ from collections.abc import Callable
 from pyproxy._protocol import EV_BODY, EV_END, EV_HEAD, EV_MORE, ResponseReader
 from pyproxy.balance.pool import UpstreamPool
 from pyproxy.cache.phase import HttpCachePhase, Plan, Relay
+from pyproxy.config import Limits
 from pyproxy.errors import HeaderError
 from pyproxy.headers import response_framing, serialize_request_head
 
 __all__ = ["UpstreamRefresher"]
 
 _DROPPED = frozenset({b"if-none-match", b"if-modified-since", b"connection", b"keep-alive", b"content-length", b"transfer-encoding", b"te", b"upgrade"})
-MAX_HEAD = 64 * 1024
 
 
 class _Response:
     """One response read from a connection: its status, fields and (up to ``limit``) body."""
 
-    def __init__(self, method: bytes, limit: int) -> None:
+    def __init__(self, method: bytes, limit: int, limits: Callable[[], Limits]) -> None:
         self.method = method
-        self.reader = ResponseReader(MAX_HEAD)
+        head_limits = limits()  # the data plane's: a response it would relay, a refresh reads
+        self.reader = ResponseReader(head_limits.max_head_size, head_limits.max_header_count)
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.body: list[bytes] = []
@@ -49,6 +50,8 @@ class _Response:
         reader.feed(data)
         while (event := reader.next_event()) != EV_MORE:
             if event == EV_HEAD:
+                if reader.status == 101:
+                    raise HeaderError("101 Switching Protocols to a refresh", None, 502)
                 if 100 <= reader.status < 200:
                     reader.next_head()  # an interim response: the final one follows
                     continue
@@ -77,9 +80,11 @@ class UpstreamRefresher:
         route_pools: Callable[[], dict[str, str]],
         *,
         timeout: float = 30.0,
+        limits: Callable[[], Limits] = Limits,
     ) -> None:
         self.upstreams = upstreams
         self.route_pools = route_pools
+        self.limits = limits  # the current head limits (size, header lines)
         self.timeout = timeout
         self.phase: HttpCachePhase | None = None
 
@@ -102,7 +107,7 @@ class UpstreamRefresher:
             async with asyncio.timeout(self.timeout):
                 reader, writer = await asyncio.open_connection(server.server.host, server.server.port)
                 writer.write(head)
-                response = _Response(plan.method, plan.policy.max_object_size)
+                response = _Response(plan.method, plan.policy.max_object_size, self.limits)
                 while not response.complete:
                     data = await reader.read(65536)
                     response.feed(data)
