@@ -72,6 +72,10 @@ async def _logged(coro: object, what: str) -> None:
 # reading from the client pauses.
 _PENDING_BODY_LIMIT = 256 * 1024
 
+# Requests of one connection parsed ahead of their answers, at most: the rest of a read waits as
+# bytes (one read of tiny pipelined requests would otherwise become thousands of exchanges).
+cdef Py_ssize_t _PIPELINE_DEPTH = 16
+
 
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_Check, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -1534,6 +1538,7 @@ cdef class ClientConnection:
     cdef public bint feeding
     cdef public long long head_raw  # bytes of a head begun but not complete (0: between requests)
     cdef public bint write_paused
+    cdef public object backlog  # bytes read after _PIPELINE_DEPTH queued requests, parsed later
 
 
     def __init__(self, state: ProxyState) -> None:
@@ -1576,6 +1581,7 @@ cdef class ClientConnection:
         self.on_head_timeout = self._head_timeout
         self.on_idle = self.close
         self.router = self.catch_all = self.decisions = None
+        self.backlog = None
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -1603,6 +1609,9 @@ cdef class ClientConnection:
             self.tunnel.tunnel_out(data)
             return
         if self.closing:
+            return
+        if self.backlog is not None:  # earlier bytes wait to be parsed: these come after them
+            self.backlog += data
             return
         if self.head_raw == 0 and self.parsing is None and not self.queue and self.deadline.when != 0.0:
             self._arm(self.head_timeout, self.on_head_timeout)  # idle → reading a head
@@ -1658,6 +1667,9 @@ cdef class ClientConnection:
                         ex.keep_alive = False
                     return
                 reader.next_message()
+                if PyList_GET_SIZE(self.queue) >= _PIPELINE_DEPTH and reader.unread_bytes():
+                    self.backlog = reader.take_rest()
+                    return
             else:
                 return
 
@@ -1821,6 +1833,8 @@ cdef class ClientConnection:
         if self.queue:
             # Not started from here: a long pipeline answered locally would otherwise recurse.
             self._loop.call_soon(self._start_next)
+        if self.backlog is not None:
+            self._loop.call_soon(self._parse_backlog)
         elif self.transport is not None and not self.closing:
             # (closing: set by close, abort and connection_lost, our side of is_closing() without
             # its Python call; a transport uvloop closes on its own reaches connection_lost)
@@ -1829,9 +1843,17 @@ cdef class ClientConnection:
             else:
                 self._arm(self.keepalive_timeout, self.on_idle)
 
+    def _parse_backlog(self) -> None:
+        """Parse the bytes kept while the pipeline was full (they may fill it again)."""
+        data, self.backlog = self.backlog, None
+        if data is not None and PyList_GET_SIZE(self.queue) < _PIPELINE_DEPTH:
+            self.data_received(data)
+        elif data is not None:
+            self.backlog = data  # (another answer's turn to drain it)
+
     def idle(self) -> bool:
         """No request in progress (waiting for one, or between two)."""
-        return not self.queue and self.parsing is None
+        return not self.queue and self.parsing is None and self.backlog is None
 
     cpdef _count(self, Exchange ex):
         cdef WorkerMetrics metrics = self.metrics

@@ -291,6 +291,14 @@ cdef class MessageReader:
     cdef inline Py_ssize_t head_bytes(self) noexcept:
         return PyByteArray_GET_SIZE(self.carry) + self.skipped if self.state == S_HEAD else 0
 
+    cpdef bytes take_rest(self):
+        """The unconsumed bytes of the current read, which the reader then lets go (the caller
+        feeds them again later)."""
+        cdef bytes rest = self.rest()
+        self.data = b""
+        self.pos = 0
+        return rest
+
     cpdef bytes rest(self):
         """The unconsumed bytes of the current read (after an upgrade: the tunnel's first bytes)."""
         cdef bytes data = self.data

@@ -155,6 +155,30 @@ def test_pipelined_requests_are_answered_in_order() -> None:
     assert positions == sorted(positions) and out.count(b"HTTP/1.1 200") == 5
 
 
+def test_a_long_pipeline_in_one_read_is_parsed_a_few_requests_ahead() -> None:
+    """300 requests in one send: all answered, in order, while at most 16 wait parsed at a time
+    (the rest of the read waits as bytes, not as 300 exchanges)."""
+    n = 300
+    pipeline = b"".join(b"GET /r%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(n - 1))
+    pipeline += b"GET /r%d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % (n - 1)
+    up = SampleServer(latency=0.002)
+    deepest = 0
+    with up.running():
+        config = parse_config({"listeners": [{"port": 0}], "admin": {"enabled": False},
+                               "pools": {"p": {"servers": [up.address]}}, "routes": [{"pool": "p"}]})
+        with ProxyServer(config).running() as server:
+            with socket.create_connection(server.addresses[0], timeout=10) as sock:
+                sock.sendall(pipeline)
+                out = b""
+                while chunk := sock.recv(65536):
+                    out += chunk
+                    assert server.state is not None
+                    deepest = max([deepest, *(len(c.queue) for c in list(server.state.clients))])
+    positions = [out.index(b'"/r%d"' % i) for i in range(n)]
+    assert positions == sorted(positions) and out.count(b"HTTP/1.1 200") == n
+    assert 0 < deepest <= 16, deepest
+
+
 def test_expect_100_continue_and_connection_close() -> None:
     up = SampleServer()
     with proxy(up) as addr:
