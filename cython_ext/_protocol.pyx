@@ -1539,6 +1539,7 @@ cdef class ClientConnection:
     cdef public long long head_raw  # bytes of a head begun but not complete (0: between requests)
     cdef public bint write_paused
     cdef public object backlog  # bytes read after _PIPELINE_DEPTH queued requests, parsed later
+    cdef Py_ssize_t backlog_pos  # from there (the read is kept whole: no copy per batch)
 
 
     def __init__(self, state: ProxyState) -> None:
@@ -1611,13 +1612,18 @@ cdef class ClientConnection:
         if self.closing:
             return
         if self.backlog is not None:  # earlier bytes wait to be parsed: these come after them
-            self.backlog += data
+            self.backlog = self.backlog[self.backlog_pos:] + data
+            self.backlog_pos = 0
             return
+        self._receive(data, 0)
+
+    cdef _receive(self, bytes data, Py_ssize_t start):
+        """Parse ``data`` from ``start`` on (a read, or the backlog where its parsing stopped)."""
         if self.head_raw == 0 and self.parsing is None and not self.queue and self.deadline.when != 0.0:
             self._arm(self.head_timeout, self.on_head_timeout)  # idle → reading a head
         self.feeding = True
         try:
-            self._read(data)
+            self._read(data, start)
         except HeaderError as e:  # a malformed head or body, or one over the limits
             self._refuse_current(_Refuse(e.status, str(e)))
         except _Refuse as r:
@@ -1630,12 +1636,12 @@ cdef class ClientConnection:
             self.head_raw = self.reader.head_bytes()
         self._start_next()
 
-    cdef _read(self, bytes data):
+    cdef _read(self, bytes data, Py_ssize_t start):
         """Parse one read: queue its requests, pass their bodies on."""
         cdef RequestReader reader = self.reader
         cdef Exchange ex
         cdef int event
-        reader.feed(data)
+        reader.feed_at(data, start)
         while True:
             event = reader.next_event()
             if event == EV_BODY:
@@ -1668,13 +1674,15 @@ cdef class ClientConnection:
                     return
                 reader.next_message()
                 if PyList_GET_SIZE(self.queue) >= _PIPELINE_DEPTH and reader.unread_bytes():
-                    self.backlog = reader.take_rest()
+                    self.backlog = data
+                    self.backlog_pos = reader.let_go()
                     return
             else:
                 return
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
+        self.backlog = None
         self.deadline.cancel()
         self.on_head_timeout = self.on_idle = _nothing
         self._stop_body_timer()
@@ -1830,11 +1838,12 @@ cdef class ClientConnection:
             self.close()
             return
         self.resume_reading("pipeline")
-        if self.queue:
+        if self.queue or self.backlog is not None:
             # Not started from here: a long pipeline answered locally would otherwise recurse.
-            self._loop.call_soon(self._start_next)
-        if self.backlog is not None:
-            self._loop.call_soon(self._parse_backlog)
+            if self.queue:
+                self._loop.call_soon(self._start_next)
+            if self.backlog is not None:
+                self._loop.call_soon(self._parse_backlog)
         elif self.transport is not None and not self.closing:
             # (closing: set by close, abort and connection_lost, our side of is_closing() without
             # its Python call; a transport uvloop closes on its own reaches connection_lost)
@@ -1845,11 +1854,10 @@ cdef class ClientConnection:
 
     def _parse_backlog(self) -> None:
         """Parse the bytes kept while the pipeline was full (they may fill it again)."""
+        if self.backlog is None or self.closing or PyList_GET_SIZE(self.queue) >= _PIPELINE_DEPTH:
+            return  # (gone, or another answer's turn to drain it)
         data, self.backlog = self.backlog, None
-        if data is not None and PyList_GET_SIZE(self.queue) < _PIPELINE_DEPTH:
-            self.data_received(data)
-        elif data is not None:
-            self.backlog = data  # (another answer's turn to drain it)
+        self._receive(data, self.backlog_pos)
 
     def idle(self) -> bool:
         """No request in progress (waiting for one, or between two)."""

@@ -291,13 +291,19 @@ cdef class MessageReader:
     cdef inline Py_ssize_t head_bytes(self) noexcept:
         return PyByteArray_GET_SIZE(self.carry) + self.skipped if self.state == S_HEAD else 0
 
-    cpdef bytes take_rest(self):
-        """The unconsumed bytes of the current read, which the reader then lets go (the caller
-        feeds them again later)."""
-        cdef bytes rest = self.rest()
+    cpdef feed_at(self, bytes data, Py_ssize_t start):
+        """``feed(data)`` from ``start`` on (a read whose beginning was parsed earlier)."""
+        if not 0 <= start <= PyBytes_GET_SIZE(data):
+            raise ValueError(f"start {start} outside the {PyBytes_GET_SIZE(data)} bytes")
+        self.data = data
+        self.pos = start
+
+    cpdef Py_ssize_t let_go(self):
+        """Let the current read go unparsed from here; where that was (``feed_at`` it later)."""
+        cdef Py_ssize_t pos = self.pos
         self.data = b""
         self.pos = 0
-        return rest
+        return pos
 
     cpdef bytes rest(self):
         """The unconsumed bytes of the current read (after an upgrade: the tunnel's first bytes)."""

@@ -179,6 +179,20 @@ def test_a_long_pipeline_in_one_read_is_parsed_a_few_requests_ahead() -> None:
     assert 0 < deepest <= 16, deepest
 
 
+def test_keep_alive_timeout_does_not_run_while_pipelined_requests_wait() -> None:
+    """Answers slower than the keep-alive timeout: the connection is not idle while a pipelined
+    request waits for its answer, so it is not closed under it."""
+    with proxy(SampleServer(latency=0.6), limits={"keepalive_timeout": "300ms"}) as addr:
+        with socket.create_connection(addr, timeout=10) as sock:
+            sock.sendall(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+            out = b""
+            while out.count(b"HTTP/1.1 200 ") < 2 or not out.endswith(b"}"):
+                chunk = sock.recv(65536)
+                assert chunk, out  # closed before the second answer
+                out += chunk
+    assert out.index(b'"/a"') < out.index(b'"/b"')
+
+
 def test_expect_100_continue_and_connection_close() -> None:
     up = SampleServer()
     with proxy(up) as addr:
