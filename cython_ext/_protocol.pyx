@@ -167,9 +167,6 @@ cdef inline double _monotonic() noexcept:
     return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
-# Scratch results of the header scans: one each, reused (the event loop runs one callback at a time).
-
-
 cdef bytes _cached_response(bytes head, unsigned long long length, bytes request_id, object body):
     """``head`` + ``Content-Length: length`` + ``X-Request-ID: request_id`` + blank line + ``body``
     (bytes or a contiguous buffer), written into one new bytes object: a cache hit's whole answer
@@ -1153,7 +1150,7 @@ cdef class Exchange:
             return [(b"Connection", b"close")] if close else ()
         return self.extra_headers + [(b"Connection", b"close")] if close else self.extra_headers
 
-    cdef bint response_head(self, int status, bytes reason, MessageReader reader, long long framing,
+    cdef bint response_head(self, int status, ResponseReader reader, long long framing,
                             object declared_length) except -1:
         """Write the response head the reader read (its fields, checked on arrival) to the
         client; whether its body must be chunk-encoded."""
@@ -1178,7 +1175,7 @@ cdef class Exchange:
             length = None
         head = _rewrite_response_fields(
             status,
-            reason or None,
+            reader.reason or None,
             reader.lines.items,
             reader.lines.size // 2,
             _VIA,
@@ -1205,7 +1202,7 @@ cdef class Exchange:
 cdef class UpstreamConnection:
     """One connection to an upstream server; carries one exchange at a time."""
 
-    cdef public object reason, server, transport
+    cdef public object server, transport
     cdef public ResponseReader reader  # its head's fields: reader.headers
     # Bound methods of the transport, looked up once: a method call by name costs a type lookup
     # each time (~30 such calls a proxied request were ~12% of its instructions).
@@ -1252,7 +1249,6 @@ cdef class UpstreamConnection:
         self.received = 0  # bytes of the current response read so far
         self.head_received = False
         self.status = 0
-        self.reason = b""
         self.framing = 0
         self.chunk_to_client = False
         self.message_done = False
@@ -1412,7 +1408,6 @@ cdef class UpstreamConnection:
             # final one.
             reader.next_head()
             return
-        self.reason = reader.reason
         if ex.hedge_chosen is not None or ex.hedge_handle is not None:
             ex.claim_response(self)  # hedged: the first head wins, the other attempt is cancelled
         if status == 101:
@@ -1420,7 +1415,7 @@ cdef class UpstreamConnection:
                 raise HeaderError("101 Switching Protocols to a request that did not ask", None, 502)
             self.status = status
             self.tunnel = True
-            ex.response_head(status, self.reason, reader, 0, None)
+            ex.response_head(status, reader, 0, None)
             self.head_received = True
             if ex.pending:  # the client's first tunnel bytes, kept until now
                 self.send_raw(b"".join(ex.pending))
@@ -1450,7 +1445,7 @@ cdef class UpstreamConnection:
             self.head_received = True
             return
         reader.expect_body(self.framing)
-        self.chunk_to_client = ex.response_head(status, self.reason, reader, self.framing, declared)
+        self.chunk_to_client = ex.response_head(status, reader, self.framing, declared)
         self.head_received = True
         reader.release_head()  # relayed: its bytes can go
 

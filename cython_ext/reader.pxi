@@ -236,7 +236,8 @@ cdef class MessageReader:
         self.remaining = 0
         self.skipped = 0
         self.version = 0
-        self.release_head()
+        self.lines.size = 0  # (no head yet: its fields are [])
+        self.head = None
         self._headers = None
         self.keep_alive = False
         self.body = b""
@@ -268,8 +269,7 @@ cdef class MessageReader:
 
     cpdef feed(self, bytes data):
         """The connection's next read (what was left of the previous one is dropped)."""
-        self.data = data
-        self.pos = 0
+        self.feed_at(data, 0)
 
     @property
     def unread(self) -> int:

@@ -31,12 +31,11 @@ cdef class HeadFields:
     cdef public object host, content_length, expect
     cdef public int hosts, lengths
     cdef public bint transfer_encoding
-    cdef public bint connection  # a Connection or Proxy-Connection field
 
     cdef void clear(self) noexcept:
         self.host = self.content_length = self.expect = None
         self.hosts = self.lengths = 0
-        self.transfer_encoding = self.connection = False
+        self.transfer_encoding = False
 
     cdef int note(self, const unsigned char* name, Py_ssize_t size, const unsigned char* v,
                   Py_ssize_t nv) except -1:
@@ -58,13 +57,6 @@ cdef class HeadFields:
         elif size == 6:
             if self.expect is None and _ieq(name, <const unsigned char*>b"expect", 6):
                 self.expect = PyBytes_FromStringAndSize(<const char*>v, nv)
-        elif size == 10:
-            if _ieq(name, <const unsigned char*>b"connection", 10):
-                self.connection = True
-        elif size == 16:
-            # llhttp reads Proxy-Connection as it reads Connection (keep-alive, close)
-            if _ieq(name, <const unsigned char*>b"proxy-connection", 16):
-                self.connection = True
         return 0
 
     cdef long long plain_framing(self):

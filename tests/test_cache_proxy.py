@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 from services import RedisServer
 
-from pyproxy.cache.refresh import _Response as RefreshResponse
 from pyproxy.config import Limits, parse_config
 from pyproxy.errors import HeaderError
 from pyproxy.sample_server import SampleServer
 from pyproxy.server import ProxyServer
+from pyproxy.upstream_response import UpstreamResponse
 
 
 @contextmanager
@@ -398,10 +398,13 @@ def test_a_refresh_reads_responses_with_the_data_planes_limits_and_refuses_a_101
     """The background refresh frames a response as the data plane would: with its head limits
     (raised limits admit a head the defaults refuse), interim 1xx skipped, a 101 refused at once."""
     many = b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(150)) + b"Content-Length: 2\r\n\r\nok"
-    raised = RefreshResponse(b"GET", 1 << 20, lambda: Limits(max_header_count=200))
+    def refresh_response(limits: Limits) -> UpstreamResponse:  # as UpstreamRefresher makes it
+        return UpstreamResponse(b"GET", 1 << 20, limits.max_head_size, limits.max_header_count, switch_allowed=False)
+
+    raised = refresh_response(Limits(max_header_count=200))
     raised.feed(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + many)
-    assert (raised.status, raised.complete, b"".join(raised.body), len(raised.headers)) == (200, True, b"ok", 151)
+    assert (raised.status, raised.complete, bytes(raised.body), len(raised.headers)) == (200, True, b"ok", 151)
     with pytest.raises(HeaderError, match="more than 100 header lines"):
-        RefreshResponse(b"GET", 1 << 20, Limits).feed(many)
+        refresh_response(Limits()).feed(many)
     with pytest.raises(HeaderError, match="101"):
-        RefreshResponse(b"GET", 1 << 20, Limits).feed(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n")
+        refresh_response(Limits()).feed(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n")

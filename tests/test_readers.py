@@ -72,6 +72,11 @@ def splits(raw: bytes) -> list[list[bytes]]:
     return out
 
 
+def every_split(raw: bytes) -> pytest.MarkDecorator:
+    """Parametrize ``reads`` with :func:`splits` of ``raw``."""
+    return pytest.mark.parametrize("reads", splits(raw), ids=lambda r: f"{len(r)}-reads-{len(r[0])}")
+
+
 CHUNKED_RESPONSE = (
     b"HTTP/1.1 200 OK\r\n"
     b"Content-Type:  text/plain \r\n"
@@ -88,7 +93,7 @@ CHUNKED_RESPONSE = (
 )
 
 
-@pytest.mark.parametrize("reads", splits(CHUNKED_RESPONSE), ids=lambda r: f"{len(r)}-reads-{len(r[0])}")
+@every_split(CHUNKED_RESPONSE)
 def test_chunked_response_reads_the_same_however_it_is_split(reads: list[bytes]) -> None:
     messages, unread = read_all(reads)
     assert unread == 0
@@ -110,7 +115,7 @@ LENGTH_THEN_NEXT = (
 )
 
 
-@pytest.mark.parametrize("reads", splits(LENGTH_THEN_NEXT), ids=lambda r: f"{len(r)}-reads-{len(r[0])}")
+@every_split(LENGTH_THEN_NEXT)
 def test_interim_length_and_bodiless_responses_in_sequence(reads: list[bytes]) -> None:
     messages, _ = read_all(reads, sequence=True)
     assert [(m.status, m.body, m.keep_alive, m.interim) for m in messages] == [
@@ -344,7 +349,7 @@ PIPELINE = (
 )
 
 
-@pytest.mark.parametrize("reads", splits(PIPELINE), ids=lambda r: f"{len(r)}-reads-{len(r[0])}")
+@every_split(PIPELINE)
 def test_pipelined_requests_read_the_same_however_they_are_split(reads: list[bytes]) -> None:
     requests = read_requests(reads)
     assert [(r.method, r.target, r.version, r.body, r.keep_alive, r.upgrade) for r in requests] == [

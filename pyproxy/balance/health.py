@@ -46,7 +46,7 @@ from typing import NamedTuple, TypedDict
 
 
 from pyproxy.errors import HeaderError
-from pyproxy.headers import UNTIL_CLOSE, response_framing
+from pyproxy.headers import UNTIL_CLOSE
 
 __all__ = [
     "CheckResult",
@@ -173,51 +173,6 @@ def _request(config: HealthCheckConfig, host: str, port: int) -> bytes:
     ).encode("ascii")
 
 
-class _Response:
-    """One response as a check reads it: its final head, and the body prefix up to ``limit``."""
-
-    def __init__(self, limit: int, method: bytes) -> None:
-        # (imported here: pyproxy._protocol imports pyproxy.config, which imports this module)
-        from pyproxy._protocol import ResponseReader
-
-        # (the check's own byte limit comes first: "too large", not a malformed head; and it
-        # bounds the header lines too)
-        self.reader = ResponseReader(limit + 1, limit)
-        self.method = method
-        self.limit = limit
-        self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.body = bytearray()
-        self.head_done = False  # the final (non-1xx) head has been read
-        self.framing: int | None = None  # set once the head is checked
-        self.complete = False
-
-    def feed(self, data: bytes) -> None:
-        """One read; a malformed response raises :class:`HeaderError`."""
-        from pyproxy._protocol import EV_BODY, EV_HEAD, EV_MORE
-
-        reader = self.reader
-        reader.feed(data)
-        while (event := reader.next_event()) != EV_MORE:
-            if event == EV_HEAD:
-                if 100 <= reader.status < 200 and reader.status != 101:
-                    reader.next_head()  # 100 Continue, 103 Early Hints ...: a final response follows
-                    continue
-                self.status, self.headers, self.head_done = reader.status, reader.headers, True
-                if reader.status == 101:
-                    self.framing, self.complete = 0, True  # its head is all a check reads
-                    return
-                self.framing = response_framing(reader.status, reader.headers, self.method, reader.version == 11)
-                reader.expect_body(self.framing)
-            elif event == EV_BODY:
-                room = self.limit - len(self.body)
-                if room > 0:
-                    self.body += reader.body[:room]
-            else:
-                self.complete = True
-                return
-
-
 async def _exchange(config: HealthCheckConfig, host: str, port: int, request: bytes) -> CheckResult:
     try:
         reader, writer = await asyncio.open_connection(host, port)
@@ -226,7 +181,14 @@ async def _exchange(config: HealthCheckConfig, host: str, port: int, request: by
     try:
         writer.write(request)
         await writer.drain()
-        resp = _Response(config.max_response_bytes, config.method.encode("ascii"))
+        # (imported here: it imports pyproxy._protocol, which imports pyproxy.config, which
+        # imports this module)
+        from pyproxy.upstream_response import UpstreamResponse
+
+        # The check's own byte limit comes first ("too large", not a malformed head), and bounds
+        # the header lines too.
+        limit = config.max_response_bytes
+        resp = UpstreamResponse(config.method.encode("ascii"), limit, limit + 1, limit)
         total = 0
         while not resp.complete:
             data = await reader.read(min(_READ_SIZE, config.max_response_bytes - total))

@@ -14,61 +14,16 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from pyproxy._protocol import EV_BODY, EV_END, EV_HEAD, EV_MORE, ResponseReader
 from pyproxy.balance.pool import UpstreamPool
 from pyproxy.cache.phase import HttpCachePhase, Plan, Relay
 from pyproxy.config import Limits
 from pyproxy.errors import HeaderError
-from pyproxy.headers import response_framing, serialize_request_head
+from pyproxy.headers import serialize_request_head
+from pyproxy.upstream_response import UpstreamResponse
 
 __all__ = ["UpstreamRefresher"]
 
 _DROPPED = frozenset({b"if-none-match", b"if-modified-since", b"connection", b"keep-alive", b"content-length", b"transfer-encoding", b"te", b"upgrade"})
-
-
-class _Response:
-    """One response read from a connection: its status, fields and (up to ``limit``) body."""
-
-    def __init__(self, method: bytes, limit: int, limits: Callable[[], Limits]) -> None:
-        self.method = method
-        head_limits = limits()  # the data plane's: a response it would relay, a refresh reads
-        self.reader = ResponseReader(head_limits.max_head_size, head_limits.max_header_count)
-        self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.body: list[bytes] = []
-        self.size = 0
-        self.limit = limit
-        self.complete = False
-        self.too_big = False
-
-    def feed(self, data: bytes) -> None:
-        """One read (``b""``: the connection closed)."""
-        reader = self.reader
-        if not data:
-            self.complete = self.status != 0 and reader.finish()
-            return
-        reader.feed(data)
-        while (event := reader.next_event()) != EV_MORE:
-            if event == EV_HEAD:
-                if reader.status == 101:
-                    raise HeaderError("101 Switching Protocols to a refresh", None, 502)
-                if 100 <= reader.status < 200:
-                    reader.next_head()  # an interim response: the final one follows
-                    continue
-                self.status, self.headers = reader.status, reader.headers
-                reader.expect_body(response_framing(reader.status, reader.headers, self.method, reader.version == 11))
-            elif event == EV_BODY:
-                self._body(reader.body)
-            elif event == EV_END:
-                self.complete = True
-                return
-
-    def _body(self, body: bytes) -> None:
-        self.size += len(body)
-        if self.size > self.limit:
-            self.too_big = True
-        else:
-            self.body.append(body)
 
 
 class UpstreamRefresher:
@@ -107,7 +62,10 @@ class UpstreamRefresher:
             async with asyncio.timeout(self.timeout):
                 reader, writer = await asyncio.open_connection(server.server.host, server.server.port)
                 writer.write(head)
-                response = _Response(plan.method, plan.policy.max_object_size, self.limits)
+                # the data plane's head limits: a response it would relay, a refresh reads
+                limits = self.limits()
+                response = UpstreamResponse(plan.method, plan.policy.max_object_size,
+                                            limits.max_head_size, limits.max_header_count, switch_allowed=False)
                 while not response.complete:
                     data = await reader.read(65536)
                     response.feed(data)
@@ -119,7 +77,7 @@ class UpstreamRefresher:
                 ok = status < 500
                 outcome = phase.response(plan, status, response.headers)
                 relay = outcome if isinstance(outcome, Relay) else None
-                body = b"".join(response.body) if relay is not None and relay.capture and not response.too_big else None
+                body = bytes(response.body) if relay is not None and relay.capture and not response.too_big else None
                 await phase.finish(plan, body, response.complete)
         except (OSError, TimeoutError, HeaderError):
             await phase.finish(plan, None, False)
